@@ -1,0 +1,327 @@
+//! Configuration: one explicit struct, from flags, `ENROLLD_*` variables and a TOML file,
+//! validated once at start.
+//!
+//! Why: operators must be able to tell what the server runs with and get a one-line error
+//! naming the bad key, never a half-started server. Precedence: flag, then environment,
+//! then file, then the documented default (see `config/enrolld.toml`).
+//! Must never: start anything before the whole configuration is valid.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::net::HEAD_BYTES_MIN;
+use crate::persist::store::{Dialect, BATCH_ROWS_LIMIT};
+
+/// Most shards one process runs.
+pub const SHARDS_MAX: usize = 256;
+
+/// Keys settable by flag and environment (and, but for `config`, by file).
+#[derive(Args, Debug, Default, Clone)]
+pub struct ConfigArgs {
+    /// TOML configuration file (every key documented in config/enrolld.toml)
+    #[arg(long, env = "ENROLLD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "ENROLLD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Shard threads [default: one per available core]
+    #[arg(long, env = "ENROLLD_SHARDS")]
+    pub shards: Option<usize>,
+    /// Store URL: sqlite://FILE or mysql://user:pass@host:port/db [default: sqlite://enrolld.db]
+    #[arg(long, env = "ENROLLD_STORE")]
+    pub store: Option<String>,
+    /// Redis URL for cross-node limits [default: none]
+    #[arg(long, env = "ENROLLD_REDIS")]
+    pub redis: Option<String>,
+    /// HS256 secret for tokens [default: generated once beside the SQLite store]
+    #[arg(long, env = "ENROLLD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Seed a demo catalog into an empty store
+    #[arg(long, env = "ENROLLD_DEMO", num_args = 0..=1, default_missing_value = "true")]
+    pub demo: Option<bool>,
+    /// Log format: text or json [default: text]
+    #[arg(long, env = "ENROLLD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Open connections at most, over all shards [default: 10000]
+    #[arg(long, env = "ENROLLD_CONNECTIONS_MAX")]
+    pub connections_max: Option<usize>,
+    /// Time allowed for a request head, and for an idle keep-alive connection [default: 10000]
+    #[arg(long, env = "ENROLLD_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Largest request head in bytes [default: 16384]
+    #[arg(long, env = "ENROLLD_HEAD_BYTES_MAX")]
+    pub head_bytes_max: Option<usize>,
+    /// Largest request body in bytes (413 beyond) [default: 65536]
+    #[arg(long, env = "ENROLLD_BODY_BYTES_MAX")]
+    pub body_bytes_max: Option<usize>,
+    /// Time SIGTERM waits for in-flight requests [default: 10000]
+    #[arg(long, env = "ENROLLD_DRAIN_TIMEOUT_MS")]
+    pub drain_timeout_ms: Option<u64>,
+    /// Seat changes per group commit at most [default: 1000]
+    #[arg(long, env = "ENROLLD_BATCH_ROWS_MAX")]
+    pub batch_rows_max: Option<usize>,
+    /// Time a batch waits for more changes when not full [default: 0]
+    #[arg(long, env = "ENROLLD_BATCH_LINGER_US")]
+    pub batch_linger_us: Option<u64>,
+    /// Seat changes queued for the persist thread at most (503 beyond) [default: 65536]
+    #[arg(long, env = "ENROLLD_QUEUE_ROWS_MAX")]
+    pub queue_rows_max: Option<usize>,
+    /// Store connections at most [default: 4]
+    #[arg(long, env = "ENROLLD_STORE_CONNECTIONS_MAX")]
+    pub store_connections_max: Option<u32>,
+    /// Time to get a store connection before a batch fails [default: 1000]
+    #[arg(long, env = "ENROLLD_STORE_ACQUIRE_TIMEOUT_MS")]
+    pub store_acquire_timeout_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The file's keys: the same names as the flags, with `_` for `-`.
+#[derive(Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    shards: Option<usize>,
+    store: Option<String>,
+    redis: Option<String>,
+    jwt_secret: Option<String>,
+    demo: Option<bool>,
+    log_format: Option<LogFormat>,
+    connections_max: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    head_bytes_max: Option<usize>,
+    body_bytes_max: Option<usize>,
+    drain_timeout_ms: Option<u64>,
+    batch_rows_max: Option<usize>,
+    batch_linger_us: Option<u64>,
+    queue_rows_max: Option<usize>,
+    store_connections_max: Option<u32>,
+    store_acquire_timeout_ms: Option<u64>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub store: String,
+    pub redis: Option<String>,
+    /// As configured; `None` means "the secret kept beside the SQLite store".
+    pub jwt_secret: Option<String>,
+    pub demo: bool,
+    pub log_format: LogFormat,
+    pub connections_max: usize,
+    pub header_read_timeout_ms: u64,
+    pub head_bytes_max: usize,
+    pub body_bytes_max: usize,
+    pub drain_timeout_ms: u64,
+    pub batch_rows_max: usize,
+    pub batch_linger_us: u64,
+    pub queue_rows_max: usize,
+    pub store_connections_max: u32,
+    pub store_acquire_timeout_ms: u64,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {0}")]
+pub struct ConfigError(pub String);
+
+fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T) -> Result<T, ConfigError> {
+    if v < lo || v > hi {
+        return Err(ConfigError(format!("`{key}` is {v}; it must be {lo}-{hi}")));
+    }
+    Ok(v)
+}
+
+impl Config {
+    pub fn load(args: &ConfigArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let store = args.store.clone().or(file.store).unwrap_or_else(|| "sqlite://enrolld.db".into());
+        if Dialect::of_url(&store).is_none() {
+            return Err(ConfigError(format!("`store` {store:?} must start with sqlite:// or mysql://")));
+        }
+        let redis = args.redis.clone().or(file.redis);
+        if let Some(r) = &redis {
+            if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
+                return Err(ConfigError(format!("`redis` {r:?} must start with redis://")));
+            }
+        }
+        let jwt_secret = args.jwt_secret.clone().or(file.jwt_secret);
+        if jwt_secret.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError("`jwt_secret` is empty".into()));
+        }
+        if jwt_secret.is_none() && Dialect::of_url(&store) != Some(Dialect::Sqlite) {
+            return Err(ConfigError("`jwt_secret` is required when the store is not SQLite".into()));
+        }
+        let shards = range("shards", args.shards.or(file.shards).unwrap_or(cores), 1, SHARDS_MAX)?;
+        let head_bytes_max =
+            range("head_bytes_max", args.head_bytes_max.or(file.head_bytes_max).unwrap_or(16_384), HEAD_BYTES_MIN, 1 << 20)?;
+        Ok(Config {
+            listen: args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("literal")),
+            shards,
+            store,
+            redis,
+            jwt_secret,
+            demo: args.demo.or(file.demo).unwrap_or(false),
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            connections_max: range(
+                "connections_max",
+                args.connections_max.or(file.connections_max).unwrap_or(10_000),
+                shards,
+                1_000_000,
+            )?,
+            header_read_timeout_ms: range(
+                "header_read_timeout_ms",
+                args.header_read_timeout_ms.or(file.header_read_timeout_ms).unwrap_or(10_000),
+                100,
+                600_000,
+            )?,
+            head_bytes_max,
+            body_bytes_max: range(
+                "body_bytes_max",
+                args.body_bytes_max.or(file.body_bytes_max).unwrap_or(65_536),
+                1,
+                16 << 20,
+            )?,
+            drain_timeout_ms: range(
+                "drain_timeout_ms",
+                args.drain_timeout_ms.or(file.drain_timeout_ms).unwrap_or(10_000),
+                0,
+                600_000,
+            )?,
+            batch_rows_max: range(
+                "batch_rows_max",
+                args.batch_rows_max.or(file.batch_rows_max).unwrap_or(1_000),
+                1,
+                BATCH_ROWS_LIMIT,
+            )?,
+            batch_linger_us: range(
+                "batch_linger_us",
+                args.batch_linger_us.or(file.batch_linger_us).unwrap_or(0),
+                0,
+                1_000_000,
+            )?,
+            queue_rows_max: range(
+                "queue_rows_max",
+                args.queue_rows_max.or(file.queue_rows_max).unwrap_or(65_536),
+                1,
+                10_000_000,
+            )?,
+            store_connections_max: range(
+                "store_connections_max",
+                args.store_connections_max.or(file.store_connections_max).unwrap_or(4),
+                1,
+                1_000,
+            )?,
+            store_acquire_timeout_ms: range(
+                "store_acquire_timeout_ms",
+                args.store_acquire_timeout_ms.or(file.store_acquire_timeout_ms).unwrap_or(1_000),
+                10,
+                600_000,
+            )?,
+        })
+    }
+
+    /// The HS256 secret: configured, or kept beside the SQLite store (made on first use).
+    pub fn resolve_jwt_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        if let Some(s) = &self.jwt_secret {
+            return Ok(s.as_bytes().to_vec());
+        }
+        let path = secret_path(&self.store);
+        match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => return Ok(s.trim().as_bytes().to_vec()),
+            Ok(_) => return Err(ConfigError(format!("secret file {} is empty", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ConfigError(format!("reading secret file {}: {e}", path.display()))),
+        }
+        use rand::RngCore;
+        let mut raw = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut raw);
+        let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&path, &secret)
+            .map_err(|e| ConfigError(format!("writing secret file {}: {e}", path.display())))?;
+        tracing::warn!(path = %path.display(), "no jwt_secret configured: generated one and kept it beside the store");
+        Ok(secret.into_bytes())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_string();
+        ConfigError(format!("{}: {}", path.display(), msg.lines().next().unwrap_or("invalid TOML")))
+    })
+}
+
+/// `sqlite://enrolld.db?mode=rwc` → `enrolld.db.secret`.
+fn secret_path(store: &str) -> PathBuf {
+    let file = store.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let file = file.split('?').next().unwrap_or(file);
+    PathBuf::from(format!("{file}.secret"))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_file(toml: &str, expect_err: Option<&str>) {
+        let dir = std::env::temp_dir().join(format!("enrolld-cfg-{}", rand::random::<u64>()));
+        std::fs::write(&dir, toml).unwrap();
+        let args = ConfigArgs { config: Some(dir.clone()), ..Default::default() };
+        let r = Config::load(&args);
+        std::fs::remove_file(&dir).ok();
+        match (r, expect_err) {
+            (Ok(_), None) => {}
+            (Err(e), Some(needle)) => assert!(e.to_string().contains(needle), "{e} lacks {needle}"),
+            (r, _) => panic!("{toml}: unexpected {r:?}"),
+        }
+    }
+
+    #[test]
+    fn files() {
+        check_file("", None);
+        check_file("shards = 2\nbatch_rows_max = 500", None);
+        check_file("shards = 0", Some("`shards`"));
+        check_file("shardz = 2", Some("shardz"));
+        check_file("batch_rows_max = 999999", Some("`batch_rows_max`"));
+        check_file("store = \"postgres://x\"", Some("`store`"));
+        check_file("store = \"mysql://u@h/db\"", Some("`jwt_secret`"));
+        check_file("store = \"mysql://u@h/db\"\njwt_secret = \"s\"", None);
+        check_file("listen = \"nope\"", Some("listen"));
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(&ConfigArgs::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.store, "sqlite://enrolld.db");
+        assert_eq!(c.body_bytes_max, 65_536);
+        assert!(c.shards >= 1);
+    }
+
+    #[test]
+    fn secret_beside_store() {
+        assert_eq!(secret_path("sqlite://data/e.db?mode=rwc"), PathBuf::from("data/e.db.secret"));
+    }
+}

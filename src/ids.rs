@@ -1,0 +1,138 @@
+//! Validated identifiers.
+//!
+//! Why: every layer behind the HTTP parser trusts an id it is handed. A `CourseId` or
+//! `StudentId` can only be built by [`CourseId::parse`] / [`StudentId::parse`], which enforce
+//! the character sets and lengths of API.md, so no shard or store code re-validates and no
+//! malformed id ever reaches SQL or a log line unescaped.
+//! Must never: expose a constructor that skips validation.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest course id API.md allows.
+pub const COURSE_ID_BYTES_MAX: usize = 32;
+/// Longest student (JWT `sub`) id API.md allows.
+pub const STUDENT_ID_BYTES_MAX: usize = 64;
+
+fn id_chars_ok(s: &str, bytes_max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= bytes_max
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+/// A course id: 1-32 chars of `[A-Za-z0-9_.-]`. Cheap to clone (shared string).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CourseId(Arc<str>);
+
+impl CourseId {
+    pub fn parse(s: &str) -> Option<CourseId> {
+        id_chars_ok(s, COURSE_ID_BYTES_MAX).then(|| CourseId(Arc::from(s)))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A student (or admin) id, the JWT `sub`: 1-64 chars of `[A-Za-z0-9_.-]`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StudentId(Arc<str>);
+
+impl StudentId {
+    pub fn parse(s: &str) -> Option<StudentId> {
+        id_chars_ok(s, STUDENT_ID_BYTES_MAX).then(|| StudentId(Arc::from(s)))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+macro_rules! id_fmt {
+    ($t:ty) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", &*self.0)
+            }
+        }
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+    };
+}
+id_fmt!(CourseId);
+id_fmt!(StudentId);
+
+/// Index of a shard, `0..shards`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ShardId(pub usize);
+
+/// Milliseconds since the unix epoch (UTC). The one time unit stored and compared.
+pub type UnixMs = i64;
+
+pub fn now_ms() -> UnixMs {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_millis() as UnixMs
+}
+
+/// RFC 3339 UTC text of a unix-ms instant, e.g. `2026-11-24T09:00:00.000Z`.
+pub fn rfc3339(ms: UnixMs) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Parses RFC 3339 (any offset) into unix ms.
+pub fn parse_rfc3339(s: &str) -> Option<UnixMs> {
+    let t =
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_course(input: &str, ok: bool) {
+        assert_eq!(CourseId::parse(input).is_some(), ok, "course id {input:?}");
+    }
+
+    #[test]
+    fn course_ids() {
+        check_course("CS101-01", true);
+        check_course("a", true);
+        check_course("a.b_c-d", true);
+        check_course(&"x".repeat(32), true);
+        check_course(&"x".repeat(33), false);
+        check_course("", false);
+        check_course("bad id", false);
+        check_course("bad%20id", false);
+        check_course("é", false);
+        check_course("a/b", false);
+    }
+
+    #[test]
+    fn student_ids() {
+        assert!(StudentId::parse(&"s".repeat(64)).is_some());
+        assert!(StudentId::parse(&"s".repeat(65)).is_none());
+        assert!(StudentId::parse("alice@x").is_none());
+    }
+
+    #[test]
+    fn time_roundtrip() {
+        let ms = 1_790_000_000_123;
+        assert_eq!(parse_rfc3339(&rfc3339(ms)), Some(ms));
+        assert_eq!(parse_rfc3339("2026-01-01T00:00:00+01:00"), Some(1_767_222_000_000));
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
+}

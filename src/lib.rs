@@ -1,0 +1,17 @@
+//! enrolld: a course-registration server that answers every student in milliseconds, never
+//! sells a seat twice and never loses a seat it confirmed.
+//!
+//! Layout (see ARCHITECTURE.md for the invariants of each part):
+//! - [`shard`]: the courses a shard owns, the pure seat decisions, cross-shard routing;
+//! - [`net`]: listeners, hyper, routes, JSON, JWT, request ids;
+//! - [`persist`]: the persist thread, group commit, the SQL stores, recovery;
+//! - [`config`]: flags, environment and the TOML file, validated once;
+//! - [`server`]: start-up order, threads, signals, shutdown;
+//! - [`ids`]: validated ids and the time unit.
+
+pub mod config;
+pub mod ids;
+pub mod net;
+pub mod persist;
+pub mod server;
+pub mod shard;

@@ -1,0 +1,88 @@
+//! The `enrolld` binary: `serve` and `token` (API.md's command-line contract).
+
+use clap::{Parser, Subcommand};
+use enrolld::config::{Config, ConfigArgs};
+use enrolld::ids::StudentId;
+use enrolld::net::auth::{Auth, Role};
+
+#[derive(Parser)]
+#[command(name = "enrolld", version, about = "Course-registration server")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server
+    Serve(ConfigArgs),
+    /// Print a token signed with the configured secret
+    Token {
+        /// Subject: the student or admin id
+        #[arg(long)]
+        sub: String,
+        #[arg(long, value_enum, default_value = "student")]
+        role: RoleArg,
+        /// Lifetime in seconds
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Print COUNT tokens, one a line, for subjects SUB-0 .. SUB-(COUNT-1) (load generation)
+        #[arg(long)]
+        count: Option<u32>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Student,
+    Admin,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(e) if e.downcast_ref::<enrolld::config::ConfigError>().is_some() => {
+            eprintln!("enrolld: {e}");
+            2
+        }
+        Err(e) => {
+            eprintln!("enrolld: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Serve(args) => {
+            let cfg = Config::load(&args)?;
+            enrolld::server::init_logging(cfg.log_format);
+            enrolld::server::serve(cfg)
+        }
+        Cmd::Token { sub, role, ttl, count, config } => {
+            let cfg = Config::load(&config)?;
+            let auth = Auth::new(&cfg.resolve_jwt_secret()?);
+            let role = match role {
+                RoleArg::Student => Role::Student,
+                RoleArg::Admin => Role::Admin,
+            };
+            let bad_sub = || enrolld::config::ConfigError(format!("--sub {sub:?} must be 1-64 chars of [A-Za-z0-9_.-]"));
+            match count {
+                None => println!("{}", auth.mint(&StudentId::parse(&sub).ok_or_else(bad_sub)?, role, ttl)),
+                Some(n) => {
+                    use std::io::Write;
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    for i in 0..n {
+                        let id = StudentId::parse(&format!("{sub}-{i}")).ok_or_else(bad_sub)?;
+                        writeln!(out, "{}", auth.mint(&id, role, ttl))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}

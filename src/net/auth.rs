@@ -1,0 +1,120 @@
+//! JWT authentication (HS256 only, `exp` required).
+//!
+//! Why: every `/v1` request names its caller by a signed token; the algorithm is pinned so a
+//! token cannot pick its own (`alg: none`, HS384, RS256 confusion all fail).
+//! Must never: accept a token without `exp`, or trust a `sub` that is not a valid id.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::StudentId;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Student,
+    Admin,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub role: Role,
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub id: StudentId,
+    pub role: Role,
+}
+
+pub struct Auth {
+    decoding: DecodingKey,
+    encoding: EncodingKey,
+    validation: Validation,
+}
+
+impl Auth {
+    pub fn new(secret: &[u8]) -> Auth {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        Auth {
+            decoding: DecodingKey::from_secret(secret),
+            encoding: EncodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// Checks an `Authorization` header value. `None` for anything but a valid bearer token.
+    pub fn verify(&self, authorization: &[u8]) -> Option<Caller> {
+        let header = std::str::from_utf8(authorization).ok()?;
+        let token = header.strip_prefix("Bearer ")?.trim();
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
+        Some(Caller { id: StudentId::parse(&data.claims.sub)?, role: data.claims.role })
+    }
+
+    /// Mints a token (the `token` subcommand, tests, load generation).
+    pub fn mint(&self, sub: &StudentId, role: Role, ttl_secs: u64) -> String {
+        let exp = crate::ids::now_ms() as u64 / 1000 + ttl_secs;
+        let claims = Claims { sub: sub.to_string(), role, exp, tier: None };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 encoding of plain claims cannot fail")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b64(b: &[u8]) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    }
+
+    fn check(auth: &Auth, header: &str, ok: bool) {
+        assert_eq!(auth.verify(header.as_bytes()).is_some(), ok, "{header}");
+    }
+
+    #[test]
+    fn tokens() {
+        let auth = Auth::new(b"secret");
+        let sub = StudentId::parse("alice").unwrap();
+        let good = auth.mint(&sub, Role::Student, 60);
+        check(&auth, &format!("Bearer {good}"), true);
+        check(&auth, &good, false);
+        check(&auth, "Bearer ", false);
+        check(&auth, "Bearer a.b.c", false);
+        let other = Auth::new(b"other").mint(&sub, Role::Student, 60);
+        check(&auth, &format!("Bearer {other}"), false);
+        let exp = crate::ids::now_ms() / 1000 + 60;
+        let body = b64(format!(r#"{{"sub":"alice","role":"student","exp":{exp}}}"#).as_bytes());
+        let none = format!("{}.{body}.", b64(br#"{"alg":"none","typ":"JWT"}"#));
+        check(&auth, &format!("Bearer {none}"), false);
+        let noexp = b64(br#"{"sub":"alice","role":"student"}"#);
+        let head = b64(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let unsigned = format!("{head}.{noexp}");
+        let enc = EncodingKey::from_secret(b"secret");
+        let sig = jsonwebtoken::crypto::sign(unsigned.as_bytes(), &enc, Algorithm::HS256).unwrap();
+        check(&auth, &format!("Bearer {unsigned}.{sig}"), false);
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &Claims { sub: "alice".into(), role: Role::Student, exp: exp as u64, tier: None },
+            &enc,
+        )
+        .unwrap();
+        check(&auth, &format!("Bearer {hs384}"), false);
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &Claims { sub: "alice".into(), role: Role::Student, exp: exp as u64 - 3600, tier: None },
+            &enc,
+        )
+        .unwrap();
+        check(&auth, &format!("Bearer {expired}"), false);
+    }
+}

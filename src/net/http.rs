@@ -1,0 +1,397 @@
+//! Routing of the API.md paths, request bodies and JSON answers.
+//!
+//! Why: this is the only place that turns bytes into typed commands and shard replies back
+//! into bytes. Everything behind it receives validated ids and an authenticated caller.
+//! Must never: decide a seat (that is the owner shard's), or answer a non-2xx without the
+//! contract's error body.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use super::auth::{Auth, Caller, Role};
+use super::error::ApiError;
+use crate::ids::{parse_rfc3339, rfc3339, CourseId, UnixMs};
+use crate::shard::course::{CourseSpec, CAPACITY_MAX};
+use crate::shard::table::{CourseView, EnrollmentView};
+use crate::shard::{Command, Reply, Router};
+
+/// Limits of one request, from configuration.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    pub body_bytes_max: usize,
+}
+
+/// Catalog page size when `limit` is not given, and the most a page may hold.
+pub const PAGE_COURSES_DEFAULT: usize = 100;
+pub const PAGE_COURSES_MAX: usize = 1_000;
+/// Longest course title.
+pub const TITLE_CHARS_MAX: usize = 200;
+/// Longest client-sent request id echoed back.
+pub const REQUEST_ID_BYTES_MAX: usize = 64;
+
+/// Per-shard request context.
+pub struct Ctx {
+    pub router: Router,
+    pub auth: Arc<Auth>,
+    pub limits: HttpLimits,
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+    request_seq: Cell<u64>,
+    request_prefix: String,
+}
+
+impl Ctx {
+    pub fn new(router: Router, auth: Arc<Auth>, limits: HttpLimits, ready: Arc<std::sync::atomic::AtomicBool>) -> Ctx {
+        let request_prefix = format!("{:06x}{}", std::process::id() & 0xff_ffff, router.me.id.0);
+        Ctx { router, auth, limits, ready, request_seq: Cell::new(0), request_prefix }
+    }
+
+    /// The client's request id when it is 1-64 printable ASCII chars, else a fresh one.
+    fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
+        if let Some(v) = req.headers().get("x-request-id") {
+            let b = v.as_bytes();
+            if !b.is_empty() && b.len() <= REQUEST_ID_BYTES_MAX && b.iter().all(|c| (0x20..0x7f).contains(c)) {
+                return v.clone();
+            }
+        }
+        let n = self.request_seq.get() + 1;
+        self.request_seq.set(n);
+        HeaderValue::try_from(format!("{}-{n:x}", self.request_prefix)).expect("hex and digits are valid")
+    }
+}
+
+pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    resp
+}
+
+fn json_of(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    json(status, serde_json::to_vec(value).expect("plain structs serialize"))
+}
+
+/// The hyper service: every request goes through here.
+pub async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let rid = ctx.request_id(&req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut resp = match route(&ctx, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.status().is_server_error() {
+                tracing::warn!(request_id = ?rid, %method, %path, error = %e, "request failed");
+            } else {
+                tracing::debug!(request_id = ?rid, %method, %path, error = %e, "request refused");
+            }
+            e.into_response()
+        }
+    };
+    resp.headers_mut().insert("x-request-id", rid);
+    Ok(resp)
+}
+
+async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
+    let method = req.method().clone();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => return Ok(json(StatusCode::OK, &br#"{"status":"ok"}"#[..])),
+        (&Method::GET, ["readyz"]) => return Ok(readyz(ctx)),
+        (&Method::GET, ["metrics"]) => return Ok(metrics(ctx)),
+        (_, ["healthz" | "readyz" | "metrics"]) => return Err(ApiError::MethodNotAllowed),
+        (_, ["v1", ..]) => {}
+        _ => return Err(ApiError::NotFound("no such route")),
+    }
+    let caller = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|h| ctx.auth.verify(h.as_bytes()))
+        .ok_or(ApiError::Unauthorized)?;
+    let query = req.uri().query().map(str::to_owned);
+    let body = read_body(req, ctx.limits.body_bytes_max).await?;
+    match (&method, &segments[1..]) {
+        (&Method::GET, ["courses"]) => list_courses(ctx, query.as_deref()).await,
+        (&Method::GET, ["courses", id]) => {
+            let id = course_id(id)?;
+            reply(ctx.router.call(&id, Command::Course(id.clone())).await)
+        }
+        (&Method::POST, ["courses", id, "enrollment"]) => {
+            let course = course_id(id)?;
+            let cmd = Command::Enroll { course: course.clone(), student: caller.id.clone() };
+            reply(ctx.router.call(&course, cmd).await)
+        }
+        (&Method::DELETE, ["courses", id, "enrollment"]) => {
+            let course = course_id(id)?;
+            let cmd = Command::Drop { course: course.clone(), student: caller.id.clone() };
+            match ctx.router.call(&course, cmd).await {
+                Reply::Dropped => Ok(json_of(
+                    StatusCode::OK,
+                    &serde_json::json!({"course_id": course, "student_id": caller.id, "status": "dropped"}),
+                )),
+                other => reply(other),
+            }
+        }
+        (&Method::GET, ["me", "enrollments"]) => my_enrollments(ctx, &caller).await,
+        (&Method::PUT, ["admin", "courses", id]) => {
+            admin(&caller)?;
+            let course = course_id(id)?;
+            let spec = course_spec(&body)?;
+            reply(ctx.router.call(&course, Command::Put { course: course.clone(), spec }).await)
+        }
+        (&Method::GET, ["admin", "courses", id, "roster"]) => {
+            admin(&caller)?;
+            let course = course_id(id)?;
+            match ctx.router.call(&course, Command::Roster(course.clone())).await {
+                Reply::Roster(students) => {
+                    Ok(json_of(StatusCode::OK, &serde_json::json!({"course_id": course, "students": students})))
+                }
+                other => reply(other),
+            }
+        }
+        (_, ["courses"] | ["courses", _] | ["courses", _, "enrollment"] | ["me", "enrollments"])
+        | (_, ["admin", "courses", _] | ["admin", "courses", _, "roster"]) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound("no such route")),
+    }
+}
+
+fn admin(caller: &Caller) -> Result<(), ApiError> {
+    if caller.role == Role::Admin {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
+    }
+}
+
+fn course_id(s: &str) -> Result<CourseId, ApiError> {
+    CourseId::parse(s).ok_or_else(|| ApiError::BadRequest("course id must be 1-32 chars of [A-Za-z0-9_.-]".into()))
+}
+
+/// Reads the whole body, refusing (413) past `limit` bytes before reading when the length
+/// is declared, and while reading when it is not.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
+        Err(_) => Err(ApiError::BadRequest("could not read the request body".into())),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CourseBody {
+    title: String,
+    capacity: i64,
+    #[serde(default)]
+    opens_at: Option<String>,
+    #[serde(default)]
+    closes_at: Option<String>,
+}
+
+fn course_spec(body: &[u8]) -> Result<CourseSpec, ApiError> {
+    let b: CourseBody =
+        serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad course body: {e}")))?;
+    let title_chars = b.title.chars().count();
+    if title_chars == 0 || title_chars > TITLE_CHARS_MAX || b.title.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!("title must be 1-{TITLE_CHARS_MAX} printable chars")));
+    }
+    let capacity = u32::try_from(b.capacity)
+        .ok()
+        .filter(|c| *c <= CAPACITY_MAX)
+        .ok_or_else(|| ApiError::BadRequest(format!("capacity must be 0-{CAPACITY_MAX}")))?;
+    let instant = |v: Option<String>, name: &str| -> Result<Option<UnixMs>, ApiError> {
+        v.map(|s| parse_rfc3339(&s).ok_or_else(|| ApiError::BadRequest(format!("{name} must be RFC 3339"))))
+            .transpose()
+    };
+    let opens_at = instant(b.opens_at, "opens_at")?;
+    let closes_at = instant(b.closes_at, "closes_at")?;
+    if let (Some(o), Some(c)) = (opens_at, closes_at) {
+        if c <= o {
+            return Err(ApiError::BadRequest("closes_at must be after opens_at".into()));
+        }
+    }
+    Ok(CourseSpec { title: b.title, capacity, opens_at, closes_at })
+}
+
+async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut after = None;
+    let mut limit = PAGE_COURSES_DEFAULT;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "after" => after = Some(course_id(&v)?),
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=PAGE_COURSES_MAX).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest(format!("limit must be 1-{PAGE_COURSES_MAX}")))?
+            }
+            _ => return Err(ApiError::BadRequest(format!("unknown query parameter {k:?}"))),
+        }
+    }
+    // Each shard gives one more than a page, so we know whether another page follows.
+    let replies = ctx.router.gather(|| Command::List { after: after.clone(), limit: limit + 1 }).await;
+    let mut courses: Vec<CourseView> = Vec::new();
+    for r in replies {
+        match r {
+            Reply::Courses(mut c) => courses.append(&mut c),
+            _ => return Err(ApiError::Unavailable),
+        }
+    }
+    courses.sort_by(|a, b| a.id.cmp(&b.id));
+    let next = (courses.len() > limit).then(|| courses[limit - 1].id.clone());
+    courses.truncate(limit);
+    let page: Vec<CourseJson> = courses.iter().map(CourseJson::from).collect();
+    Ok(json_of(StatusCode::OK, &serde_json::json!({"courses": page, "next": next})))
+}
+
+async fn my_enrollments(ctx: &Ctx, caller: &Caller) -> Result<Response<Full<Bytes>>, ApiError> {
+    let replies = ctx.router.gather(|| Command::StudentEnrollments(caller.id.clone())).await;
+    let mut all: Vec<EnrollmentView> = Vec::new();
+    for r in replies {
+        match r {
+            Reply::Enrollments(mut e) => all.append(&mut e),
+            _ => return Err(ApiError::Unavailable),
+        }
+    }
+    all.sort_by(|a, b| a.course.cmp(&b.course));
+    let list: Vec<EnrollmentJson> = all.iter().map(EnrollmentJson::from).collect();
+    Ok(json_of(StatusCode::OK, &serde_json::json!({"enrollments": list})))
+}
+
+fn readyz(ctx: &Ctx) -> Response<Full<Bytes>> {
+    let loaded = ctx.ready.load(std::sync::atomic::Ordering::Relaxed);
+    if loaded && ctx.router.me.persist().store_ok() {
+        json(StatusCode::OK, &br#"{"status":"ready"}"#[..])
+    } else {
+        ApiError::Unavailable.into_response()
+    }
+}
+
+/// A placeholder exposition until the metrics issue lands: liveness and persist figures.
+fn metrics(ctx: &Ctx) -> Response<Full<Bytes>> {
+    let p = ctx.router.me.persist();
+    let text = format!(
+        "# HELP enrolld_up 1 while the process serves.\n# TYPE enrolld_up gauge\nenrolld_up 1\n\
+         # HELP enrolld_store_up 1 while the store answers.\n# TYPE enrolld_store_up gauge\nenrolld_store_up {}\n\
+         # HELP enrolld_persist_queue_depth Seat changes waiting for the persist thread.\n\
+         # TYPE enrolld_persist_queue_depth gauge\nenrolld_persist_queue_depth {}\n",
+        u8::from(p.store_ok()),
+        p.queue_depth()
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp
+}
+
+/// Maps a shard's answer to the contract.
+fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
+    match r {
+        Reply::Course(c) => Ok(json_of(StatusCode::OK, &CourseJson::from(&c))),
+        Reply::Put { course, created } => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(json_of(status, &CourseJson::from(&course)))
+        }
+        Reply::Enrolled { enrollment, created } => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(json_of(status, &EnrollmentJson::from(&enrollment)))
+        }
+        Reply::NotFound => Err(ApiError::NotFound("no such course")),
+        Reply::Full => Err(ApiError::CourseFull),
+        Reply::Closed => Err(ApiError::RegistrationClosed),
+        Reply::NotEnrolled => Err(ApiError::NotEnrolled),
+        Reply::BelowEnrolled => Err(ApiError::CapacityBelowEnrolled),
+        Reply::Unavailable => Err(ApiError::Unavailable),
+        Reply::Dropped | Reply::Roster(_) | Reply::Courses(_) | Reply::Enrollments(_) => {
+            unreachable!("handled by the route that asked")
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CourseJson<'a> {
+    id: &'a CourseId,
+    title: &'a str,
+    capacity: u32,
+    enrolled: u32,
+    seats_left: u32,
+    opens_at: Option<String>,
+    closes_at: Option<String>,
+    version: u64,
+}
+
+impl<'a> From<&'a CourseView> for CourseJson<'a> {
+    fn from(c: &'a CourseView) -> Self {
+        CourseJson {
+            id: &c.id,
+            title: &c.spec.title,
+            capacity: c.spec.capacity,
+            enrolled: c.enrolled,
+            seats_left: c.seats_left,
+            opens_at: c.spec.opens_at.map(rfc3339),
+            closes_at: c.spec.closes_at.map(rfc3339),
+            version: c.version,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EnrollmentJson<'a> {
+    course_id: &'a CourseId,
+    student_id: &'a crate::ids::StudentId,
+    status: &'static str,
+    enrolled_at: String,
+}
+
+impl<'a> From<&'a EnrollmentView> for EnrollmentJson<'a> {
+    fn from(e: &'a EnrollmentView) -> Self {
+        EnrollmentJson {
+            course_id: &e.course,
+            student_id: &e.student,
+            status: "enrolled",
+            enrolled_at: rfc3339(e.enrolled_at),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: &str, ok: bool) {
+        assert_eq!(course_spec(body.as_bytes()).is_ok(), ok, "{body}");
+    }
+
+    #[test]
+    fn course_bodies() {
+        check(r#"{"title":"A","capacity":3}"#, true);
+        check(r#"{"title":"A","capacity":0}"#, true);
+        check(r#"{"title":"A","capacity":-1}"#, false);
+        check(r#"{"title":"A","capacity":100001}"#, false);
+        check(r#"{"title":"","capacity":3}"#, false);
+        check(r#"{"title":"A"}"#, false);
+        check(r#"{"title":"A","capacity":3,"capcity":4}"#, false);
+        check(r#"{"title":"A","capacity":3,"opens_at":"2026-01-01T00:00:00Z"}"#, true);
+        check(r#"{"title":"A","capacity":3,"opens_at":null}"#, true);
+        check(r#"{"title":"A","capacity":3,"opens_at":"tomorrow"}"#, false);
+        check(
+            r#"{"title":"A","capacity":3,"opens_at":"2026-01-02T00:00:00Z","closes_at":"2026-01-01T00:00:00Z"}"#,
+            false,
+        );
+        check("not json", false);
+        check("", false);
+    }
+}

@@ -1,0 +1,113 @@
+//! HTTP front of a shard: listener, connection limits, hyper, and the request path.
+//!
+//! Why: each shard accepts on its own SO_REUSEPORT socket, so the kernel spreads
+//! connections over the cores and no accept lock is shared. Only net/ knows HTTP, JSON and
+//! JWT; shards see typed commands.
+//! Must never: accept a connection without a permit (the permit is taken before `accept`),
+//! or serve a connection without a header-read timeout (slowloris would pin the shard).
+
+pub mod auth;
+pub mod error;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::{watch, Semaphore};
+
+/// Smallest read buffer hyper accepts; the head limit may not go below it.
+pub const HEAD_BYTES_MIN: usize = 8_192;
+/// Pending connections the kernel queues per listener.
+const LISTEN_BACKLOG: i32 = 4_096;
+/// Pause after a failed accept (EMFILE and the like) before trying again.
+const ACCEPT_ERROR_PAUSE_MS: u64 = 50;
+
+/// Connection-level limits, from configuration.
+#[derive(Clone, Debug)]
+pub struct ConnLimits {
+    pub head_bytes_max: usize,
+    pub header_read_timeout_ms: u64,
+    pub connections_max: usize,
+    pub drain_timeout_ms: u64,
+}
+
+/// Binds `shards` SO_REUSEPORT listeners on one address. The first resolves port 0, the
+/// rest bind the port it got, so every shard listens on the same address.
+pub fn bind_listeners(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(shards);
+    let mut addr = addr;
+    for _ in 0..shards {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// Accepts and serves connections until `shutdown` turns true, then lets in-flight
+/// requests finish (up to `drain_timeout_ms`) and returns.
+pub async fn serve(
+    listener: std::net::TcpListener,
+    ctx: Rc<http::Ctx>,
+    limits: ConnLimits,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let permits = Arc::new(Semaphore::new(limits.connections_max));
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .max_buf_size(limits.head_bytes_max)
+        .keep_alive(true)
+        .pipeline_flush(true);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let stream = match stream {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |req| http::handle(ctx.clone(), req)),
+        );
+        let conn = graceful.watch(conn);
+        tokio::task::spawn_local(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_millis(limits.drain_timeout_ms), graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timed out; closing the remaining connections");
+    }
+    Ok(())
+}

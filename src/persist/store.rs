@@ -1,0 +1,522 @@
+//! The SQL store: MySQL/MariaDB or the embedded SQLite, through one sqlx `Any` code path.
+//!
+//! Why: both stores must pass one persistence suite, so there is one implementation; the
+//! few dialect differences (`INSERT IGNORE` vs `INSERT OR IGNORE`, schema collation) are
+//! named in [`Dialect`]. Only this module speaks SQL.
+//! Must never: commit a batch that leaves `enrolled > capacity` (the schema's CHECK and the
+//! guarded update both refuse it), or report a commit it has not seen succeed.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Row};
+
+use crate::ids::{CourseId, StudentId, UnixMs};
+use crate::shard::course::CourseSpec;
+
+/// Rows in one multi-row statement at most. SQLite allows 32,766 bound variables and the
+/// widest statement binds 3 per row.
+pub const BATCH_ROWS_LIMIT: usize = 5_000;
+const _: () = assert!(BATCH_ROWS_LIMIT * 3 < 32_766);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Mysql,
+    Sqlite,
+}
+
+impl Dialect {
+    pub fn of_url(url: &str) -> Option<Dialect> {
+        if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Some(Dialect::Mysql)
+        } else if url.starts_with("sqlite:") {
+            Some(Dialect::Sqlite)
+        } else {
+            None
+        }
+    }
+    fn insert_ignore(self) -> &'static str {
+        match self {
+            Dialect::Mysql => "INSERT IGNORE INTO",
+            Dialect::Sqlite => "INSERT OR IGNORE INTO",
+        }
+    }
+}
+
+/// Pool and time limits handed to sqlx explicitly.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub pool_connections_max: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+/// One seat change inside a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SeatOp {
+    Enroll { course: CourseId, student: StudentId, at: UnixMs },
+    Drop { course: CourseId, student: StudentId },
+}
+
+impl SeatOp {
+    pub fn key(&self) -> (&CourseId, &StudentId) {
+        match self {
+            SeatOp::Enroll { course, student, .. } | SeatOp::Drop { course, student } => {
+                (course, student)
+            }
+        }
+    }
+}
+
+/// The store's verdict on one seat op of a committed batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeatResult {
+    Applied,
+    /// The guarded update refused the seat: the course is full in the store (another node
+    /// sold it, or an admin lowered capacity).
+    Full,
+}
+
+/// Why a batch did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Certainly not committed (failed before COMMIT was sent, or COMMIT was refused).
+    #[error("not committed: {0:#}")]
+    NotCommitted(anyhow::Error),
+    /// COMMIT was sent and no answer came back: it may or may not have applied.
+    #[error("commit outcome unknown: {0:#}")]
+    Unknown(anyhow::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutResult {
+    Created { version: u64 },
+    Updated { version: u64 },
+    BelowEnrolled,
+}
+
+/// A row streamed out of the store at start.
+pub enum LoadRow {
+    Course { id: CourseId, spec: CourseSpec, version: u64 },
+    Enrollment { course: CourseId, student: StudentId, at: UnixMs },
+}
+
+/// How to tell, after an unknown commit, whether it applied: one row it changed.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    pub course: CourseId,
+    pub student: StudentId,
+    pub present_if_committed: bool,
+}
+
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+static MIGRATOR_MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
+static MIGRATOR_SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+impl Store {
+    /// Connects and migrates. The SQLite file is created when missing.
+    pub async fn open(url: &str, opts: &StoreOptions) -> anyhow::Result<Store> {
+        sqlx::any::install_default_drivers();
+        let dialect = Dialect::of_url(url).context("store URL must start with mysql:// or sqlite:")?;
+        let url = match dialect {
+            Dialect::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.to_string(),
+        };
+        let connect: AnyConnectOptions = url.parse().context("parsing store URL")?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(opts.pool_connections_max)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_millis(opts.acquire_timeout_ms))
+            .test_before_acquire(true)
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        // WAL with synchronous=FULL: a commit is on disk before we answer.
+                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA synchronous=FULL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout=5000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(connect)
+            .await
+            .context("connecting to the store")?;
+        let migrator = match dialect {
+            Dialect::Mysql => &MIGRATOR_MYSQL,
+            Dialect::Sqlite => &MIGRATOR_SQLITE,
+        };
+        migrator.run(&pool).await.context("migrating the schema")?;
+        Ok(Store { pool, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn course_count(&self) -> anyhow::Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM courses").fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+
+    /// Streams every course, then every enrollment, to `sink`. Recomputes each course's
+    /// `enrolled` counter from its rows first, so a counter that drifted (a hand edit)
+    /// cannot disagree with the rosters that are loaded.
+    pub async fn load(&self, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<()> {
+        use futures_util::TryStreamExt;
+        let fixed = sqlx::query(
+            "UPDATE courses SET enrolled = (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id) \
+             WHERE enrolled <> (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id)",
+        )
+        .execute(&self.pool)
+        .await
+        .context("reconciling seat counters")?
+        .rows_affected();
+        if fixed > 0 {
+            tracing::warn!(courses = fixed, "seat counters disagreed with rosters; recomputed");
+        }
+        let mut rows = sqlx::query(
+            "SELECT id, title, capacity, opens_at_ms, closes_at_ms, version FROM courses",
+        )
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let id: String = row.try_get(0)?;
+            let id = CourseId::parse(&id).with_context(|| format!("bad course id in store: {id:?}"))?;
+            let capacity: i64 = row.try_get(2)?;
+            let spec = CourseSpec {
+                title: row.try_get(1)?,
+                capacity: u32::try_from(capacity).context("capacity out of range")?,
+                opens_at: row.try_get(3)?,
+                closes_at: row.try_get(4)?,
+            };
+            let version: i64 = row.try_get(5)?;
+            sink(LoadRow::Course { id, spec, version: version as u64 });
+        }
+        drop(rows);
+        let mut rows =
+            sqlx::query("SELECT course_id, student_id, enrolled_at_ms FROM enrollments").fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let course: String = row.try_get(0)?;
+            let student: String = row.try_get(1)?;
+            let (Some(course), Some(student)) = (CourseId::parse(&course), StudentId::parse(&student))
+            else {
+                bail!("bad enrollment ids in store: {course:?} {student:?}");
+            };
+            sink(LoadRow::Enrollment { course, student, at: row.try_get(2)? });
+        }
+        Ok(())
+    }
+
+    /// Commits one batch of seat ops in one transaction. Within a batch every (course,
+    /// student) key appears at most once; the caller splits batches where a key repeats.
+    pub async fn commit_seats(&self, ops: &[SeatOp]) -> Result<Vec<SeatResult>, CommitError> {
+        assert!(!ops.is_empty() && ops.len() <= BATCH_ROWS_LIMIT, "batch of {} rows", ops.len());
+        match self.try_fast(ops).await {
+            Ok(Some(())) => return Ok(vec![SeatResult::Applied; ops.len()]),
+            Ok(None) => {}
+            Err(e @ CommitError::Unknown(_)) => {
+                let probe = ops.iter().map(probe_of).next().expect("non-empty batch");
+                return self.settle_unknown(e, probe, vec![SeatResult::Applied; ops.len()]).await;
+            }
+            Err(CommitError::NotCommitted(e)) if is_connection_error(&e) => {
+                return Err(CommitError::NotCommitted(e));
+            }
+            Err(CommitError::NotCommitted(e)) => {
+                tracing::debug!(error = %format!("{e:#}"), "fast path refused; going row by row");
+            }
+        }
+        self.commit_row_by_row(ops).await
+    }
+
+    /// One statement per kind for the whole batch. `Ok(None)`: rolled back because a row
+    /// was not as expected or a course would overflow; the row-by-row path decides each.
+    async fn try_fast(&self, ops: &[SeatOp]) -> Result<Option<()>, CommitError> {
+        let mut tx = self.pool.begin().await.map_err(not_committed)?;
+        let drops: Vec<_> = ops.iter().filter(|o| matches!(o, SeatOp::Drop { .. })).collect();
+        let enrolls: Vec<_> = ops.iter().filter(|o| matches!(o, SeatOp::Enroll { .. })).collect();
+        if !drops.is_empty() {
+            let sql = format!(
+                "DELETE FROM enrollments WHERE {}",
+                vec!["(course_id = ? AND student_id = ?)"; drops.len()].join(" OR ")
+            );
+            let mut q = sqlx::query(&sql);
+            for op in &drops {
+                let (c, s) = op.key();
+                q = q.bind(c.as_str()).bind(s.as_str());
+            }
+            let n = q.execute(&mut *tx).await.map_err(not_committed)?.rows_affected();
+            if n != drops.len() as u64 {
+                return Ok(None);
+            }
+        }
+        if !enrolls.is_empty() {
+            let sql = format!(
+                "{} enrollments (course_id, student_id, enrolled_at_ms) VALUES {}",
+                self.dialect.insert_ignore(),
+                vec!["(?, ?, ?)"; enrolls.len()].join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for op in &enrolls {
+                if let SeatOp::Enroll { course, student, at } = op {
+                    q = q.bind(course.as_str()).bind(student.as_str()).bind(*at);
+                }
+            }
+            let n = q.execute(&mut *tx).await.map_err(not_committed)?.rows_affected();
+            if n != enrolls.len() as u64 {
+                return Ok(None);
+            }
+        }
+        let deltas = course_deltas(ops);
+        if !deltas.is_empty() {
+            let sql = format!(
+                "UPDATE courses SET enrolled = enrolled + CASE id {} END WHERE id IN ({})",
+                vec!["WHEN ? THEN ?"; deltas.len()].join(" "),
+                vec!["?"; deltas.len()].join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (c, d) in &deltas {
+                q = q.bind(c.as_str()).bind(*d);
+            }
+            for (c, _) in &deltas {
+                q = q.bind(c.as_str());
+            }
+            match q.execute(&mut *tx).await {
+                Ok(r) if r.rows_affected() == deltas.len() as u64 => {}
+                Ok(_) => return Ok(None),
+                // The CHECK refused an overflowing course; the slow path finds which.
+                Err(sqlx::Error::Database(_)) => return Ok(None),
+                Err(e) => return Err(not_committed(e)),
+            }
+        }
+        tx.commit().await.map_err(|e| CommitError::Unknown(e.into()))?;
+        Ok(Some(()))
+    }
+
+    /// Each op on its own, in order, in one transaction, with the guarded counter update
+    /// (`enrolled + 1 <= capacity`): the store is the final arbiter across nodes.
+    async fn commit_row_by_row(&self, ops: &[SeatOp]) -> Result<Vec<SeatResult>, CommitError> {
+        let mut tx = self.pool.begin().await.map_err(not_committed)?;
+        let mut results = Vec::with_capacity(ops.len());
+        let mut probe = None;
+        let insert = format!(
+            "{} enrollments (course_id, student_id, enrolled_at_ms) VALUES (?, ?, ?)",
+            self.dialect.insert_ignore()
+        );
+        for op in ops {
+            let (course, student) = op.key();
+            let result = match op {
+                SeatOp::Enroll { at, .. } => {
+                    let inserted = sqlx::query(&insert)
+                        .bind(course.as_str())
+                        .bind(student.as_str())
+                        .bind(*at)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(not_committed)?
+                        .rows_affected();
+                    if inserted == 0 {
+                        SeatResult::Applied // already held in the store: idempotent
+                    } else {
+                        let counted = sqlx::query(
+                            "UPDATE courses SET enrolled = enrolled + 1 WHERE id = ? AND enrolled + 1 <= capacity",
+                        )
+                        .bind(course.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(not_committed)?
+                        .rows_affected();
+                        if counted == 1 {
+                            probe.get_or_insert_with(|| probe_of(op));
+                            SeatResult::Applied
+                        } else {
+                            sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
+                                .bind(course.as_str())
+                                .bind(student.as_str())
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(not_committed)?;
+                            SeatResult::Full
+                        }
+                    }
+                }
+                SeatOp::Drop { .. } => {
+                    let deleted = sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
+                        .bind(course.as_str())
+                        .bind(student.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(not_committed)?
+                        .rows_affected();
+                    if deleted == 1 {
+                        sqlx::query("UPDATE courses SET enrolled = enrolled - 1 WHERE id = ?")
+                            .bind(course.as_str())
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(not_committed)?;
+                        probe.get_or_insert_with(|| probe_of(op));
+                    }
+                    SeatResult::Applied
+                }
+            };
+            results.push(result);
+        }
+        if let Err(e) = tx.commit().await {
+            let e = CommitError::Unknown(e.into());
+            return match probe {
+                Some(p) => self.settle_unknown(e, p, results).await,
+                // Nothing changed, so either outcome leaves the store as it was.
+                None => Ok(results),
+            };
+        }
+        Ok(results)
+    }
+
+    /// After COMMIT went unanswered: read one changed row back, retrying with capped
+    /// backoff until the store answers. Nobody is answered before that.
+    async fn settle_unknown(
+        &self,
+        cause: CommitError,
+        probe: Probe,
+        if_committed: Vec<SeatResult>,
+    ) -> Result<Vec<SeatResult>, CommitError> {
+        tracing::warn!(error = %cause, "reading the batch back to learn its outcome");
+        let mut backoff_ms = 20;
+        loop {
+            match self.seat_present(&probe.course, &probe.student).await {
+                Ok(present) if present == probe.present_if_committed => return Ok(if_committed),
+                Ok(_) => return Err(CommitError::NotCommitted(anyhow::anyhow!("{cause}"))),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), backoff_ms, "read-back failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(READBACK_BACKOFF_MS_MAX);
+                }
+            }
+        }
+    }
+
+    pub async fn seat_present(&self, course: &CourseId, student: &StudentId) -> anyhow::Result<bool> {
+        let row = sqlx::query("SELECT 1 FROM enrollments WHERE course_id = ? AND student_id = ?")
+            .bind(course.as_str())
+            .bind(student.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Creates or updates a course. Capacity may not go below the committed count: the
+    /// update is guarded in SQL, so a concurrent node cannot slip under it.
+    pub async fn put_course(&self, id: &CourseId, spec: &CourseSpec) -> Result<PutResult, CommitError> {
+        let mut tx = self.pool.begin().await.map_err(not_committed)?;
+        let capacity = i64::from(spec.capacity);
+        let updated = sqlx::query(
+            "UPDATE courses SET title = ?, capacity = ?, opens_at_ms = ?, closes_at_ms = ?, version = version + 1 \
+             WHERE id = ? AND enrolled <= ?",
+        )
+        .bind(spec.title.as_str())
+        .bind(capacity)
+        .bind(spec.opens_at)
+        .bind(spec.closes_at)
+        .bind(id.as_str())
+        .bind(capacity)
+        .execute(&mut *tx)
+        .await
+        .map_err(not_committed)?
+        .rows_affected();
+        let result = if updated == 1 {
+            let row = sqlx::query("SELECT version FROM courses WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(not_committed)?;
+            PutResult::Updated { version: row.try_get::<i64, _>(0).map_err(not_committed)? as u64 }
+        } else {
+            let exists = sqlx::query("SELECT 1 FROM courses WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(not_committed)?;
+            if exists.is_some() {
+                return Ok(PutResult::BelowEnrolled);
+            }
+            sqlx::query(
+                "INSERT INTO courses (id, title, capacity, enrolled, opens_at_ms, closes_at_ms, version) \
+                 VALUES (?, ?, ?, 0, ?, ?, 1)",
+            )
+            .bind(id.as_str())
+            .bind(spec.title.as_str())
+            .bind(capacity)
+            .bind(spec.opens_at)
+            .bind(spec.closes_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(not_committed)?;
+            PutResult::Created { version: 1 }
+        };
+        // An unknown commit of an admin change is reported as not committed: the admin
+        // retries the idempotent PUT, and the shard never widened capacity meanwhile.
+        tx.commit().await.map_err(|e| CommitError::NotCommitted(e.into()))?;
+        Ok(result)
+    }
+
+    /// The committed roster of a course, from the store (tests and recovery checks).
+    pub async fn roster(&self, course: &CourseId) -> anyhow::Result<Vec<String>> {
+        let rows = sqlx::query("SELECT student_id FROM enrollments WHERE course_id = ? ORDER BY student_id")
+            .bind(course.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get::<String, _>(0)?)).collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Longest wait between two read-backs of an unknown commit.
+const READBACK_BACKOFF_MS_MAX: u64 = 1_000;
+
+fn probe_of(op: &SeatOp) -> Probe {
+    let (course, student) = op.key();
+    Probe {
+        course: course.clone(),
+        student: student.clone(),
+        present_if_committed: matches!(op, SeatOp::Enroll { .. }),
+    }
+}
+
+/// Net change of `enrolled` per course, in first-seen order, zero deltas left out.
+fn course_deltas(ops: &[SeatOp]) -> Vec<(&CourseId, i64)> {
+    let mut deltas: Vec<(&CourseId, i64)> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for op in ops {
+        let (course, _) = op.key();
+        let d = if matches!(op, SeatOp::Enroll { .. }) { 1 } else { -1 };
+        let i = *index.entry(course).or_insert_with(|| {
+            deltas.push((course, 0));
+            deltas.len() - 1
+        });
+        deltas[i].1 += d;
+    }
+    deltas.retain(|(_, d)| *d != 0);
+    deltas
+}
+
+fn not_committed(e: impl Into<anyhow::Error>) -> CommitError {
+    CommitError::NotCommitted(e.into())
+}
+
+fn is_connection_error(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<sqlx::Error>(),
+        Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_))
+    )
+}

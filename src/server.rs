@@ -1,0 +1,184 @@
+//! Start-up, the thread layout, signals and shutdown.
+//!
+//! Why: the order matters and lives in one place: configuration is valid, then the store
+//! is open and migrated, the committed state is loaded into per-shard tables, the
+//! listeners are bound, the shards start, and only then is the node ready. SIGTERM walks
+//! it back: stop accepting, answer what is in flight, flush the persist queue, exit 0.
+//! Must never: answer a request before the catalog is loaded.
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{Config, LogFormat};
+use crate::ids::ShardId;
+use crate::net::auth::Auth;
+use crate::net::http::{Ctx, HttpLimits};
+use crate::net::ConnLimits;
+use crate::persist::store::{LoadRow, StoreOptions};
+use crate::persist::{self, PersistConfig};
+use crate::shard::table::CourseTable;
+use crate::shard::{owner_of, serve_inbox, Envelope, Router, Shard, INBOX_MESSAGES_MAX};
+
+/// Rows between two progress lines while the catalog loads.
+const LOAD_PROGRESS_ROWS: u64 = 200_000;
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs `enrolld serve` until SIGTERM or SIGINT.
+pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    let secret = cfg.resolve_jwt_secret()?;
+    let auth = Arc::new(Auth::new(&secret));
+    let started = Instant::now();
+    let tables = load_tables(&cfg)?;
+    let (persist, persist_thread) = tables.1;
+    let tables = tables.0;
+    let courses: usize = tables.iter().map(CourseTable::len).sum();
+    let seats: u64 = tables.iter().map(CourseTable::enrolled_total).sum();
+    tracing::info!(courses, seats, ms = started.elapsed().as_millis() as u64, "catalog loaded");
+
+    let listeners = crate::net::bind_listeners(cfg.listen, cfg.shards)
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let local = listeners[0].local_addr()?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ready = Arc::new(AtomicBool::new(false));
+    let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) =
+        (0..cfg.shards).map(|_| mpsc::channel::<Envelope>(INBOX_MESSAGES_MAX)).unzip();
+    let drained = Arc::new(tokio::sync::Barrier::new(cfg.shards));
+    let conn_limits = ConnLimits {
+        head_bytes_max: cfg.head_bytes_max,
+        header_read_timeout_ms: cfg.header_read_timeout_ms,
+        connections_max: cfg.connections_max.div_ceil(cfg.shards),
+        drain_timeout_ms: cfg.drain_timeout_ms,
+    };
+    let mut threads = Vec::new();
+    for (i, ((table, listener), inbox)) in tables.into_iter().zip(listeners).zip(inbox_rx).enumerate() {
+        let peers = inbox_tx.clone();
+        let persist = persist.clone();
+        let auth = auth.clone();
+        let ready = ready.clone();
+        let limits = conn_limits.clone();
+        let http_limits = HttpLimits { body_bytes_max: cfg.body_bytes_max };
+        let shutdown = shutdown_rx.clone();
+        let drained = drained.clone();
+        let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let set = tokio::task::LocalSet::new();
+            set.block_on(&rt, async move {
+                let shard = Rc::new(Shard::new(ShardId(i), table, persist));
+                tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
+                let ctx = Rc::new(Ctx::new(Router { me: shard, peers }, auth, http_limits, ready));
+                let served = crate::net::serve(listener, ctx, limits, shutdown).await;
+                // Keep answering other shards until every shard has drained its clients.
+                drained.wait().await;
+                served
+            })
+        })?;
+        threads.push(thread);
+    }
+    drop(inbox_tx);
+    drop(persist);
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        listen = %local,
+        shards = cfg.shards,
+        store = %redact(&cfg.store),
+        "enrolld ready listen={local}"
+    );
+    wait_for_termination()?;
+    tracing::info!("shutting down: draining connections and the persist queue");
+    let _ = shutdown_tx.send(true);
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "shard stopped with an error"),
+            Err(_) => anyhow::bail!("a shard thread panicked"),
+        }
+    }
+    persist_thread.join().map_err(|_| anyhow::anyhow!("the persist thread panicked"))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+type Loaded = (Vec<CourseTable>, (persist::PersistHandle, std::thread::JoinHandle<()>));
+
+/// Opens the store on the persist thread and streams its state into per-shard tables.
+fn load_tables(cfg: &Config) -> anyhow::Result<Loaded> {
+    let shards = cfg.shards;
+    let tables = Arc::new(Mutex::new((0..shards).map(|_| CourseTable::default()).collect::<Vec<_>>()));
+    let sink_tables = tables.clone();
+    let mut rows: u64 = 0;
+    let started = Instant::now();
+    let sink = move |row: LoadRow| {
+        let mut t = sink_tables.lock().expect("loader is the only user");
+        match row {
+            LoadRow::Course { id, spec, version } => t[owner_of(&id, shards).0].upsert(&id, spec, version),
+            LoadRow::Enrollment { course, student, at } => {
+                if !t[owner_of(&course, shards).0].load_enrollment(&course, student.clone(), at) {
+                    tracing::error!(course = %course, student = %student, "stored seat not loaded (course full or missing)");
+                }
+            }
+        }
+        rows += 1;
+        if rows % LOAD_PROGRESS_ROWS == 0 {
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!(rows, rows_per_sec = (rows as f64 / secs) as u64, "loading catalog");
+        }
+    };
+    let pcfg = PersistConfig {
+        store_url: cfg.store.clone(),
+        store: StoreOptions {
+            pool_connections_max: cfg.store_connections_max,
+            acquire_timeout_ms: cfg.store_acquire_timeout_ms,
+        },
+        batch_rows_max: cfg.batch_rows_max,
+        batch_linger_us: cfg.batch_linger_us,
+        queue_rows_max: cfg.queue_rows_max,
+        demo: cfg.demo,
+    };
+    let handle = persist::spawn(pcfg, sink).with_context(|| format!("opening store {}", redact(&cfg.store)))?;
+    let tables = std::mem::take(&mut *tables.lock().expect("loader finished"));
+    Ok((tables, handle))
+}
+
+/// Blocks until SIGTERM or SIGINT. SIGHUP is logged: nothing is reloadable yet.
+fn wait_for_termination() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = hup.recv() => tracing::info!("SIGHUP: no reloadable settings in this version"),
+            }
+        }
+    })
+}
+
+/// A store URL without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}

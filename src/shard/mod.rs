@@ -1,0 +1,333 @@
+//! Shards: each owns a partition of the courses and decides their seats alone.
+//!
+//! Why: a seat decision must be a single-threaded check-and-take with no lock, no CAS loop
+//! and no Redis round trip. Every course has exactly one owner, `owner_of(id)`; a request
+//! that lands on another shard crosses to the owner over a bounded channel ([`Router`]) and
+//! its answer comes back the same way. State lives in `RefCell`s touched only by the
+//! owner's thread.
+//! Must never: hold a `RefCell` borrow across an `.await`, do I/O itself (the store is
+//! reached only through the persist queue), or leave a held seat without a task that will
+//! confirm or release it (commits are awaited in detached tasks, so a client hanging up
+//! cannot strand a seat).
+
+pub mod course;
+pub mod table;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::ids::{now_ms, CourseId, ShardId, StudentId, UnixMs};
+use crate::persist::store::{PutResult, SeatOp};
+use crate::persist::{Change, Outcome, PersistHandle};
+use course::{CourseSpec, DropDecision, EnrollDecision, SpecDecision};
+use table::{CourseTable, CourseView, EnrollmentView};
+
+/// Messages queued to one shard from the others, at most.
+pub const INBOX_MESSAGES_MAX: usize = 8_192;
+/// Requests waiting at most on one seat's in-flight change before they are told to retry.
+pub const SEAT_WAITERS_MAX: usize = 16;
+/// Times a request re-decides after waiting on an in-flight change.
+const IN_FLIGHT_RETRIES_MAX: usize = 3;
+
+/// The shard that owns a course: FNV-1a of the id, modulo the shard count. Stable across
+/// runs and builds, so a course's owner depends only on its id and the shard count.
+pub fn owner_of(course: &CourseId, shards: usize) -> ShardId {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in course.as_str().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    ShardId((h % shards as u64) as usize)
+}
+
+/// What one shard can be asked.
+#[derive(Debug)]
+pub enum Command {
+    Course(CourseId),
+    Enroll { course: CourseId, student: StudentId },
+    Drop { course: CourseId, student: StudentId },
+    Roster(CourseId),
+    Put { course: CourseId, spec: CourseSpec },
+    List { after: Option<CourseId>, limit: usize },
+    StudentEnrollments(StudentId),
+}
+
+impl Command {
+    /// Commands that may wait on the store run in their own task.
+    fn awaits_store(&self) -> bool {
+        matches!(self, Command::Enroll { .. } | Command::Drop { .. } | Command::Put { .. })
+    }
+}
+
+/// A shard's answer. Plain data: it crosses threads.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    Course(CourseView),
+    NotFound,
+    /// `created`: this call took the seat (201) rather than finding it held (200).
+    Enrolled { enrollment: EnrollmentView, created: bool },
+    Full,
+    Closed,
+    NotEnrolled,
+    Dropped,
+    /// The store is unreachable, a queue is full, or the seat is busy: retry shortly.
+    Unavailable,
+    BelowEnrolled,
+    Put { course: CourseView, created: bool },
+    Roster(Vec<StudentId>),
+    Courses(Vec<CourseView>),
+    Enrollments(Vec<EnrollmentView>),
+}
+
+pub struct Envelope {
+    pub cmd: Command,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// One shard's state. Lives in an `Rc` on its own thread.
+pub struct Shard {
+    pub id: ShardId,
+    table: RefCell<CourseTable>,
+    persist: PersistHandle,
+    /// Seats with a change in flight, and how many requests wait on each.
+    in_flight: RefCell<HashMap<(CourseId, StudentId), (Rc<Notify>, usize)>>,
+}
+
+impl Shard {
+    pub fn new(id: ShardId, table: CourseTable, persist: PersistHandle) -> Shard {
+        Shard { id, table: RefCell::new(table), persist, in_flight: RefCell::new(HashMap::new()) }
+    }
+
+    pub fn persist(&self) -> &PersistHandle {
+        &self.persist
+    }
+
+    /// Runs a command on this (owner) shard. Commands that wait on the store run in a
+    /// detached local task, so the seat is settled even if the caller goes away.
+    pub async fn run(self: &Rc<Self>, cmd: Command) -> Reply {
+        if cmd.awaits_store() {
+            let me = self.clone();
+            tokio::task::spawn_local(async move { me.execute(cmd).await })
+                .await
+                .unwrap_or(Reply::Unavailable)
+        } else {
+            self.execute(cmd).await
+        }
+    }
+
+    async fn execute(&self, cmd: Command) -> Reply {
+        match cmd {
+            Command::Course(id) => self.table.borrow().view(&id).map_or(Reply::NotFound, Reply::Course),
+            Command::Roster(id) => match self.table.borrow().get(&id) {
+                Some(c) => Reply::Roster(c.roster()),
+                None => Reply::NotFound,
+            },
+            Command::List { after, limit } => Reply::Courses(self.table.borrow().list(after.as_ref(), limit)),
+            Command::StudentEnrollments(s) => Reply::Enrollments(self.table.borrow().enrollments_of(&s)),
+            Command::Enroll { course, student } => self.enroll(course, student).await,
+            Command::Drop { course, student } => self.drop_seat(course, student).await,
+            Command::Put { course, spec } => self.put(course, spec).await,
+        }
+    }
+
+    async fn enroll(&self, course: CourseId, student: StudentId) -> Reply {
+        for _ in 0..IN_FLIGHT_RETRIES_MAX {
+            let decision = match self.table.borrow_mut().get_mut(&course) {
+                None => return Reply::NotFound,
+                Some(c) => c.enroll(&student, now_ms()),
+            };
+            let at = match decision {
+                EnrollDecision::Already { at } => return enrolled(course, student, at, false),
+                EnrollDecision::Closed => return Reply::Closed,
+                EnrollDecision::Full => return Reply::Full,
+                EnrollDecision::InFlight => {
+                    if !self.wait_settled(&course, &student).await {
+                        return Reply::Unavailable;
+                    }
+                    continue;
+                }
+                EnrollDecision::Reserved { at } => at,
+            };
+            let op = SeatOp::Enroll { course: course.clone(), student: student.clone(), at };
+            let outcome = self.commit(&course, &student, op).await;
+            let mut table = self.table.borrow_mut();
+            let c = table.get_mut(&course).expect("courses are never removed");
+            return match outcome {
+                Outcome::Committed => {
+                    c.confirm_enroll(&student);
+                    table.index_enrolled(&course, &student);
+                    enrolled(course, student, at, true)
+                }
+                Outcome::Full => {
+                    c.release_enroll(&student);
+                    Reply::Full
+                }
+                Outcome::Failed | Outcome::CoursePut(_) => {
+                    c.release_enroll(&student);
+                    Reply::Unavailable
+                }
+            };
+        }
+        Reply::Unavailable
+    }
+
+    async fn drop_seat(&self, course: CourseId, student: StudentId) -> Reply {
+        for _ in 0..IN_FLIGHT_RETRIES_MAX {
+            let decision = match self.table.borrow_mut().get_mut(&course) {
+                None => return Reply::NotFound,
+                Some(c) => c.drop_seat(&student),
+            };
+            match decision {
+                DropDecision::NotEnrolled => return Reply::NotEnrolled,
+                DropDecision::InFlight => {
+                    if !self.wait_settled(&course, &student).await {
+                        return Reply::Unavailable;
+                    }
+                    continue;
+                }
+                DropDecision::Dropping => {}
+            }
+            let op = SeatOp::Drop { course: course.clone(), student: student.clone() };
+            let outcome = self.commit(&course, &student, op).await;
+            let mut table = self.table.borrow_mut();
+            let c = table.get_mut(&course).expect("courses are never removed");
+            return if outcome == Outcome::Committed {
+                c.confirm_drop(&student);
+                table.index_dropped(&course, &student);
+                Reply::Dropped
+            } else {
+                c.cancel_drop(&student);
+                Reply::Unavailable
+            };
+        }
+        Reply::Unavailable
+    }
+
+    /// Sends a seat op to the store and waits for its outcome, marking the seat in flight
+    /// meanwhile so other requests for it wait instead of racing.
+    async fn commit(&self, course: &CourseId, student: &StudentId, op: SeatOp) -> Outcome {
+        let rx = match self.persist.submit(Change::Seat(op)) {
+            Ok(rx) => rx,
+            Err(_) => return Outcome::Failed,
+        };
+        let key = (course.clone(), student.clone());
+        self.in_flight.borrow_mut().insert(key.clone(), (Rc::new(Notify::new()), 0));
+        // A dropped sender means the persist thread died; nothing it had not answered was
+        // committed after that, and the process is going down.
+        let outcome = rx.await.unwrap_or(Outcome::Failed);
+        if let Some((notify, _)) = self.in_flight.borrow_mut().remove(&key) {
+            notify.notify_waiters();
+        }
+        outcome
+    }
+
+    /// Waits until the seat's in-flight change settles. False when too many already wait.
+    async fn wait_settled(&self, course: &CourseId, student: &StudentId) -> bool {
+        let notify = {
+            let mut map = self.in_flight.borrow_mut();
+            let Some((notify, waiters)) = map.get_mut(&(course.clone(), student.clone())) else {
+                return true;
+            };
+            if *waiters >= SEAT_WAITERS_MAX {
+                return false;
+            }
+            *waiters += 1;
+            notify.clone()
+        };
+        notify.notified().await;
+        true
+    }
+
+    async fn put(&self, course: CourseId, spec: CourseSpec) -> Reply {
+        let existed = match self.table.borrow_mut().get_mut(&course) {
+            None => false,
+            Some(c) => match c.begin_spec(&spec) {
+                SpecDecision::BelowHeld => return Reply::BelowEnrolled,
+                SpecDecision::InFlight => return Reply::Unavailable,
+                SpecDecision::Begun => true,
+            },
+        };
+        let outcome = match self.persist.submit(Change::PutCourse { course: course.clone(), spec: spec.clone() }) {
+            Ok(rx) => rx.await.unwrap_or(Outcome::Failed),
+            Err(_) => Outcome::Failed,
+        };
+        let mut table = self.table.borrow_mut();
+        let (version, created) = match outcome {
+            Outcome::CoursePut(PutResult::Created { version }) => (version, true),
+            Outcome::CoursePut(PutResult::Updated { version }) => (version, false),
+            other => {
+                if existed {
+                    table.get_mut(&course).expect("courses are never removed").abort_spec();
+                }
+                return if other == Outcome::CoursePut(PutResult::BelowEnrolled) {
+                    Reply::BelowEnrolled
+                } else {
+                    Reply::Unavailable
+                };
+            }
+        };
+        table.upsert(&course, spec, version);
+        Reply::Put { course: table.view(&course).expect("just upserted"), created }
+    }
+}
+
+fn enrolled(course: CourseId, student: StudentId, at: UnixMs, created: bool) -> Reply {
+    Reply::Enrolled { enrollment: EnrollmentView { course, student, enrolled_at: at }, created }
+}
+
+/// A shard's way to every course: its own shard directly, the others over their inboxes.
+pub struct Router {
+    pub me: Rc<Shard>,
+    pub peers: Vec<mpsc::Sender<Envelope>>,
+}
+
+impl Router {
+    pub fn shards(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Runs `cmd` on the shard that owns `course`.
+    pub async fn call(&self, course: &CourseId, cmd: Command) -> Reply {
+        let owner = owner_of(course, self.shards());
+        self.call_shard(owner, cmd).await
+    }
+
+    async fn call_shard(&self, owner: ShardId, cmd: Command) -> Reply {
+        if owner == self.me.id {
+            return self.me.run(cmd).await;
+        }
+        let (reply, rx) = oneshot::channel();
+        if self.peers[owner.0].try_send(Envelope { cmd, reply }).is_err() {
+            return Reply::Unavailable;
+        }
+        rx.await.unwrap_or(Reply::Unavailable)
+    }
+
+    /// Asks every shard (for reads that span the catalog) and returns the answers in shard
+    /// order.
+    pub async fn gather(&self, make: impl Fn() -> Command) -> Vec<Reply> {
+        let calls = (0..self.shards()).map(|i| self.call_shard(ShardId(i), make()));
+        futures_util::future::join_all(calls).await
+    }
+}
+
+/// Serves the shard's inbox until every sender is gone. Reads are answered inline; store
+/// waits get their own task.
+pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: mpsc::Receiver<Envelope>) {
+    while let Some(Envelope { cmd, reply }) = inbox.recv().await {
+        if cmd.awaits_store() {
+            let shard = shard.clone();
+            tokio::task::spawn_local(async move {
+                let _ = reply.send(shard.execute(cmd).await);
+            });
+        } else {
+            let _ = reply.send(shard.execute(cmd).await);
+        }
+    }
+}
+
+#[cfg(test)]
+mod model_test;

@@ -1,0 +1,123 @@
+//! A shard's courses: ordered by id (the catalog is listed in id order) with a per-student
+//! index of committed seats (for `GET /v1/me/enrollments`).
+//!
+//! Why: the table is built on the persist thread while the catalog loads, then moved whole
+//! into its shard thread, so it is plain `Send` data with no `Rc` inside.
+//! Must never: be shared between threads once its shard runs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::course::{Course, CourseSpec};
+use crate::ids::{CourseId, StudentId, UnixMs};
+
+/// A course as readers see it, copied out of the shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CourseView {
+    pub id: CourseId,
+    pub spec: CourseSpec,
+    pub enrolled: u32,
+    pub seats_left: u32,
+    pub version: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrollmentView {
+    pub course: CourseId,
+    pub student: StudentId,
+    pub enrolled_at: UnixMs,
+}
+
+#[derive(Default)]
+pub struct CourseTable {
+    courses: BTreeMap<CourseId, Course>,
+    by_student: HashMap<StudentId, Vec<CourseId>>,
+}
+
+impl CourseTable {
+    pub fn get(&self, id: &CourseId) -> Option<&Course> {
+        self.courses.get(id)
+    }
+    pub fn get_mut(&mut self, id: &CourseId) -> Option<&mut Course> {
+        self.courses.get_mut(id)
+    }
+    pub fn len(&self) -> usize {
+        self.courses.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.courses.is_empty()
+    }
+
+    pub fn view(&self, id: &CourseId) -> Option<CourseView> {
+        self.courses.get(id).map(view_of)
+    }
+
+    /// Inserts a course or applies a newer committed spec to it.
+    pub fn upsert(&mut self, id: &CourseId, spec: CourseSpec, version: u64) {
+        match self.courses.get_mut(id) {
+            Some(c) => c.apply_spec(spec, version),
+            None => {
+                self.courses.insert(id.clone(), Course::new(id.clone(), spec, version));
+            }
+        }
+    }
+
+    /// Adds a committed seat read from the store at start.
+    pub fn load_enrollment(&mut self, course: &CourseId, student: StudentId, at: UnixMs) -> bool {
+        let Some(c) = self.courses.get_mut(course) else { return false };
+        if !c.load_enrolled(student.clone(), at) {
+            return false;
+        }
+        self.by_student.entry(student).or_default().push(course.clone());
+        true
+    }
+
+    /// Records a committed seat in the student index.
+    pub fn index_enrolled(&mut self, course: &CourseId, student: &StudentId) {
+        self.by_student.entry(student.clone()).or_default().push(course.clone());
+    }
+
+    /// Removes a dropped seat from the student index.
+    pub fn index_dropped(&mut self, course: &CourseId, student: &StudentId) {
+        if let Some(list) = self.by_student.get_mut(student) {
+            list.retain(|c| c != course);
+            if list.is_empty() {
+                self.by_student.remove(student);
+            }
+        }
+    }
+
+    /// Up to `limit` courses with ids after `after`, in id order.
+    pub fn list(&self, after: Option<&CourseId>, limit: usize) -> Vec<CourseView> {
+        use std::ops::Bound;
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.courses.range((lower, Bound::Unbounded)).take(limit).map(|(_, c)| view_of(c)).collect()
+    }
+
+    pub fn enrollments_of(&self, student: &StudentId) -> Vec<EnrollmentView> {
+        let Some(list) = self.by_student.get(student) else { return Vec::new() };
+        list.iter()
+            .filter_map(|cid| {
+                let at = match self.courses.get(cid)?.seat(student)? {
+                    super::course::Seat::Enrolled { at } | super::course::Seat::DropPending { at } => at,
+                    super::course::Seat::EnrollPending { .. } => return None,
+                };
+                Some(EnrollmentView { course: cid.clone(), student: student.clone(), enrolled_at: at })
+            })
+            .collect()
+    }
+
+    /// Seats committed across the table (tests and start-up logging).
+    pub fn enrolled_total(&self) -> u64 {
+        self.courses.values().map(|c| u64::from(c.enrolled())).sum()
+    }
+}
+
+fn view_of(c: &Course) -> CourseView {
+    CourseView {
+        id: c.id.clone(),
+        spec: c.spec.clone(),
+        enrolled: c.enrolled(),
+        seats_left: c.seats_left(),
+        version: c.version,
+    }
+}
