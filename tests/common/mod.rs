@@ -1,0 +1,376 @@
+//! Shared test harness: starts the real `enrolld` binary on a real socket, gives each test
+//! its own MariaDB database, mints tokens, and speaks raw HTTP/1.1 over keep-alive
+//! connections (so byte-level tests can send anything).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use enrolld::ids::StudentId;
+use enrolld::net::auth::{Auth, Role};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const SECRET: &str = "test-secret-0123456789";
+
+/// Base URL of the MariaDB the suite uses (without a database name).
+pub fn mysql_base() -> String {
+    std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// A fresh MariaDB database, dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        let name = unique("enrolld_t");
+        mysql_exec(&format!("CREATE DATABASE {name}"));
+        TestDb { url: format!("{}/{name}", mysql_base()), name }
+    }
+    /// Runs SQL in this database and returns the tab-separated rows.
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        mysql_query(&self.name, sql)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        mysql_exec(&format!("DROP DATABASE IF EXISTS {}", self.name));
+    }
+}
+
+fn mysql_cli_args() -> Vec<String> {
+    // mysql://user:pass@host:port
+    let base = mysql_base();
+    let rest = base.trim_start_matches("mysql://");
+    let (creds, hostport) = rest.split_once('@').expect("user@host in ENROLLD_TEST_MYSQL");
+    let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
+    vec![format!("-h{host}"), format!("-P{port}"), format!("-u{user}"), format!("-p{pass}")]
+}
+
+pub fn mysql_exec(sql: &str) {
+    let out = Command::new("mariadb").args(mysql_cli_args()).arg("-e").arg(sql).output().expect("mariadb client");
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn mysql_query(db: &str, sql: &str) -> Vec<Vec<String>> {
+    let out = Command::new("mariadb")
+        .args(mysql_cli_args())
+        .args(["-N", "-B", db, "-e", sql])
+        .output()
+        .expect("mariadb client");
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect()
+}
+
+/// A running `enrolld serve`. Killed (SIGKILL) when dropped unless stopped before.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub args: Vec<String>,
+    pub log: mpsc::Receiver<String>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_enrolld")
+}
+
+impl Server {
+    /// Starts the server with `--listen 127.0.0.1:0` and the test secret, plus `extra`.
+    pub fn start(extra: &[&str]) -> Server {
+        let mut args: Vec<String> =
+            vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into(), "--jwt-secret".into(), SECRET.into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Server::start_args(args)
+    }
+
+    pub fn start_args(args: Vec<String>) -> Server {
+        let mut child = Command::new(bin())
+            .args(&args)
+            .env("RUST_LOG", "info,enrolld=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn enrolld");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("ENROLLD_TEST_ECHO").is_some() {
+                    eprintln!("[enrolld] {line}");
+                }
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(i) = line.find("ready listen=") {
+                        let rest = &line[i + "ready listen=".len()..];
+                        let a = rest.split_whitespace().next().unwrap();
+                        break a.parse().expect("listen address");
+                    }
+                    seen.push(line);
+                }
+                Err(_) => panic!("enrolld did not become ready; its log:\n{}", seen.join("\n")),
+            }
+        };
+        Server { child, addr, args, log: rx }
+    }
+
+    /// Restarts with the same arguments (after a kill or a stop).
+    pub fn restart(mut self) -> Server {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let args = std::mem::take(&mut self.args);
+        let listen_pos = args.iter().position(|a| a == "--listen").unwrap();
+        let mut args = args;
+        args[listen_pos + 1] = "127.0.0.1:0".into();
+        Server::start_args(args)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().ok()?.code()
+    }
+
+    /// Every log line received so far.
+    pub fn drain_log(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    pub async fn conn(&self) -> Conn {
+        Conn::open(self.addr).await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn auth() -> Auth {
+    Auth::new(SECRET.as_bytes())
+}
+
+pub fn token(sub: &str) -> String {
+    auth().mint(&StudentId::parse(sub).unwrap(), Role::Student, 3600)
+}
+
+pub fn admin_token() -> String {
+    auth().mint(&StudentId::parse("test-admin").unwrap(), Role::Admin, 3600)
+}
+
+/// One HTTP answer.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A raw keep-alive HTTP/1.1 connection.
+pub struct Conn {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Conn { stream, buf: Vec::new() }
+    }
+
+    /// Sends raw bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    pub async fn request(&mut self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Resp {
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        let body = body.unwrap_or("");
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+        self.send_raw(req.as_bytes()).await.expect("send");
+        self.read_response().await.expect("response")
+    }
+
+    /// Reads one response; `None` when the server closed the connection first.
+    pub async fn read_response(&mut self) -> Option<Resp> {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            if !self.fill().await {
+                return None;
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let total = head_end + 4 + len;
+        while self.buf.len() < total {
+            if !self.fill().await {
+                return None;
+            }
+        }
+        let body = self.buf[head_end + 4..total].to_vec();
+        self.buf.drain(..total);
+        Some(Resp { status, headers, body })
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => false,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Creates (or updates) a course as admin; panics unless 200/201.
+pub async fn put_course(conn: &mut Conn, id: &str, capacity: u32) {
+    let body = format!(r#"{{"title":"Course {id}","capacity":{capacity}}}"#);
+    let r = conn.request("PUT", &format!("/v1/admin/courses/{id}"), Some(&admin_token()), Some(&body)).await;
+    assert!(r.status == 201 || r.status == 200, "put {id}: {} {:?}", r.status, String::from_utf8_lossy(&r.body));
+}
+
+/// The roster of a course through the admin API, sorted.
+pub async fn roster(conn: &mut Conn, id: &str) -> Vec<String> {
+    let r = conn.request("GET", &format!("/v1/admin/courses/{id}/roster"), Some(&admin_token()), None).await;
+    assert_eq!(r.status, 200, "roster {id}");
+    let mut v: Vec<String> =
+        r.json()["students"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    v.sort();
+    v
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The answers a rush collected: (status, course, student).
+pub type Outcomes = Vec<(u16, String, String)>;
+
+/// Every student in `students` tries every course in `courses`, in a per-student random
+/// order, over `connections` keep-alive connections. Stops early (without failing) when a
+/// connection is cut, so it can run across a `kill -9`.
+pub async fn rush(addr: SocketAddr, courses: &[String], students: &[String], connections: usize) -> Outcomes {
+    use rand::seq::SliceRandom;
+    let mut tasks = Vec::new();
+    for chunk in students.chunks(students.len().div_ceil(connections)) {
+        let chunk = chunk.to_vec();
+        let courses = courses.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let Ok(stream) = TcpStream::connect(addr).await else { return out };
+            stream.set_nodelay(true).unwrap();
+            let mut conn = Conn { stream, buf: Vec::new() };
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
+            for s in chunk {
+                let tok = token(&s);
+                let mut order = courses.clone();
+                order.shuffle(&mut rng);
+                for c in order {
+                    let req = format!(
+                        "POST /v1/courses/{c}/enrollment HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {tok}\r\nContent-Length: 0\r\n\r\n"
+                    );
+                    if conn.send_raw(req.as_bytes()).await.is_err() {
+                        return out;
+                    }
+                    match conn.read_response().await {
+                        Some(r) => out.push((r.status, c, s.clone())),
+                        None => return out,
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// Seats acknowledged (201 or 200) per course, from a rush's answers.
+pub fn acknowledged(outcomes: &Outcomes) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+    for (status, c, s) in outcomes {
+        if *status == 201 || *status == 200 {
+            m.entry(c.clone()).or_default().insert(s.clone());
+        }
+    }
+    m
+}

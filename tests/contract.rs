@@ -1,0 +1,102 @@
+//! The contract as outside clients see it: `../shared/contract_smoke.py` against the real
+//! server on both stores, the command-line contract (exit codes, `token`), SIGTERM and a
+//! restart that keeps what was committed.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn smoke(server: &Server) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/contract_smoke.py");
+    let out = Command::new("python3")
+        .args([script, "--url", &format!("http://{}", server.addr), "--secret", SECRET])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "contract smoke failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("contract checks hold"), "{text}");
+}
+
+#[test]
+fn contract_smoke_sqlite() {
+    let dir = TempDir::new("enrolld-contract");
+    let server = Server::start(&["--store", &format!("sqlite://{}", dir.path("e.db")), "--demo"]);
+    smoke(&server);
+}
+
+#[test]
+fn contract_smoke_mysql() {
+    let db = TestDb::new();
+    let server = Server::start(&["--store", &db.url]);
+    smoke(&server);
+    // What the API said is what the store holds.
+    let rows = db.query("SELECT COUNT(*) FROM enrollments");
+    assert_eq!(rows[0][0], "2", "smoke leaves two seats in its course");
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_and_restart_keeps_state() {
+    let dir = TempDir::new("enrolld-term");
+    let store = format!("sqlite://{}", dir.path("e.db"));
+    let mut server = Server::start(&["--store", &store, "--shards", "2"]);
+    let mut c = server.conn().await;
+    put_course(&mut c, "KEEP-1", 3).await;
+    for s in ["ann", "bob"] {
+        let r = c.request("POST", "/v1/courses/KEEP-1/enrollment", Some(&token(s)), None).await;
+        assert_eq!(r.status, 201);
+    }
+    drop(c);
+    assert_eq!(server.terminate(), Some(0), "SIGTERM exits 0");
+    let server = server.restart();
+    let mut c = server.conn().await;
+    assert_eq!(roster(&mut c, "KEEP-1").await, vec!["ann", "bob"]);
+    let r = c.request("GET", "/v1/courses/KEEP-1", Some(&token("ann")), None).await;
+    assert_eq!((r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()), (Some(2), Some(1)));
+    let r = c.request("POST", "/v1/courses/KEEP-1/enrollment", Some(&token("ann")), None).await;
+    assert_eq!(r.status, 200, "idempotent after restart");
+}
+
+fn exit_of(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin()).args(args).output().expect("run enrolld");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_key() {
+    let dir = TempDir::new("enrolld-cfg");
+    let bad_key = dir.path("bad.toml");
+    std::fs::write(&bad_key, "shardz = 2\n").unwrap();
+    let bad_value = dir.path("bad2.toml");
+    std::fs::write(&bad_value, "batch_rows_max = 0\n").unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["serve", "--shards", "0"], "shards"),
+        (&["serve", "--shards", "many"], "shards"),
+        (&["serve", "--listen", "nowhere"], "listen"),
+        (&["serve", "--store", "postgres://x/y"], "store"),
+        (&["serve", "--store", "mysql://u@127.0.0.1/x"], "jwt_secret"),
+        (&["serve", "--config", "/nonexistent/enrolld.toml"], "enrolld.toml"),
+        (&["serve", "--config", &bad_key], "shardz"),
+        (&["serve", "--config", &bad_value], "batch_rows_max"),
+        (&["serve", "--no-such-flag"], "no-such-flag"),
+    ];
+    for (args, needle) in cases {
+        let (code, err) = exit_of(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: error does not name {needle}: {err}");
+    }
+}
+
+#[test]
+fn token_subcommand_uses_the_configured_secret() {
+    let out = Command::new(bin())
+        .args(["token", "--sub", "alice", "--role", "admin", "--jwt-secret", SECRET])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tok = String::from_utf8(out.stdout).unwrap();
+    let caller = auth().verify(format!("Bearer {}", tok.trim()).as_bytes()).expect("valid token");
+    assert_eq!(caller.id.as_str(), "alice");
+    let (code, _) = exit_of(&["token", "--sub", "bad sub", "--jwt-secret", SECRET]);
+    assert_eq!(code, Some(2));
+}
