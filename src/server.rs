@@ -39,6 +39,7 @@ pub fn init_logging(format: LogFormat) {
 
 /// Runs `enrolld serve` until SIGTERM or SIGINT.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
+    abort_on_panic();
     let secret = cfg.resolve_jwt_secret()?;
     let auth = Arc::new(Auth::new(&secret));
     let started = Instant::now();
@@ -97,6 +98,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         store = %redact(&cfg.store),
         "enrolld ready listen={local}"
     );
+    if cfg.demo {
+        eprintln!(
+            "\nTry it (pass `token` the same --store or --jwt-secret as `serve`):\n  \
+             TOKEN=$(cargo run -q --release -- token --sub alice)\n  \
+             curl -s -X POST -H \"Authorization: Bearer $TOKEN\" http://{local}/v1/courses/CS101-01/enrollment\n  \
+             curl -s -H \"Authorization: Bearer $TOKEN\" http://{local}/v1/me/enrollments\n"
+        );
+    }
     wait_for_termination()?;
     tracing::info!("shutting down: draining connections and the persist queue");
     let _ = shutdown_tx.send(true);
@@ -169,6 +178,17 @@ fn wait_for_termination() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// A panic anywhere (an invariant assert) takes the whole process down: a node with one
+/// dead shard would keep answering for the others while that shard's courses hang, whereas
+/// a restart rebuilds every shard from the store.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        std::process::abort();
+    }));
 }
 
 /// A store URL without its password, for logs.

@@ -18,11 +18,16 @@ pub const SECRET: &str = "test-secret-0123456789";
 
 /// Base URL of the MariaDB the suite uses (without a database name).
 pub fn mysql_base() -> String {
-    std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into())
+    std::env::var("ENROLLD_TEST_MYSQL")
+        .unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into())
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// A fresh MariaDB database, dropped when the value is dropped.
@@ -35,7 +40,10 @@ impl TestDb {
     pub fn new() -> TestDb {
         let name = unique("enrolld_t");
         mysql_exec(&format!("CREATE DATABASE {name}"));
-        TestDb { url: format!("{}/{name}", mysql_base()), name }
+        TestDb {
+            url: format!("{}/{name}", mysql_base()),
+            name,
+        }
     }
     /// Runs SQL in this database and returns the tab-separated rows.
     pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
@@ -53,15 +61,31 @@ fn mysql_cli_args() -> Vec<String> {
     // mysql://user:pass@host:port
     let base = mysql_base();
     let rest = base.trim_start_matches("mysql://");
-    let (creds, hostport) = rest.split_once('@').expect("user@host in ENROLLD_TEST_MYSQL");
+    let (creds, hostport) = rest
+        .split_once('@')
+        .expect("user@host in ENROLLD_TEST_MYSQL");
     let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
     let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
-    vec![format!("-h{host}"), format!("-P{port}"), format!("-u{user}"), format!("-p{pass}")]
+    vec![
+        format!("-h{host}"),
+        format!("-P{port}"),
+        format!("-u{user}"),
+        format!("-p{pass}"),
+    ]
 }
 
 pub fn mysql_exec(sql: &str) {
-    let out = Command::new("mariadb").args(mysql_cli_args()).arg("-e").arg(sql).output().expect("mariadb client");
-    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("mariadb")
+        .args(mysql_cli_args())
+        .arg("-e")
+        .arg(sql)
+        .output()
+        .expect("mariadb client");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn mysql_query(db: &str, sql: &str) -> Vec<Vec<String>> {
@@ -70,7 +94,11 @@ pub fn mysql_query(db: &str, sql: &str) -> Vec<Vec<String>> {
         .args(["-N", "-B", db, "-e", sql])
         .output()
         .expect("mariadb client");
-    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| l.split('\t').map(str::to_owned).collect())
@@ -92,8 +120,13 @@ pub fn bin() -> &'static str {
 impl Server {
     /// Starts the server with `--listen 127.0.0.1:0` and the test secret, plus `extra`.
     pub fn start(extra: &[&str]) -> Server {
-        let mut args: Vec<String> =
-            vec!["serve".into(), "--listen".into(), "127.0.0.1:0".into(), "--jwt-secret".into(), SECRET.into()];
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--jwt-secret".into(),
+            SECRET.into(),
+        ];
         args.extend(extra.iter().map(|s| s.to_string()));
         Server::start_args(args)
     }
@@ -130,10 +163,18 @@ impl Server {
                     }
                     seen.push(line);
                 }
-                Err(_) => panic!("enrolld did not become ready; its log:\n{}", seen.join("\n")),
+                Err(_) => panic!(
+                    "enrolld did not become ready; its log:\n{}",
+                    seen.join("\n")
+                ),
             }
         };
-        Server { child, addr, args, log: rx }
+        Server {
+            child,
+            addr,
+            args,
+            log: rx,
+        }
     }
 
     /// Restarts with the same arguments (after a kill or a stop).
@@ -154,7 +195,10 @@ impl Server {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         self.child.wait().ok()?.code()
     }
 
@@ -201,7 +245,10 @@ impl Resp {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -215,7 +262,10 @@ impl Conn {
     pub async fn open(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).unwrap();
-        Conn { stream, buf: Vec::new() }
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// Sends raw bytes as they are.
@@ -223,13 +273,22 @@ impl Conn {
         self.stream.write_all(bytes).await
     }
 
-    pub async fn request(&mut self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Resp {
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> Resp {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
         if let Some(t) = token {
             req.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
         let body = body.unwrap_or("");
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()));
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
         self.send_raw(req.as_bytes()).await.expect("send");
         self.read_response().await.expect("response")
     }
@@ -248,7 +307,10 @@ impl Conn {
         let mut lines = head.split("\r\n");
         let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
         let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+            .filter_map(|l| {
+                l.split_once(':')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            })
             .collect();
         let len: usize = headers
             .iter()
@@ -263,7 +325,11 @@ impl Conn {
         }
         let body = self.buf[head_end + 4..total].to_vec();
         self.buf.drain(..total);
-        Some(Resp { status, headers, body })
+        Some(Resp {
+            status,
+            headers,
+            body,
+        })
     }
 
     async fn fill(&mut self) -> bool {
@@ -285,16 +351,39 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Creates (or updates) a course as admin; panics unless 200/201.
 pub async fn put_course(conn: &mut Conn, id: &str, capacity: u32) {
     let body = format!(r#"{{"title":"Course {id}","capacity":{capacity}}}"#);
-    let r = conn.request("PUT", &format!("/v1/admin/courses/{id}"), Some(&admin_token()), Some(&body)).await;
-    assert!(r.status == 201 || r.status == 200, "put {id}: {} {:?}", r.status, String::from_utf8_lossy(&r.body));
+    let r = conn
+        .request(
+            "PUT",
+            &format!("/v1/admin/courses/{id}"),
+            Some(&admin_token()),
+            Some(&body),
+        )
+        .await;
+    assert!(
+        r.status == 201 || r.status == 200,
+        "put {id}: {} {:?}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
 }
 
 /// The roster of a course through the admin API, sorted.
 pub async fn roster(conn: &mut Conn, id: &str) -> Vec<String> {
-    let r = conn.request("GET", &format!("/v1/admin/courses/{id}/roster"), Some(&admin_token()), None).await;
+    let r = conn
+        .request(
+            "GET",
+            &format!("/v1/admin/courses/{id}/roster"),
+            Some(&admin_token()),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 200, "roster {id}");
-    let mut v: Vec<String> =
-        r.json()["students"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+    let mut v: Vec<String> = r.json()["students"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
     v.sort();
     v
 }
@@ -325,7 +414,12 @@ pub type Outcomes = Vec<(u16, String, String)>;
 /// Every student in `students` tries every course in `courses`, in a per-student random
 /// order, over `connections` keep-alive connections. Stops early (without failing) when a
 /// connection is cut, so it can run across a `kill -9`.
-pub async fn rush(addr: SocketAddr, courses: &[String], students: &[String], connections: usize) -> Outcomes {
+pub async fn rush(
+    addr: SocketAddr,
+    courses: &[String],
+    students: &[String],
+    connections: usize,
+) -> Outcomes {
     use rand::seq::SliceRandom;
     let mut tasks = Vec::new();
     for chunk in students.chunks(students.len().div_ceil(connections)) {
@@ -365,8 +459,11 @@ pub async fn rush(addr: SocketAddr, courses: &[String], students: &[String], con
 }
 
 /// Seats acknowledged (201 or 200) per course, from a rush's answers.
-pub fn acknowledged(outcomes: &Outcomes) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
-    let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
+pub fn acknowledged(
+    outcomes: &Outcomes,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
     for (status, c, s) in outcomes {
         if *status == 201 || *status == 200 {
             m.entry(c.clone()).or_default().insert(s.clone());
