@@ -69,9 +69,9 @@ pub struct ConfigArgs {
     /// Seat changes queued for the persist thread at most (503 beyond) [default: 65536]
     #[arg(long, env = "ENROLLD_QUEUE_ROWS_MAX")]
     pub queue_rows_max: Option<usize>,
-    /// Store connections at most [default: 4]
-    #[arg(long, env = "ENROLLD_STORE_CONNECTIONS_MAX")]
-    pub store_connections_max: Option<u32>,
+    /// Group commits in flight at once, each on its own store connection [default: 4]
+    #[arg(long, env = "ENROLLD_COMMITS_IN_FLIGHT_MAX")]
+    pub commits_in_flight_max: Option<usize>,
     /// Time to get a store connection before a batch fails [default: 1000]
     #[arg(long, env = "ENROLLD_STORE_ACQUIRE_TIMEOUT_MS")]
     pub store_acquire_timeout_ms: Option<u64>,
@@ -103,7 +103,7 @@ struct FileConfig {
     batch_rows_max: Option<usize>,
     batch_linger_us: Option<u64>,
     queue_rows_max: Option<usize>,
-    store_connections_max: Option<u32>,
+    commits_in_flight_max: Option<usize>,
     store_acquire_timeout_ms: Option<u64>,
 }
 
@@ -126,7 +126,7 @@ pub struct Config {
     pub batch_rows_max: usize,
     pub batch_linger_us: u64,
     pub queue_rows_max: usize,
-    pub store_connections_max: u32,
+    pub commits_in_flight_max: usize,
     pub store_acquire_timeout_ms: u64,
 }
 
@@ -220,11 +220,11 @@ impl Config {
                 1,
                 10_000_000,
             )?,
-            store_connections_max: range(
-                "store_connections_max",
-                args.store_connections_max.or(file.store_connections_max).unwrap_or(4),
+            commits_in_flight_max: range(
+                "commits_in_flight_max",
+                args.commits_in_flight_max.or(file.commits_in_flight_max).unwrap_or(4),
                 1,
-                1_000,
+                64,
             )?,
             store_acquire_timeout_ms: range(
                 "store_acquire_timeout_ms",

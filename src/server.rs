@@ -149,9 +149,11 @@ fn load_tables(cfg: &Config) -> anyhow::Result<Loaded> {
     let pcfg = PersistConfig {
         store_url: cfg.store.clone(),
         store: StoreOptions {
-            pool_connections_max: cfg.store_connections_max,
+            // One connection per committer, one for pings and admin reads.
+            pool_connections_max: cfg.commits_in_flight_max as u32 + 1,
             acquire_timeout_ms: cfg.store_acquire_timeout_ms,
         },
+        commits_in_flight_max: cfg.commits_in_flight_max,
         batch_rows_max: cfg.batch_rows_max,
         batch_linger_us: cfg.batch_linger_us,
         queue_rows_max: cfg.queue_rows_max,

@@ -67,8 +67,13 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({"error": self.code(), "message": self.to_string()});
-        let mut resp = super::http::json(self.status(), serde_json::to_vec(&body).unwrap_or_default());
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            message: &'a str,
+        }
+        let body = Body { error: self.code(), message: &self.to_string() };
+        let mut resp = super::http::json(self.status(), serde_json::to_vec(&body).expect("plain struct"));
         if matches!(self.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
             resp.headers_mut().insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
         }

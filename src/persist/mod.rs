@@ -50,6 +50,9 @@ pub struct Job {
 pub struct PersistConfig {
     pub store_url: String,
     pub store: StoreOptions,
+    /// Batches committing at once, each on its own store connection. The store overlaps
+    /// their log flushes; order is safe because a seat never has two changes in flight.
+    pub commits_in_flight_max: usize,
     pub batch_rows_max: usize,
     pub batch_linger_us: u64,
     pub queue_rows_max: usize,
@@ -171,7 +174,13 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `commits_in_flight_max` committers over the one queue until it is closed and empty.
 async fn serve(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>, store_ok: &AtomicBool) {
+    let committers = (0..cfg.commits_in_flight_max).map(|_| committer(store, cfg, rx.clone(), store_ok));
+    futures_util::future::join_all(committers).await;
+}
+
+async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>, store_ok: &AtomicBool) {
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_rows_max);
     loop {
         let first = match tokio::time::timeout(Duration::from_millis(PING_INTERVAL_MS), rx.recv_async()).await {

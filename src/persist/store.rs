@@ -131,7 +131,9 @@ impl Store {
             .max_connections(opts.pool_connections_max)
             .min_connections(0)
             .acquire_timeout(Duration::from_millis(opts.acquire_timeout_ms))
-            .test_before_acquire(true)
+            // A dead connection fails its batch (503, seat released) and is dropped; a ping
+            // per acquire would cost a round trip on every group commit.
+            .test_before_acquire(false)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {

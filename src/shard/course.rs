@@ -140,19 +140,23 @@ impl Course {
         self.spec.opens_at.is_none_or(|t| now >= t) && self.spec.closes_at.is_none_or(|t| now < t)
     }
 
+    /// The seat decision without taking the seat: `Reserved` means "would reserve".
+    pub fn peek_enroll(&self, student: &StudentId, now: UnixMs) -> EnrollDecision {
+        match self.seats.get(student) {
+            Some(Seat::Enrolled { at }) => EnrollDecision::Already { at: *at },
+            Some(_) => EnrollDecision::InFlight,
+            None if !self.is_open(now) => EnrollDecision::Closed,
+            None if self.held >= self.sellable_capacity() => EnrollDecision::Full,
+            None => EnrollDecision::Reserved { at: now },
+        }
+    }
+
     /// The seat decision. Order: a student who holds the seat always hears so (even after
     /// the window closed, so a lost answer can be retried), then the window, then stock.
     pub fn enroll(&mut self, student: &StudentId, now: UnixMs) -> EnrollDecision {
-        match self.seats.get(student) {
-            Some(Seat::Enrolled { at }) => return EnrollDecision::Already { at: *at },
-            Some(_) => return EnrollDecision::InFlight,
-            None => {}
-        }
-        if !self.is_open(now) {
-            return EnrollDecision::Closed;
-        }
-        if self.held >= self.sellable_capacity() {
-            return EnrollDecision::Full;
+        let decision = self.peek_enroll(student, now);
+        if decision != (EnrollDecision::Reserved { at: now }) {
+            return decision;
         }
         self.seats.insert(student.clone(), Seat::EnrollPending { at: now });
         self.held += 1;

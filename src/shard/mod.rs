@@ -105,9 +105,13 @@ impl Shard {
         &self.persist
     }
 
-    /// Runs a command on this (owner) shard. Commands that wait on the store run in a
-    /// detached local task, so the seat is settled even if the caller goes away.
+    /// Runs a command on this (owner) shard. Answers that memory alone decides (every 409
+    /// in a rush) are given inline; commands that wait on the store run in a detached local
+    /// task, so the seat is settled even if the caller goes away.
     pub async fn run(self: &Rc<Self>, cmd: Command) -> Reply {
+        if let Some(reply) = self.answer_from_memory(&cmd) {
+            return reply;
+        }
         if cmd.awaits_store() {
             let me = self.clone();
             tokio::task::spawn_local(async move { me.execute(cmd).await })
@@ -115,6 +119,20 @@ impl Shard {
                 .unwrap_or(Reply::Unavailable)
         } else {
             self.execute(cmd).await
+        }
+    }
+
+    /// The enrollment answers that take no seat: unknown course, already held, closed,
+    /// full. `None` when the request may take a seat (or must wait on one in flight).
+    fn answer_from_memory(&self, cmd: &Command) -> Option<Reply> {
+        let Command::Enroll { course, student } = cmd else { return None };
+        let table = self.table.borrow();
+        let Some(c) = table.get(course) else { return Some(Reply::NotFound) };
+        match c.peek_enroll(student, now_ms()) {
+            EnrollDecision::Already { at } => Some(enrolled(course.clone(), student.clone(), at, false)),
+            EnrollDecision::Closed => Some(Reply::Closed),
+            EnrollDecision::Full => Some(Reply::Full),
+            EnrollDecision::InFlight | EnrollDecision::Reserved { .. } => None,
         }
     }
 
@@ -214,7 +232,10 @@ impl Shard {
             Err(_) => return Outcome::Failed,
         };
         let key = (course.clone(), student.clone());
-        self.in_flight.borrow_mut().insert(key.clone(), (Rc::new(Notify::new()), 0));
+        // At most one change per seat is in flight: the persist thread relies on it to run
+        // batches concurrently without reordering a seat's changes.
+        let earlier = self.in_flight.borrow_mut().insert(key.clone(), (Rc::new(Notify::new()), 0));
+        assert!(earlier.is_none(), "two changes in flight for {course:?} {student:?}");
         // A dropped sender means the persist thread died; nothing it had not answered was
         // committed after that, and the process is going down.
         let outcome = rx.await.unwrap_or(Outcome::Failed);
@@ -318,7 +339,9 @@ impl Router {
 /// waits get their own task.
 pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: mpsc::Receiver<Envelope>) {
     while let Some(Envelope { cmd, reply }) = inbox.recv().await {
-        if cmd.awaits_store() {
+        if let Some(answer) = shard.answer_from_memory(&cmd) {
+            let _ = reply.send(answer);
+        } else if cmd.awaits_store() {
             let shard = shard.clone();
             tokio::task::spawn_local(async move {
                 let _ = reply.send(shard.execute(cmd).await);
