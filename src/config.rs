@@ -69,7 +69,7 @@ pub struct ConfigArgs {
     /// Seat changes queued for the persist thread at most (503 beyond) [default: 65536]
     #[arg(long, env = "ENROLLD_QUEUE_ROWS_MAX")]
     pub queue_rows_max: Option<usize>,
-    /// Group commits in flight at once, each on its own store connection [default: 4]
+    /// Group commits in flight at once, each on its own store connection [default: 1]
     #[arg(long, env = "ENROLLD_COMMITS_IN_FLIGHT_MAX")]
     pub commits_in_flight_max: Option<usize>,
     /// Time to get a store connection before a batch fails [default: 1000]
@@ -222,7 +222,7 @@ impl Config {
             )?,
             commits_in_flight_max: range(
                 "commits_in_flight_max",
-                args.commits_in_flight_max.or(file.commits_in_flight_max).unwrap_or(4),
+                args.commits_in_flight_max.or(file.commits_in_flight_max).unwrap_or(1),
                 1,
                 64,
             )?,
@@ -261,8 +261,14 @@ impl Config {
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("reading {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
-        let msg = e.message().to_string();
-        ConfigError(format!("{}: {}", path.display(), msg.lines().next().unwrap_or("invalid TOML")))
+        let msg = e.message().lines().next().unwrap_or("invalid TOML").to_string();
+        // Name the offending line (and so its key) as well as the reason.
+        let at = e.span().map(|span| {
+            let line_no = text[..span.start.min(text.len())].matches('\n').count();
+            let line = text.lines().nth(line_no).unwrap_or("").trim();
+            format!(" line {} `{line}`:", line_no + 1)
+        });
+        ConfigError(format!("{}:{} {msg}", path.display(), at.unwrap_or_default()))
     })
 }
 

@@ -261,7 +261,10 @@ async fn commit_seats(store: &Store, seats: &mut Vec<(SeatOp, oneshot::Sender<Ou
         return true;
     }
     let ops: Vec<SeatOp> = seats.iter().map(|(op, _)| op.clone()).collect();
-    let (outcomes, ok) = match store.commit_seats(&ops).await {
+    let started = std::time::Instant::now();
+    let result = store.commit_seats(&ops).await;
+    tracing::debug!(rows = ops.len(), elapsed_us = started.elapsed().as_micros() as u64, "group commit");
+    let (outcomes, ok) = match result {
         Ok(results) => {
             let o = results
                 .into_iter()

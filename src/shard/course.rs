@@ -238,8 +238,9 @@ impl Course {
         SpecDecision::Begun
     }
 
-    /// The admin change committed with `version`.
+    /// The admin change begun with [`Course::begin_spec`] committed with `version`.
     pub fn apply_spec(&mut self, spec: CourseSpec, version: u64) {
+        assert!(self.capacity_in_flight.is_some(), "apply_spec without begin_spec on {:?}", self.id);
         self.capacity_in_flight = None;
         if version > self.version {
             self.spec = spec;

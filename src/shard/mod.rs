@@ -14,7 +14,7 @@ pub mod course;
 pub mod table;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -94,11 +94,20 @@ pub struct Shard {
     persist: PersistHandle,
     /// Seats with a change in flight, and how many requests wait on each.
     in_flight: RefCell<HashMap<(CourseId, StudentId), (Rc<Notify>, usize)>>,
+    /// Courses whose creation is in flight: one at a time, so a second PUT cannot apply a
+    /// spec that skipped `begin_spec`.
+    creating: RefCell<HashSet<CourseId>>,
 }
 
 impl Shard {
     pub fn new(id: ShardId, table: CourseTable, persist: PersistHandle) -> Shard {
-        Shard { id, table: RefCell::new(table), persist, in_flight: RefCell::new(HashMap::new()) }
+        Shard {
+            id,
+            table: RefCell::new(table),
+            persist,
+            in_flight: RefCell::new(HashMap::new()),
+            creating: RefCell::new(HashSet::new()),
+        }
     }
 
     pub fn persist(&self) -> &PersistHandle {
@@ -264,7 +273,12 @@ impl Shard {
 
     async fn put(&self, course: CourseId, spec: CourseSpec) -> Reply {
         let existed = match self.table.borrow_mut().get_mut(&course) {
-            None => false,
+            None => {
+                if !self.creating.borrow_mut().insert(course.clone()) {
+                    return Reply::Unavailable;
+                }
+                false
+            }
             Some(c) => match c.begin_spec(&spec) {
                 SpecDecision::BelowHeld => return Reply::BelowEnrolled,
                 SpecDecision::InFlight => return Reply::Unavailable,
@@ -275,10 +289,12 @@ impl Shard {
             Ok(rx) => rx.await.unwrap_or(Outcome::Failed),
             Err(_) => Outcome::Failed,
         };
+        if !existed {
+            self.creating.borrow_mut().remove(&course);
+        }
         let mut table = self.table.borrow_mut();
-        let (version, created) = match outcome {
-            Outcome::CoursePut(PutResult::Created { version }) => (version, true),
-            Outcome::CoursePut(PutResult::Updated { version }) => (version, false),
+        let version = match outcome {
+            Outcome::CoursePut(PutResult::Created { version } | PutResult::Updated { version }) => version,
             other => {
                 if existed {
                     table.get_mut(&course).expect("courses are never removed").abort_spec();
@@ -290,6 +306,7 @@ impl Shard {
                 };
             }
         };
+        let created = matches!(outcome, Outcome::CoursePut(PutResult::Created { .. }));
         table.upsert(&course, spec, version);
         Reply::Put { course: table.view(&course).expect("just upserted"), created }
     }

@@ -108,7 +108,8 @@ impl Model {
             && self.spec.closes_at.map_or(true, |t| now < t)
     }
 
-    fn enroll(&mut self, s: usize, now: UnixMs) -> EnrollDecision {
+    /// The enroll decision without taking the seat (what `peek_enroll` must answer).
+    fn decide_enroll(&self, s: usize, now: UnixMs) -> EnrollDecision {
         match self.seats.get(&s) {
             Some(ModelSeat::Enrolled(at)) => return EnrollDecision::Already { at: *at },
             Some(_) => return EnrollDecision::InFlight,
@@ -120,8 +121,15 @@ impl Model {
         if self.held() >= self.sellable() {
             return EnrollDecision::Full;
         }
-        self.seats.insert(s, ModelSeat::EnrollPending(now));
         EnrollDecision::Reserved { at: now }
+    }
+
+    fn enroll(&mut self, s: usize, now: UnixMs) -> EnrollDecision {
+        let decision = self.decide_enroll(s, now);
+        if decision == (EnrollDecision::Reserved { at: now }) {
+            self.seats.insert(s, ModelSeat::EnrollPending(now));
+        }
+        decision
     }
 
     fn drop_seat(&mut self, s: usize) -> DropDecision {
@@ -343,7 +351,14 @@ impl Sim {
         let s = self.rng.gen_range(0..STUDENTS);
         let now = self.pick_now();
         self.note(format!("enroll s{s:02} now={now}"));
+        let peeked = self.course.peek_enroll(&self.students[s], now);
         let want = self.model.enroll(s, now);
+        assert_eq!(
+            peeked,
+            want,
+            "peek_enroll differs from the model; {}",
+            self.ctx()
+        );
         let got = self.course.enroll(&self.students[s], now);
         assert_eq!(
             got,
