@@ -95,3 +95,59 @@ async fn drop_frees_the_seat_at_once() {
     assert_eq!(db.query("SELECT student_id FROM enrollments"), vec![vec!["second".to_string()]]);
     assert_eq!(db.query("SELECT enrolled FROM courses WHERE id='DROP-1'")[0][0], "1");
 }
+
+/// Admin capacity changes racing a rush (and two creates of one course racing each
+/// other): every answer is one the contract allows, the node stays up, and the course is
+/// never oversold in memory or in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_racing_a_rush_never_oversell() {
+    let db = TestDb::new();
+    let server = Server::start(&["--store", &db.url, "--shards", "2"]);
+    let addr = server.addr;
+    let creates: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Conn::open(addr).await;
+                let body = r#"{"title":"Race","capacity":30}"#;
+                c.request("PUT", "/v1/admin/courses/RACE-1", Some(&admin_token()), Some(body)).await.status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in creates {
+        statuses.push(t.await.unwrap());
+    }
+    assert!(statuses.iter().all(|s| [200, 201, 503].contains(s)), "{statuses:?}");
+    assert!(statuses.contains(&201) || statuses.contains(&200), "{statuses:?}");
+
+    let admin = tokio::spawn(async move {
+        let mut c = Conn::open(addr).await;
+        let mut seen = Vec::new();
+        for cap in [25, 10, 40, 3, 0, 35, 12, 50, 1, 30].iter().cycle().take(60) {
+            let body = format!(r#"{{"title":"Race","capacity":{cap}}}"#);
+            let r = c.request("PUT", "/v1/admin/courses/RACE-1", Some(&admin_token()), Some(&body)).await;
+            assert!([200, 409, 503].contains(&r.status), "admin PUT answered {}", r.status);
+            seen.push(r.status);
+        }
+        seen
+    });
+    let students: Vec<String> = (0..300).map(|i| format!("race{i}")).collect();
+    let outcomes = rush(addr, &["RACE-1".to_string()], &students, 32).await;
+    let admin_statuses = admin.await.unwrap();
+    assert!(admin_statuses.contains(&200), "some capacity changes applied");
+    for (status, _, s) in &outcomes {
+        assert!([201, 409, 503].contains(status), "{s} got {status}");
+    }
+    let mut c = Conn::open(addr).await;
+    let r = c.request("GET", "/v1/courses/RACE-1", Some(&admin_token()), None).await;
+    let j = r.json();
+    let (enrolled, capacity) = (j["enrolled"].as_u64().unwrap(), j["capacity"].as_u64().unwrap());
+    assert!(enrolled <= capacity, "memory: {enrolled} > {capacity}");
+    let stored = db.query("SELECT enrolled, capacity, (SELECT COUNT(*) FROM enrollments) FROM courses WHERE id='RACE-1'");
+    let (e, cap, rows): (u64, u64, u64) =
+        (stored[0][0].parse().unwrap(), stored[0][1].parse().unwrap(), stored[0][2].parse().unwrap());
+    assert!(e <= cap && e == rows && e == enrolled, "store {e}/{cap} rows {rows}, memory {enrolled}");
+    let mut ack: Vec<String> = outcomes.iter().filter(|o| o.0 == 201).map(|o| o.2.clone()).collect();
+    ack.sort();
+    assert_eq!(roster(&mut c, "RACE-1").await, ack, "roster equals the 201s");
+}
