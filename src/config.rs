@@ -54,6 +54,9 @@ pub struct ConfigArgs {
     /// Largest request head in bytes [default: 16384]
     #[arg(long, env = "ENROLLD_HEAD_BYTES_MAX")]
     pub head_bytes_max: Option<usize>,
+    /// Time a request body may take to arrive (408 beyond) [default: 10000]
+    #[arg(long, env = "ENROLLD_BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<u64>,
     /// Largest request body in bytes (413 beyond) [default: 65536]
     #[arg(long, env = "ENROLLD_BODY_BYTES_MAX")]
     pub body_bytes_max: Option<usize>,
@@ -99,6 +102,7 @@ struct FileConfig {
     header_read_timeout_ms: Option<u64>,
     head_bytes_max: Option<usize>,
     body_bytes_max: Option<usize>,
+    body_read_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     batch_rows_max: Option<usize>,
     batch_linger_us: Option<u64>,
@@ -122,6 +126,7 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     pub head_bytes_max: usize,
     pub body_bytes_max: usize,
+    pub body_read_timeout_ms: u64,
     pub drain_timeout_ms: u64,
     pub batch_rows_max: usize,
     pub batch_linger_us: u64,
@@ -195,6 +200,12 @@ impl Config {
                 args.body_bytes_max.or(file.body_bytes_max).unwrap_or(65_536),
                 1,
                 16 << 20,
+            )?,
+            body_read_timeout_ms: range(
+                "body_read_timeout_ms",
+                args.body_read_timeout_ms.or(file.body_read_timeout_ms).unwrap_or(10_000),
+                100,
+                600_000,
             )?,
             drain_timeout_ms: range(
                 "drain_timeout_ms",

@@ -71,7 +71,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let auth = auth.clone();
         let ready = ready.clone();
         let limits = conn_limits.clone();
-        let http_limits = HttpLimits { body_bytes_max: cfg.body_bytes_max };
+        let http_limits =
+            HttpLimits { body_bytes_max: cfg.body_bytes_max, body_read_timeout_ms: cfg.body_read_timeout_ms };
         let shutdown = shutdown_rx.clone();
         let drained = drained.clone();
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {

@@ -54,7 +54,12 @@ impl Auth {
     /// Checks an `Authorization` header value. `None` for anything but a valid bearer token.
     pub fn verify(&self, authorization: &[u8]) -> Option<Caller> {
         let header = std::str::from_utf8(authorization).ok()?;
-        let token = header.strip_prefix("Bearer ")?.trim();
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let (scheme, token) = header.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let token = token.trim();
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
         Some(Caller { id: StudentId::parse(&data.claims.sub)?, role: data.claims.role })
     }

@@ -33,6 +33,8 @@ pub enum ApiError {
     CapacityBelowEnrolled,
     #[error("request body too large")]
     PayloadTooLarge,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     #[error("temporarily unavailable; retry shortly")]
     Unavailable,
 }
@@ -41,6 +43,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::RegistrationClosed => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NotEnrolled => StatusCode::NOT_FOUND,
@@ -53,7 +56,7 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) | ApiError::MethodNotAllowed => "bad_request",
+            ApiError::BadRequest(_) | ApiError::MethodNotAllowed | ApiError::BodyTimeout => "bad_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",

@@ -28,6 +28,8 @@ use crate::shard::{Command, Reply, Router};
 #[derive(Clone, Debug)]
 pub struct HttpLimits {
     pub body_bytes_max: usize,
+    /// Time a request body may take to arrive (a stalled body must not pin its connection).
+    pub body_read_timeout_ms: u64,
 }
 
 /// Catalog page size when `limit` is not given, and the most a page may hold.
@@ -117,7 +119,9 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>
         .and_then(|h| ctx.auth.verify(h.as_bytes()))
         .ok_or(ApiError::Unauthorized)?;
     let query = req.uri().query().map(str::to_owned);
-    let body = read_body(req, ctx.limits.body_bytes_max).await?;
+    if declared_length(&req).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {
+        return Err(ApiError::PayloadTooLarge);
+    }
     match (&method, &segments[1..]) {
         (&Method::GET, ["courses"]) => list_courses(ctx, query.as_deref()).await,
         (&Method::GET, ["courses", id]) => {
@@ -144,7 +148,7 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>
         (&Method::PUT, ["admin", "courses", id]) => {
             admin(&caller)?;
             let course = course_id(id)?;
-            let spec = course_spec(&body)?;
+            let spec = course_spec(&read_body(req, &ctx.limits).await?)?;
             reply(ctx.router.call(&course, Command::Put { course: course.clone(), spec }).await)
         }
         (&Method::GET, ["admin", "courses", id, "roster"]) => {
@@ -175,17 +179,23 @@ fn course_id(s: &str) -> Result<CourseId, ApiError> {
     CourseId::parse(s).ok_or_else(|| ApiError::BadRequest("course id must be 1-32 chars of [A-Za-z0-9_.-]".into()))
 }
 
-/// Reads the whole body, refusing (413) past `limit` bytes before reading when the length
-/// is declared, and while reading when it is not.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::PayloadTooLarge);
-    }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
-        Err(_) => Err(ApiError::BadRequest("could not read the request body".into())),
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+}
+
+/// Reads the whole body of a route that takes one, refusing (413) past `body_bytes_max`
+/// while reading, and giving up (408) when it does not arrive in `body_read_timeout_ms`.
+/// Routes without a body never read it; hyper closes such a connection after answering
+/// if the client sent one anyway.
+async fn read_body(req: Request<Incoming>, limits: &HttpLimits) -> Result<Bytes, ApiError> {
+    let reading = Limited::new(req.into_body(), limits.body_bytes_max).collect();
+    match tokio::time::timeout(std::time::Duration::from_millis(limits.body_read_timeout_ms), reading).await {
+        Err(_elapsed) => Err(ApiError::BodyTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge)
+        }
+        Ok(Err(_)) => Err(ApiError::BadRequest("could not read the request body".into())),
     }
 }
 

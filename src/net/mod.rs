@@ -72,8 +72,10 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
         .max_buf_size(limits.head_bytes_max)
-        .keep_alive(true)
-        .pipeline_flush(true);
+        .keep_alive(true);
+    // Not `pipeline_flush(true)`: hyper then holds answers back while unparsed bytes sit
+    // in its buffer, so an answer before garbage or before a partial next request was lost
+    // (tests/bad_input.rs pins both).
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
