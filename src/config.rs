@@ -42,6 +42,9 @@ pub struct ConfigArgs {
     /// Seed a demo catalog into an empty store
     #[arg(long, env = "ENROLLD_DEMO", num_args = 0..=1, default_missing_value = "true")]
     pub demo: Option<bool>,
+    /// Log one line per request, with its request id [default: false]
+    #[arg(long, env = "ENROLLD_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
+    pub access_log: Option<bool>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "ENROLLD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -97,6 +100,7 @@ struct FileConfig {
     redis: Option<String>,
     jwt_secret: Option<String>,
     demo: Option<bool>,
+    access_log: Option<bool>,
     log_format: Option<LogFormat>,
     connections_max: Option<usize>,
     header_read_timeout_ms: Option<u64>,
@@ -121,6 +125,7 @@ pub struct Config {
     /// As configured; `None` means "the secret kept beside the SQLite store".
     pub jwt_secret: Option<String>,
     pub demo: bool,
+    pub access_log: bool,
     pub log_format: LogFormat,
     pub connections_max: usize,
     pub header_read_timeout_ms: u64,
@@ -181,6 +186,7 @@ impl Config {
             redis,
             jwt_secret,
             demo: args.demo.or(file.demo).unwrap_or(false),
+            access_log: args.access_log.or(file.access_log).unwrap_or(false),
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             connections_max: range(
                 "connections_max",

@@ -7,10 +7,12 @@
 //! - [`persist`]: the persist thread, group commit, the SQL stores, recovery;
 //! - [`config`]: flags, environment and the TOML file, validated once;
 //! - [`server`]: start-up order, threads, signals, shutdown;
+//! - [`metrics`]: per-shard counters summed at scrape time;
 //! - [`ids`]: validated ids and the time unit.
 
 pub mod config;
 pub mod ids;
+pub mod metrics;
 pub mod net;
 pub mod persist;
 pub mod server;

@@ -7,7 +7,7 @@
 //! Must never: answer a request before the catalog is loaded.
 
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,13 +16,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, LogFormat};
 use crate::ids::ShardId;
+use crate::metrics::{Collector, Metrics, PersistMetrics, ShardMetrics};
 use crate::net::auth::Auth;
 use crate::net::http::{Ctx, HttpLimits};
 use crate::net::ConnLimits;
 use crate::persist::store::{LoadRow, StoreOptions};
 use crate::persist::{self, PersistConfig};
 use crate::shard::table::CourseTable;
-use crate::shard::{owner_of, serve_inbox, Envelope, Router, Shard, INBOX_MESSAGES_MAX};
+use crate::shard::{owner_of, publish_heat, serve_inbox, Envelope, Router, Shard, INBOX_MESSAGES_MAX};
 
 /// Rows between two progress lines while the catalog loads.
 const LOAD_PROGRESS_ROWS: u64 = 200_000;
@@ -43,9 +44,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let secret = cfg.resolve_jwt_secret()?;
     let auth = Arc::new(Auth::new(&secret));
     let started = Instant::now();
-    let tables = load_tables(&cfg)?;
-    let (persist, persist_thread) = tables.1;
-    let tables = tables.0;
+    let persist_metrics = Arc::new(PersistMetrics::default());
+    let (tables, persist::Persist { handle: persist, gauges, thread: persist_thread }) =
+        load_tables(&cfg, persist_metrics.clone())?;
     let courses: usize = tables.iter().map(CourseTable::len).sum();
     let seats: u64 = tables.iter().map(CourseTable::enrolled_total).sum();
     tracing::info!(courses, seats, ms = started.elapsed().as_millis() as u64, "catalog loaded");
@@ -58,6 +59,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) =
         (0..cfg.shards).map(|_| mpsc::channel::<Envelope>(INBOX_MESSAGES_MAX)).unzip();
     let drained = Arc::new(tokio::sync::Barrier::new(cfg.shards));
+    let shard_metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards).map(|_| Arc::default()).collect();
+    let collector = Collector::new(shard_metrics.clone(), Arc::new(gauges));
+    let metrics = Arc::new(Metrics::new(collector, &persist_metrics));
+    let heartbeats: Arc<Vec<AtomicU64>> = Arc::new((0..cfg.shards).map(|_| AtomicU64::new(0)).collect());
     let conn_limits = ConnLimits {
         head_bytes_max: cfg.head_bytes_max,
         header_read_timeout_ms: cfg.header_read_timeout_ms,
@@ -75,13 +80,20 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             HttpLimits { body_bytes_max: cfg.body_bytes_max, body_read_timeout_ms: cfg.body_read_timeout_ms };
         let shutdown = shutdown_rx.clone();
         let drained = drained.clone();
+        let metrics = metrics.clone();
+        let own_metrics = shard_metrics[i].clone();
+        let heartbeats = heartbeats.clone();
+        let access_log = cfg.access_log;
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let set = tokio::task::LocalSet::new();
             set.block_on(&rt, async move {
-                let shard = Rc::new(Shard::new(ShardId(i), table, persist));
+                let shard = Rc::new(Shard::new(ShardId(i), table, persist, own_metrics));
                 tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
-                let ctx = Rc::new(Ctx::new(Router { me: shard, peers }, auth, http_limits, ready));
+                tokio::task::spawn_local(publish_heat(shard.clone()));
+                tokio::task::spawn_local(beat(heartbeats, i));
+                let router = Router { me: shard, peers };
+                let ctx = Rc::new(Ctx::new(router, auth, http_limits, ready, metrics, access_log));
                 let served = crate::net::serve(listener, ctx, limits, shutdown).await;
                 // Keep answering other shards until every shard has drained its clients.
                 drained.wait().await;
@@ -99,6 +111,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         store = %redact(&cfg.store),
         "enrolld ready listen={local}"
     );
+    notify_systemd(&heartbeats);
     if cfg.demo {
         eprintln!(
             "\nTry it (pass `token` the same --store or --jwt-secret as `serve`):\n  \
@@ -109,6 +122,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     wait_for_termination()?;
     tracing::info!("shutting down: draining connections and the persist queue");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     for t in threads {
         match t.join() {
@@ -122,10 +136,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Loaded = (Vec<CourseTable>, (persist::PersistHandle, std::thread::JoinHandle<()>));
+type Loaded = (Vec<CourseTable>, persist::Persist);
 
 /// Opens the store on the persist thread and streams its state into per-shard tables.
-fn load_tables(cfg: &Config) -> anyhow::Result<Loaded> {
+fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>) -> anyhow::Result<Loaded> {
     let shards = cfg.shards;
     let tables = Arc::new(Mutex::new((0..shards).map(|_| CourseTable::default()).collect::<Vec<_>>()));
     let sink_tables = tables.clone();
@@ -159,10 +173,49 @@ fn load_tables(cfg: &Config) -> anyhow::Result<Loaded> {
         batch_linger_us: cfg.batch_linger_us,
         queue_rows_max: cfg.queue_rows_max,
         demo: cfg.demo,
+        metrics,
     };
     let handle = persist::spawn(pcfg, sink).with_context(|| format!("opening store {}", redact(&cfg.store)))?;
     let tables = std::mem::take(&mut *tables.lock().expect("loader finished"));
     Ok((tables, handle))
+}
+
+/// How often each shard proves it is alive (for the systemd watchdog).
+const HEARTBEAT_MS: u64 = 1_000;
+
+/// Ticks this shard's heartbeat while its runtime is responsive.
+async fn beat(heartbeats: Arc<Vec<AtomicU64>>, shard: usize) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(HEARTBEAT_MS));
+    loop {
+        tick.tick().await;
+        heartbeats[shard].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Tells systemd (when it started us with `Type=notify`) that we are ready, and feeds its
+/// watchdog only while every shard's heartbeat moves: a wedged shard gets the node
+/// restarted instead of half-serving.
+fn notify_systemd(heartbeats: &Arc<Vec<AtomicU64>>) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let Some(timeout) = sd_notify::watchdog_enabled() else { return };
+    let period = (timeout / 2).max(std::time::Duration::from_millis(2 * HEARTBEAT_MS));
+    let heartbeats = heartbeats.clone();
+    let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
+        let mut last: Vec<u64> = heartbeats.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+        loop {
+            std::thread::sleep(period);
+            let now: Vec<u64> = heartbeats.iter().map(|h| h.load(Ordering::Relaxed)).collect();
+            if now.iter().zip(&last).all(|(n, l)| n > l) {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!("a shard stopped beating; withholding the systemd watchdog");
+            }
+            last = now;
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the watchdog thread");
+    }
 }
 
 /// Blocks until SIGTERM or SIGINT. SIGHUP is logged: nothing is reloadable yet.

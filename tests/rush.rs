@@ -40,6 +40,13 @@ async fn run_rush(server: &Server) -> (Vec<String>, BTreeMap<String, BTreeSet<St
         let r = admin.request("GET", &format!("/v1/courses/{c}"), Some(&admin_token()), None).await;
         assert_eq!((r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()), (Some(*cap as u64), Some(0)));
     }
+    // The metrics count what the clients saw.
+    let sold: usize = created.values().map(BTreeSet::len).sum();
+    let full = outcomes.iter().filter(|o| o.0 == 409).count();
+    assert_eq!(metric(&mut admin, r#"enrolld_enroll_attempts_total{outcome="enrolled"}"#).await, Some(sold as f64));
+    assert_eq!(metric(&mut admin, r#"enrolld_enroll_attempts_total{outcome="full"}"#).await, Some(full as f64));
+    let committed = metric(&mut admin, "enrolld_persist_batch_rows_sum").await.unwrap();
+    assert!(committed >= sold as f64, "every sold seat went through a group commit");
     // A repeated POST takes no second seat.
     if let Some((c, ss)) = created.iter().next() {
         let s = ss.iter().next().unwrap();

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::{Auth, Caller, Role};
 use super::error::ApiError;
 use crate::ids::{parse_rfc3339, rfc3339, CourseId, UnixMs};
+use crate::metrics::{Attempt, Metrics, Reject, ShardMetrics};
 use crate::shard::course::{CourseSpec, CAPACITY_MAX};
 use crate::shard::table::{CourseView, EnrollmentView};
 use crate::shard::{Command, Reply, Router};
@@ -46,14 +47,24 @@ pub struct Ctx {
     pub auth: Arc<Auth>,
     pub limits: HttpLimits,
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    /// Log one line per request (with its id) at info level.
+    pub access_log: bool,
     request_seq: Cell<u64>,
     request_prefix: String,
 }
 
 impl Ctx {
-    pub fn new(router: Router, auth: Arc<Auth>, limits: HttpLimits, ready: Arc<std::sync::atomic::AtomicBool>) -> Ctx {
+    pub fn new(
+        router: Router,
+        auth: Arc<Auth>,
+        limits: HttpLimits,
+        ready: Arc<std::sync::atomic::AtomicBool>,
+        metrics: Arc<Metrics>,
+        access_log: bool,
+    ) -> Ctx {
         let request_prefix = format!("{:06x}{}", std::process::id() & 0xff_ffff, router.me.id.0);
-        Ctx { router, auth, limits, ready, request_seq: Cell::new(0), request_prefix }
+        Ctx { router, auth, limits, ready, metrics, access_log, request_seq: Cell::new(0), request_prefix }
     }
 
     /// The client's request id when it is 1-64 printable ASCII chars, else a fresh one.
@@ -83,22 +94,60 @@ fn json_of(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> 
 
 /// The hyper service: every request goes through here.
 pub async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = std::time::Instant::now();
     let rid = ctx.request_id(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let route_label = route_label(&method, &path);
     let mut resp = match route(&ctx, req).await {
         Ok(resp) => resp,
         Err(e) => {
+            let rid = rid.to_str().unwrap_or("-");
             if e.status().is_server_error() {
-                tracing::warn!(request_id = ?rid, %method, %path, error = %e, "request failed");
+                tracing::warn!(request_id = rid, %method, %path, error = %e, "request failed");
             } else {
-                tracing::debug!(request_id = ?rid, %method, %path, error = %e, "request refused");
+                tracing::debug!(request_id = rid, %method, %path, error = %e, "request refused");
             }
             e.into_response()
         }
     };
+    let status = resp.status().as_u16();
+    // 401s are counted apart so a flood of forged tokens does not hide in a route's figures.
+    let label = if status == 401 { ROUTE_UNAUTHORIZED } else { route_label };
+    ctx.router.me.metrics.request(label, status, started.elapsed());
+    if ctx.access_log {
+        tracing::info!(
+            request_id = rid.to_str().unwrap_or("-"),
+            %method,
+            %path,
+            status,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "request"
+        );
+    }
     resp.headers_mut().insert("x-request-id", rid);
     Ok(resp)
+}
+
+/// Index into [`crate::metrics::ROUTES`] of `unauthorized`.
+const ROUTE_UNAUTHORIZED: usize = 10;
+const _: () = assert!(ROUTE_UNAUTHORIZED == crate::metrics::ROUTES.len() - 1);
+
+/// The metrics label of a request: an index into [`crate::metrics::ROUTES`].
+fn route_label(method: &Method, path: &str) -> usize {
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::POST, ["v1", "courses", _, "enrollment"]) => 0,
+        (&Method::DELETE, ["v1", "courses", _, "enrollment"]) => 1,
+        (&Method::GET, ["v1", "courses", _]) => 2,
+        (&Method::GET, ["v1", "courses"]) => 3,
+        (&Method::GET, ["v1", "me", "enrollments"]) => 4,
+        (&Method::PUT, ["v1", "admin", "courses", _]) => 5,
+        (&Method::GET, ["v1", "admin", "courses", _, "roster"]) => 6,
+        (_, ["healthz" | "readyz"]) => 7,
+        (_, ["metrics"]) => 8,
+        _ => 9,
+    }
 }
 
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -131,7 +180,9 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>
         (&Method::POST, ["courses", id, "enrollment"]) => {
             let course = course_id(id)?;
             let cmd = Command::Enroll { course: course.clone(), student: caller.id.clone() };
-            reply(ctx.router.call(&course, cmd).await)
+            let answer = ctx.router.call(&course, cmd).await;
+            count_attempt(&ctx.router.me.metrics, &answer);
+            reply(answer)
         }
         (&Method::DELETE, ["courses", id, "enrollment"]) => {
             let course = course_id(id)?;
@@ -165,6 +216,21 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>
         | (_, ["admin", "courses", _] | ["admin", "courses", _, "roster"]) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound("no such route")),
     }
+}
+
+fn count_attempt(m: &ShardMetrics, r: &Reply) {
+    let a = match r {
+        Reply::Enrolled { created: true, .. } => Attempt::Enrolled,
+        Reply::Enrolled { created: false, .. } => Attempt::Already,
+        Reply::Full => {
+            m.reject(Reject::Full);
+            Attempt::Full
+        }
+        Reply::Closed => Attempt::Closed,
+        Reply::NotFound => Attempt::NotFound,
+        _ => Attempt::Unavailable,
+    };
+    m.attempt(a);
 }
 
 fn admin(caller: &Caller) -> Result<(), ApiError> {
@@ -290,18 +356,9 @@ fn readyz(ctx: &Ctx) -> Response<Full<Bytes>> {
     }
 }
 
-/// A placeholder exposition until the metrics issue lands: liveness and persist figures.
+/// The Prometheus text exposition.
 fn metrics(ctx: &Ctx) -> Response<Full<Bytes>> {
-    let p = ctx.router.me.persist();
-    let text = format!(
-        "# HELP enrolld_up 1 while the process serves.\n# TYPE enrolld_up gauge\nenrolld_up 1\n\
-         # HELP enrolld_store_up 1 while the store answers.\n# TYPE enrolld_store_up gauge\nenrolld_store_up {}\n\
-         # HELP enrolld_persist_queue_depth Seat changes waiting for the persist thread.\n\
-         # TYPE enrolld_persist_queue_depth gauge\nenrolld_persist_queue_depth {}\n",
-        u8::from(p.store_ok()),
-        p.queue_depth()
-    );
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    let mut resp = Response::new(Full::new(Bytes::from(ctx.metrics.render())));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     resp

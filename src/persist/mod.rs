@@ -57,6 +57,7 @@ pub struct PersistConfig {
     pub batch_linger_us: u64,
     pub queue_rows_max: usize,
     pub demo: bool,
+    pub metrics: Arc<crate::metrics::PersistMetrics>,
 }
 
 /// The shards' side of the persist queue. Cheap to clone; never blocks.
@@ -97,19 +98,40 @@ impl PersistHandle {
     }
 }
 
+/// What metrics read of the persist side. Holds the receiving end, not a sender, so it
+/// never keeps the queue open past shutdown.
+pub struct PersistGauges {
+    rx: flume::Receiver<Job>,
+    store_ok: Arc<AtomicBool>,
+}
+
+impl crate::metrics::Gauges for PersistGauges {
+    fn queue_depth(&self) -> usize {
+        self.rx.len()
+    }
+    fn store_up(&self) -> bool {
+        self.store_ok.load(Ordering::Relaxed)
+    }
+}
+
+/// What [`spawn`] hands back: the shards' handle, the metrics' view, the thread.
+pub struct Persist {
+    pub handle: PersistHandle,
+    pub gauges: PersistGauges,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
 /// How often an idle persist thread checks the store (and notices it is back).
 const PING_INTERVAL_MS: u64 = 250;
 
 /// Starts the persist thread: opens and migrates the store, seeds the demo catalog when
 /// asked, streams the committed state to `sink` and returns once that is done. The thread
 /// then serves the queue until every handle is dropped, and exits after the queue is empty.
-pub fn spawn(
-    cfg: PersistConfig,
-    sink: impl FnMut(LoadRow) + Send + 'static,
-) -> anyhow::Result<(PersistHandle, std::thread::JoinHandle<()>)> {
+pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> anyhow::Result<Persist> {
     let (tx, rx) = flume::bounded::<Job>(cfg.queue_rows_max);
     let store_ok = Arc::new(AtomicBool::new(true));
     let handle = PersistHandle { tx, store_ok: store_ok.clone() };
+    let gauges = PersistGauges { rx: rx.clone(), store_ok: store_ok.clone() };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let thread = std::thread::Builder::new()
         .name("persist".into())
@@ -137,7 +159,7 @@ pub fn spawn(
         })
         .context("spawning the persist thread")?;
     ready_rx.recv().context("persist thread died during start")??;
-    Ok((handle, thread))
+    Ok(Persist { handle, gauges, thread })
 }
 
 async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow::Result<Store> {
@@ -196,7 +218,7 @@ async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>,
         };
         batch.push(first);
         fill(&rx, &mut batch, cfg).await;
-        let ok = run_batch(store, &mut batch).await;
+        let ok = run_batch(store, &mut batch, &cfg.metrics).await;
         if ok != store_ok.swap(ok, Ordering::Relaxed) {
             tracing::warn!(store_ok = ok, "store reachability changed");
         }
@@ -222,7 +244,7 @@ async fn fill(rx: &flume::Receiver<Job>, batch: &mut Vec<Job>, cfg: &PersistConf
 /// Runs the jobs in order: seat ops in group commits (split where a key repeats, so the
 /// per-key order holds), admin changes one by one between them. Returns whether the store
 /// answered.
-async fn run_batch(store: &Store, batch: &mut Vec<Job>) -> bool {
+async fn run_batch(store: &Store, batch: &mut Vec<Job>, metrics: &crate::metrics::PersistMetrics) -> bool {
     let mut ok = true;
     let mut seats: Vec<(SeatOp, oneshot::Sender<Outcome>)> = Vec::new();
     let mut keys: HashSet<(CourseId, StudentId)> = HashSet::new();
@@ -231,14 +253,14 @@ async fn run_batch(store: &Store, batch: &mut Vec<Job>) -> bool {
             Change::Seat(op) => {
                 let (c, s) = op.key();
                 if !keys.insert((c.clone(), s.clone())) {
-                    ok &= commit_seats(store, &mut seats).await;
+                    ok &= commit_seats(store, &mut seats, metrics).await;
                     keys.clear();
                     keys.insert((c.clone(), s.clone()));
                 }
                 seats.push((op, job.reply));
             }
             Change::PutCourse { course, spec } => {
-                ok &= commit_seats(store, &mut seats).await;
+                ok &= commit_seats(store, &mut seats, metrics).await;
                 keys.clear();
                 let outcome = match store.put_course(&course, &spec).await {
                     Ok(r) => Outcome::CoursePut(r),
@@ -252,18 +274,25 @@ async fn run_batch(store: &Store, batch: &mut Vec<Job>) -> bool {
             }
         }
     }
-    ok &= commit_seats(store, &mut seats).await;
+    ok &= commit_seats(store, &mut seats, metrics).await;
     ok
 }
 
-async fn commit_seats(store: &Store, seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>) -> bool {
+async fn commit_seats(
+    store: &Store,
+    seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>,
+    metrics: &crate::metrics::PersistMetrics,
+) -> bool {
     if seats.is_empty() {
         return true;
     }
     let ops: Vec<SeatOp> = seats.iter().map(|(op, _)| op.clone()).collect();
     let started = std::time::Instant::now();
     let result = store.commit_seats(&ops).await;
-    tracing::debug!(rows = ops.len(), elapsed_us = started.elapsed().as_micros() as u64, "group commit");
+    let elapsed = started.elapsed();
+    tracing::debug!(rows = ops.len(), elapsed_us = elapsed.as_micros() as u64, "group commit");
+    metrics.batch_rows.observe(ops.len() as f64);
+    metrics.commit_seconds.observe(elapsed.as_secs_f64());
     let (outcomes, ok) = match result {
         Ok(results) => {
             let o = results

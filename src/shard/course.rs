@@ -46,6 +46,8 @@ pub struct Course {
     committed: u32,
     /// While an admin change is in flight: the capacity both old and new specs allow.
     capacity_in_flight: Option<u32>,
+    /// Requests seen in the current heat window (metrics only).
+    window_requests: std::cell::Cell<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -90,6 +92,7 @@ impl Course {
             held: 0,
             committed: 0,
             capacity_in_flight: None,
+            window_requests: std::cell::Cell::new(0),
         }
     }
 
@@ -104,6 +107,15 @@ impl Course {
         self.committed += 1;
         self.check();
         true
+    }
+
+    /// Counts a request for heat detection.
+    pub fn note_request(&self) {
+        self.window_requests.set(self.window_requests.get().saturating_add(1));
+    }
+    /// Requests since the last call, and starts a new window.
+    pub fn take_window_requests(&self) -> u32 {
+        self.window_requests.replace(0)
     }
 
     pub fn capacity(&self) -> u32 {

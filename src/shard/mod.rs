@@ -16,10 +16,12 @@ pub mod table;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::ids::{now_ms, CourseId, ShardId, StudentId, UnixMs};
+use crate::metrics::{ShardMetrics, HOT_COURSES_MAX, HOT_WINDOW_MS};
 use crate::persist::store::{PutResult, SeatOp};
 use crate::persist::{Change, Outcome, PersistHandle};
 use course::{CourseSpec, DropDecision, EnrollDecision, SpecDecision};
@@ -97,16 +99,19 @@ pub struct Shard {
     /// Courses whose creation is in flight: one at a time, so a second PUT cannot apply a
     /// spec that skipped `begin_spec`.
     creating: RefCell<HashSet<CourseId>>,
+    /// This shard's counters (written only by this thread).
+    pub metrics: Arc<ShardMetrics>,
 }
 
 impl Shard {
-    pub fn new(id: ShardId, table: CourseTable, persist: PersistHandle) -> Shard {
+    pub fn new(id: ShardId, table: CourseTable, persist: PersistHandle, metrics: Arc<ShardMetrics>) -> Shard {
         Shard {
             id,
             table: RefCell::new(table),
             persist,
             in_flight: RefCell::new(HashMap::new()),
             creating: RefCell::new(HashSet::new()),
+            metrics,
         }
     }
 
@@ -137,6 +142,7 @@ impl Shard {
         let Command::Enroll { course, student } = cmd else { return None };
         let table = self.table.borrow();
         let Some(c) = table.get(course) else { return Some(Reply::NotFound) };
+        c.note_request();
         match c.peek_enroll(student, now_ms()) {
             EnrollDecision::Already { at } => Some(enrolled(course.clone(), student.clone(), at, false)),
             EnrollDecision::Closed => Some(Reply::Closed),
@@ -147,7 +153,11 @@ impl Shard {
 
     async fn execute(&self, cmd: Command) -> Reply {
         match cmd {
-            Command::Course(id) => self.table.borrow().view(&id).map_or(Reply::NotFound, Reply::Course),
+            Command::Course(id) => {
+                let table = self.table.borrow();
+                table.get(&id).map(|c| c.note_request());
+                table.view(&id).map_or(Reply::NotFound, Reply::Course)
+            }
             Command::Roster(id) => match self.table.borrow().get(&id) {
                 Some(c) => Reply::Roster(c.roster()),
                 None => Reply::NotFound,
@@ -349,6 +359,19 @@ impl Router {
     pub async fn gather(&self, make: impl Fn() -> Command) -> Vec<Reply> {
         let calls = (0..self.shards()).map(|i| self.call_shard(ShardId(i), make()));
         futures_util::future::join_all(calls).await
+    }
+}
+
+/// Publishes this shard's hottest courses once per window, forever (the shard's runtime
+/// ends it).
+pub async fn publish_heat(shard: Rc<Shard>) {
+    let window = std::time::Duration::from_millis(HOT_WINDOW_MS);
+    let mut tick = tokio::time::interval(window);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let hot = shard.table.borrow().take_hottest(HOT_COURSES_MAX, window.as_secs_f64());
+        shard.metrics.publish_hot(hot);
     }
 }
 

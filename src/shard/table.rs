@@ -106,6 +106,22 @@ impl CourseTable {
             .collect()
     }
 
+    /// The `limit` courses with the most requests since the last call, as requests per
+    /// second over `window_secs`; starts a new window for every course.
+    pub fn take_hottest(&self, limit: usize, window_secs: f64) -> Vec<crate::metrics::HotCourse> {
+        let mut all: Vec<(u32, &Course)> =
+            self.courses.values().map(|c| (c.take_window_requests(), c)).filter(|(n, _)| *n > 0).collect();
+        all.sort_by(|a, b| b.0.cmp(&a.0));
+        all.truncate(limit);
+        all.into_iter()
+            .map(|(n, c)| crate::metrics::HotCourse {
+                course: c.id.to_string(),
+                requests_per_sec: f64::from(n) / window_secs,
+                seats_left: c.seats_left(),
+            })
+            .collect()
+    }
+
     /// Seats committed across the table (tests and start-up logging).
     pub fn enrolled_total(&self) -> u64 {
         self.courses.values().map(|c| u64::from(c.enrolled())).sum()

@@ -471,3 +471,17 @@ pub fn acknowledged(
     }
     m
 }
+
+/// The value of one sample in a `/metrics` scrape (`name{labels}` exactly as rendered).
+pub async fn metric(conn: &mut Conn, sample: &str) -> Option<f64> {
+    let r = conn.request("GET", "/metrics", None, None).await;
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

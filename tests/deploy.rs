@@ -1,0 +1,951 @@
+//! The operations files in deploy/ checked with the real tools: promtool and a real
+//! Prometheus scraping enrolld, `systemd-analyze` on the unit, nginx terminating TLS in
+//! front of enrolld, and the Grafana dashboard's JSON and queries. The tools come from
+//! `scripts/ops-tools.sh`; a missing one fails its test with a message naming it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{admin_token, put_course, token, Server, TempDir};
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/// A file of this crate.
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The path of an installed tool, or a failure that names it.
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    for dir in dirs {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "`{name}` is not installed: run scripts/ops-tools.sh (it installs promtool, \
+         prometheus, nginx, openssl, systemd-analyze and curl)"
+    )
+}
+
+/// Runs a command to completion; fails the test (showing its output) unless it exits 0.
+fn check(cmd: &mut Command) -> Output {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A loopback port nothing listens on right now (the OS picks an unusual one).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `text` with `from` replaced by `to`; fails when `from` is not there, so a change to a
+/// shipped file's placeholders shows up here rather than as a test of the wrong config.
+fn replace(text: &str, from: &str, to: &str) -> String {
+    assert!(
+        text.contains(from),
+        "expected {from:?} in the shipped file (the test rewrites it)"
+    );
+    text.replace(from, to)
+}
+
+/// A background process (nginx, prometheus): SIGTERM on drop, SIGKILL if it lingers.
+struct Proc {
+    child: Child,
+    name: &'static str,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command, log: &str) -> Proc {
+        let out = std::fs::File::create(log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc { child, name }
+    }
+
+    /// Fails the test (with the process's output) if it has exited.
+    fn assert_running(&mut self, log: &str) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "{} exited ({status}):\n{}",
+                self.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // SIGTERM lets nginx's master stop its workers (SIGKILL would orphan them).
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET (no chunking, the server closes): (status, body).
+fn http_get(addr: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+fn urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Waits until something accepts connections on `addr`.
+fn wait_listening(addr: SocketAddr, proc_: &mut Proc, log: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        proc_.assert_running(log);
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened on {addr}:\n{}",
+            proc_.name,
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A Prometheus query through the HTTP API: the `data.result` array (fails on an error,
+/// naming `what` the query is for).
+fn prom_query(addr: SocketAddr, what: &str, query: &str) -> Vec<serde_json::Value> {
+    let (status, body) = http_get(addr, &format!("/api/v1/query?query={}", urlencode(query)))
+        .unwrap_or_else(|e| panic!("{what}: query {query}: {e}"));
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{what}: query {query}: {status} not JSON ({e}): {body}"));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("success")),
+        "{what}: query {query} was refused: {body}"
+    );
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+/// The shipped prometheus.yml, runnable from `dir`: rules by absolute path, and (when
+/// given) scraping `target` every second.
+fn prometheus_config(target: Option<SocketAddr>) -> String {
+    let rules = repo("deploy/prometheus/rules.yml");
+    let mut yml = replace(
+        &read("deploy/prometheus/prometheus.yml"),
+        "/etc/prometheus/enrolld-rules.yml",
+        &rules.to_string_lossy(),
+    );
+    if let Some(target) = target {
+        yml = replace(&yml, "127.0.0.1:8080", &target.to_string());
+        yml = replace(&yml, "scrape_interval: 5s", "scrape_interval: 1s");
+        yml = replace(&yml, "evaluation_interval: 5s", "evaluation_interval: 1s");
+    }
+    yml
+}
+
+/// A real Prometheus server on a free loopback port, with `config`.
+fn start_prometheus(dir: &TempDir, config: &str) -> (Proc, SocketAddr) {
+    let conf = dir.path("prometheus.yml");
+    std::fs::write(&conf, config).unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = dir.path("prometheus.log");
+    let mut p = Proc::spawn(
+        "prometheus",
+        Command::new(tool("prometheus"))
+            .arg(format!("--config.file={conf}"))
+            .arg(format!("--storage.tsdb.path={}", dir.path("tsdb")))
+            .arg(format!("--web.listen-address={addr}"))
+            .current_dir(&dir.0),
+        &log,
+    );
+    wait_listening(addr, &mut p, &log);
+    // Listening comes a moment before the API answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(http_get(addr, "/-/ready"), Ok((200, _))) {
+        p.assert_running(&log);
+        assert!(Instant::now() < deadline, "prometheus never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (p, addr)
+}
+
+/// Starts enrolld on a SQLite file in `dir`, with `extra` flags.
+fn start_enrolld(dir: &TempDir, extra: &[&str]) -> Server {
+    let store = format!("sqlite://{}", dir.path("enrolld.db"));
+    let mut args = vec!["--store", store.as_str()];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// A course of capacity 2 and three students enrolling: two 201s, one 409. Returns the
+/// body of `/metrics` scraped afterwards.
+async fn scrape_after_enrollments(server: &Server) -> String {
+    let mut conn = server.conn().await;
+    put_course(&mut conn, "OPS101-01", 2).await;
+    let mut statuses = Vec::new();
+    for s in ["ops-s1", "ops-s2", "ops-s3"] {
+        let tok = token(s);
+        let r = conn
+            .request("POST", "/v1/courses/OPS101-01/enrollment", Some(&tok), None)
+            .await;
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [201, 201, 409]);
+    let r = conn.request("GET", "/metrics", None, None).await;
+    assert_eq!(r.status, 200);
+    let ct = r.header("content-type").unwrap_or("");
+    assert!(ct.starts_with("text/plain"), "metrics content type {ct:?}");
+    String::from_utf8(r.body).expect("UTF-8 exposition")
+}
+
+/// Sum of the samples of `name` whose labels include every `labels` pair; None when no
+/// sample matches.
+fn sample_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut total = None;
+    for line in exposition.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_text, value) = match rest.chars().next() {
+            Some('{') => {
+                let Some(end) = rest.find('}') else { continue };
+                (&rest[1..end], rest[end + 1..].trim())
+            }
+            Some(' ') => ("", rest.trim()),
+            _ => continue,
+        };
+        if labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        {
+            let v: f64 = value
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    total
+}
+
+/// Every metric name (`enrolld_*`, `process_*`) a text mentions.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    for prefix in ["enrolld_", "process_"] {
+        let mut from = 0;
+        while let Some(i) = text[from..].find(prefix) {
+            let start = from + i;
+            let mut end = start + prefix.len();
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            let before = start.checked_sub(1).map(|j| bytes[j]);
+            if !before.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':') {
+                names.insert(text[start..end].to_owned());
+            }
+            from = end;
+        }
+    }
+    names
+}
+
+/// The metric families the server exposes (API of the observability issue), histograms by
+/// their base name.
+const EXPOSED: &[&str] = &[
+    "enrolld_up",
+    "enrolld_enroll_attempts_total",
+    "enrolld_enroll_rejected_total",
+    "enrolld_course_requests_total",
+    "enrolld_rate_limit_tokens",
+    "enrolld_http_request_duration_seconds",
+    "enrolld_http_requests_total",
+    "enrolld_persist_batch_rows",
+    "enrolld_persist_commit_seconds",
+    "enrolld_persist_queue_depth",
+    "enrolld_course_seats_left",
+    "enrolld_course_hot",
+    "enrolld_shard_requests_total",
+    "enrolld_breaker_state",
+    "enrolld_store_up",
+    "process_resident_memory_bytes",
+    "process_open_fds",
+];
+const HISTOGRAMS: &[&str] = &[
+    "enrolld_http_request_duration_seconds",
+    "enrolld_persist_batch_rows",
+    "enrolld_persist_commit_seconds",
+];
+
+/// The family a sample name belongs to (`x_bucket` of histogram `x` is `x`).
+fn family(name: &str) -> &str {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            if HISTOGRAMS.contains(&base) {
+                return base;
+            }
+        }
+    }
+    name
+}
+
+/// The dashboard's panel queries with its variables filled in for a plain query.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/enrolld.json")).expect("dashboard JSON");
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().expect("every target has an expr");
+            let q = expr
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*")
+                .replace("$job", "enrolld");
+            assert!(!q.contains('$'), "unfilled variable in {expr}");
+            out.push((p["title"].as_str().unwrap().to_owned(), q));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Prometheus
+
+#[test]
+fn promtool_check_rules() {
+    let out = check(
+        Command::new(tool("promtool"))
+            .args(["check", "rules"])
+            .arg(repo("deploy/prometheus/rules.yml")),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("SUCCESS"), "{said}");
+}
+
+#[test]
+fn promtool_rule_unit_tests() {
+    // Synthetic series: the ratios, the top 3, and each alert firing (and not) on time.
+    check(
+        Command::new(tool("promtool"))
+            .args(["test", "rules"])
+            .arg(repo("deploy/prometheus/rules_test.yml")),
+    );
+}
+
+#[test]
+fn promtool_check_config() {
+    let dir = TempDir::new("deploy_promcfg");
+    let conf = dir.path("prometheus.yml");
+    std::fs::write(&conf, prometheus_config(None)).unwrap();
+    let out = check(Command::new(tool("promtool")).args(["check", "config", &conf]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    // It checked the rule file too, by the rewritten path.
+    assert!(
+        said.contains("rules.yml") && said.contains("SUCCESS"),
+        "{said}"
+    );
+}
+
+#[tokio::test]
+async fn promtool_check_metrics_on_a_live_scrape() {
+    let dir = TempDir::new("deploy_metrics");
+    let server = start_enrolld(&dir, &[]);
+    let body = scrape_after_enrollments(&server).await;
+    assert_eq!(sample_sum(&body, "enrolld_up", &[]), Some(1.0), "{body}");
+    let mut child = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics found problems ({}):\n{}{}\nin:\n{body}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the rules and the dashboard need from the server's exposition, after two
+/// enrollments and one 409 on a fresh server.
+#[tokio::test]
+async fn live_metrics_carry_what_the_rules_and_dashboard_use() {
+    let dir = TempDir::new("deploy_families");
+    let server = start_enrolld(&dir, &[]);
+    let body = scrape_after_enrollments(&server).await;
+    let has = |name: &str, labels: &[(&str, &str)]| sample_sum(&body, name, labels);
+    let mut missing = Vec::new();
+    for (name, labels) in [
+        ("enrolld_up", &[][..]),
+        ("enrolld_store_up", &[]),
+        ("enrolld_persist_queue_depth", &[]),
+        ("enrolld_enroll_attempts_total", &[("outcome", "enrolled")]),
+        ("enrolld_enroll_attempts_total", &[("outcome", "full")]),
+        ("enrolld_enroll_rejected_total", &[("reason", "full")]),
+        (
+            "enrolld_http_requests_total",
+            &[("route", "enroll"), ("status_class", "2xx")],
+        ),
+        (
+            "enrolld_http_requests_total",
+            &[("route", "enroll"), ("status_class", "4xx")],
+        ),
+        (
+            "enrolld_http_request_duration_seconds_bucket",
+            &[("route", "enroll"), ("le", "+Inf")],
+        ),
+        ("enrolld_persist_batch_rows_bucket", &[("le", "+Inf")]),
+        ("enrolld_persist_commit_seconds_bucket", &[("le", "+Inf")]),
+        ("enrolld_shard_requests_total", &[]),
+        ("process_resident_memory_bytes", &[]),
+        ("process_open_fds", &[]),
+    ] {
+        if has(name, labels).is_none() {
+            missing.push(format!("{name}{labels:?}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "no sample for {missing:#?} in /metrics:\n{body}"
+    );
+    assert_eq!(has("enrolld_store_up", &[]), Some(1.0));
+    assert_eq!(
+        has("enrolld_enroll_attempts_total", &[("outcome", "enrolled")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        has("enrolld_enroll_attempts_total", &[("outcome", "full")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        has("enrolld_enroll_rejected_total", &[("reason", "full")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        has(
+            "enrolld_http_requests_total",
+            &[("route", "enroll"), ("status_class", "2xx")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        has(
+            "enrolld_http_request_duration_seconds_count",
+            &[("route", "enroll")]
+        ),
+        Some(3.0)
+    );
+    // Both seats went through group commit.
+    assert!(has("enrolld_persist_batch_rows_sum", &[]).unwrap_or(0.0) >= 2.0);
+    assert!(has("process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    assert!(has("process_open_fds", &[]).unwrap() > 0.0);
+}
+
+#[test]
+fn rules_and_dashboard_name_only_exposed_metrics_and_chart_them_all() {
+    let rules = metric_names(&read("deploy/prometheus/rules.yml"));
+    let dash = metric_names(&read("deploy/grafana/enrolld.json"));
+    for (file, names) in [("rules.yml", &rules), ("enrolld.json", &dash)] {
+        let unknown: Vec<&String> = names
+            .iter()
+            .filter(|n| !EXPOSED.contains(&family(n)))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} names metrics the server does not expose: {unknown:?}"
+        );
+    }
+    let charted: std::collections::BTreeSet<&str> = dash.iter().map(|n| family(n)).collect();
+    let uncharted: Vec<&&str> = EXPOSED.iter().filter(|n| !charted.contains(**n)).collect();
+    assert!(
+        uncharted.is_empty(),
+        "the dashboard charts no panel for {uncharted:?}"
+    );
+}
+
+#[test]
+fn prometheus_scrapes_enrolld_and_loads_the_rules() {
+    let dir = TempDir::new("deploy_prom");
+    let server = start_enrolld(&dir, &[]);
+    let (mut prom, prom_addr) = start_prometheus(&dir, &prometheus_config(Some(server.addr)));
+    let log = dir.path("prometheus.log");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let series = loop {
+        prom.assert_running(&log);
+        let result = prom_query(prom_addr, "scrape", "enrolld_up");
+        if let Some(s) = result.iter().find(|s| s["value"][1] == "1") {
+            break s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not get enrolld_up = 1 in 60 s (last answer {result:?});\
+             targets: {:?}\nits log:\n{}",
+            http_get(prom_addr, "/api/v1/targets").map(|r| r.1),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(series["metric"]["job"], "enrolld");
+    assert_eq!(series["metric"]["instance"], server.addr.to_string());
+
+    // The shipped rule_files line (rewritten to this checkout) loaded both groups.
+    let (status, body) = http_get(prom_addr, "/api/v1/rules").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut groups: Vec<&str> = v["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    groups.sort();
+    assert_eq!(groups, ["enrolld.alerts", "enrolld.recording"], "{body}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Grafana
+
+#[test]
+fn grafana_dashboard_is_importable_json() {
+    // Grafana's import checks: valid JSON, the data source input, schema 39, unique panel
+    // ids, every query on the input's data source, panels inside the 24-column grid and
+    // not overlapping.
+    let script = r#"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["schemaVersion"] == 39, d["schemaVersion"]
+assert [i["name"] for i in d["__inputs"]] == ["DS_PROMETHEUS"], d["__inputs"]
+assert d["__inputs"][0]["pluginId"] == "prometheus"
+assert d["uid"] and d["title"]
+ds = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+ids = [p["id"] for p in d["panels"]]
+assert len(ids) == len(set(ids)), "duplicate panel ids"
+cells = {}
+for p in d["panels"]:
+    g = p["gridPos"]
+    assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, (p["title"], g)
+    for x in range(g["x"], g["x"] + g["w"]):
+        for y in range(g["y"], g["y"] + g["h"]):
+            assert (x, y) not in cells, ("overlap", p["title"], cells.get((x, y)))
+            cells[(x, y)] = p["title"]
+    if p["type"] == "row":
+        continue
+    assert p["datasource"] == ds, p["title"]
+    assert p["targets"], p["title"]
+    for t in p["targets"]:
+        assert t["datasource"] == ds and t["expr"].strip(), p["title"]
+for v in d["templating"]["list"]:
+    assert v["datasource"] == ds, v["name"]
+print(json.dumps(sorted(p["title"] for p in d["panels"])))
+"#;
+    let out = check(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(repo("deploy/grafana/enrolld.json")),
+    );
+    let titles: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+    for want in [
+        "Enroll attempts by outcome",
+        "Reject ratio",
+        "Top-3 rate-limited courses",
+        "Rejections by reason",
+        "p99 latency by route",
+        "Group commit p99",
+        "Rows per group commit",
+        "Persist queue depth",
+        "Seats left of the hottest courses",
+        "Hot courses",
+        "Requests per shard",
+        "Breaker states",
+        "Store up",
+        "Resident memory",
+        "Open file descriptors",
+    ] {
+        assert!(
+            titles.iter().any(|t| t == want),
+            "no panel {want:?} in {titles:?}"
+        );
+    }
+}
+
+#[test]
+fn grafana_dashboard_queries_parse_in_prometheus() {
+    let dir = TempDir::new("deploy_dashq");
+    let (_prom, prom_addr) = start_prometheus(&dir, "global:\n  scrape_interval: 15s\n");
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 15, "{queries:?}");
+    for (title, q) in queries {
+        // prom_query fails on a parse or evaluation error; with no data, results are empty.
+        prom_query(prom_addr, &format!("panel {title:?}"), &q);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// systemd
+
+/// The shipped unit in a temp dir, with ExecStart pointing at the built binary.
+fn unit_copy(dir: &TempDir) -> String {
+    let unit = replace(
+        &read("deploy/enrolld.service"),
+        "ExecStart=/usr/local/bin/enrolld ",
+        &format!("ExecStart={} ", env!("CARGO_BIN_EXE_enrolld")),
+    );
+    let path = dir.path("enrolld.service");
+    std::fs::write(&path, unit).unwrap();
+    path
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let dir = TempDir::new("deploy_unit");
+    let unit = unit_copy(&dir);
+    let out = check(Command::new(tool("systemd-analyze")).args(["verify", &unit]));
+    // verify exits 0 on some warnings; none are expected from this unit.
+    let said = String::from_utf8_lossy(&out.stderr);
+    let complaints: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("enrolld.service"))
+        .collect();
+    assert!(complaints.is_empty(), "systemd-analyze verify: {said}");
+}
+
+#[test]
+fn systemd_unit_is_sandboxed() {
+    let dir = TempDir::new("deploy_unitsec");
+    let unit = unit_copy(&dir);
+    let out = check(Command::new(tool("systemd-analyze")).args([
+        "security",
+        "--offline=yes",
+        "--no-pager",
+        &unit,
+    ]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = said
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for enrolld.service:")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{said}"));
+    // 1.1 when written (0 = fully sandboxed, 10 = not at all); deploy/README.md quotes it.
+    assert!(score <= 2.0, "exposure {score} (was 1.1):\n{said}");
+}
+
+// ---------------------------------------------------------------------------------------
+// nginx
+
+/// A temp dir holding a throwaway certificate, the shipped include rewritten to it (and to
+/// a free loopback port, `upstream`, and logs in the dir), and a wrapper nginx.conf.
+struct NginxSetup {
+    dir: TempDir,
+    conf: String,
+    addr: SocketAddr,
+    access_log: String,
+}
+
+impl NginxSetup {
+    fn new(upstream: SocketAddr) -> NginxSetup {
+        let dir = TempDir::new("deploy_nginx");
+        check(Command::new(tool("openssl")).args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-days",
+            "1",
+            "-keyout",
+            &dir.path("key.pem"),
+            "-out",
+            &dir.path("cert.pem"),
+        ]));
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let access_log = dir.path("enrolld.access.log");
+        let mut inc = read("deploy/nginx/enrolld.conf");
+        inc = replace(&inc, "/etc/enrolld/tls/cert.pem", &dir.path("cert.pem"));
+        inc = replace(&inc, "/etc/enrolld/tls/key.pem", &dir.path("key.pem"));
+        inc = replace(&inc, "listen 443 ssl;", &format!("listen {addr} ssl;"));
+        inc = replace(
+            &inc,
+            "server 127.0.0.1:8080 ",
+            &format!("server {upstream} "),
+        );
+        inc = replace(&inc, "/var/log/nginx/enrolld.access.log", &access_log);
+        inc = replace(
+            &inc,
+            "/var/log/nginx/enrolld.error.log",
+            &dir.path("enrolld.error.log"),
+        );
+        let include = dir.path("enrolld.conf");
+        std::fs::write(&include, inc).unwrap();
+        let d = |n: &str| dir.path(n);
+        let conf = dir.path("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "pid {pid};\nerror_log {err} info;\nworker_processes 1;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n  default_type application/octet-stream;\n  access_log {acc};\n  \
+                 client_body_temp_path {cb};\n  proxy_temp_path {px};\n  fastcgi_temp_path {fc};\n  \
+                 uwsgi_temp_path {uw};\n  scgi_temp_path {sc};\n  include {include};\n}}\n",
+                pid = d("nginx.pid"),
+                err = d("error.log"),
+                acc = d("default.access.log"),
+                cb = d("client_body"),
+                px = d("proxy"),
+                fc = d("fastcgi"),
+                uw = d("uwsgi"),
+                sc = d("scgi"),
+            ),
+        )
+        .unwrap();
+        NginxSetup {
+            dir,
+            conf,
+            addr,
+            access_log,
+        }
+    }
+
+    /// The nginx command line for this setup (prefix, error log before the config is read).
+    fn nginx(&self) -> Command {
+        let mut c = Command::new(tool("nginx"));
+        c.args(["-p", &self.dir.path(""), "-e", &self.dir.path("error.log")])
+            .args(["-c", &self.conf]);
+        c
+    }
+}
+
+#[test]
+fn nginx_accepts_the_shipped_config() {
+    let setup = NginxSetup::new("127.0.0.1:8080".parse().unwrap());
+    let out = check(setup.nginx().arg("-t"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("test is successful"), "{said}");
+}
+
+/// One curl over TLS through nginx: (status, headers, body).
+fn curl_tls(
+    setup: &NginxSetup,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    body: Option<&str>,
+) -> (u16, String, String) {
+    let head_file = setup.dir.path("curl.head");
+    let body_file = setup.dir.path("curl.body");
+    let mut c = Command::new(tool("curl"));
+    c.args(["-sS", "-k", "--max-time", "20", "-X", method])
+        .args(["-D", &head_file, "-o", &body_file, "-w", "%{http_code}"]);
+    for h in headers {
+        c.args(["-H", h]);
+    }
+    if let Some(b) = body {
+        c.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+    }
+    c.arg(format!("https://{}{path}", setup.addr));
+    let out = check(&mut c);
+    let status = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    (
+        status,
+        std::fs::read_to_string(&head_file).unwrap(),
+        std::fs::read_to_string(&body_file).unwrap(),
+    )
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Waits until `pred` holds for nginx's access log (it is written in 64k buffers flushed
+/// every second).
+fn wait_access_log(setup: &NginxSetup, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&setup.access_log).unwrap_or_default();
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not in nginx's access log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until a log line of enrolld contains `needle`.
+fn wait_enrolld_log(server: &Server, seen: &mut Vec<String>, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|l| l.contains(needle)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{needle} not in enrolld's log:\n{}",
+            seen.join("\n")
+        );
+        if let Ok(line) = server
+            .log
+            .recv_timeout(left.min(Duration::from_millis(200)))
+        {
+            seen.push(line);
+        }
+    }
+}
+
+/// enrolld behind the shipped nginx config: TLS, proxying, and one request id in both logs.
+/// Needs `enrolld serve --access-log` (one info line per request with `request_id=`).
+#[test]
+fn enroll_through_nginx_over_tls_with_one_request_id() {
+    let edir = TempDir::new("deploy_e2e");
+    let server = start_enrolld(&edir, &["--access-log"]);
+    let setup = NginxSetup::new(server.addr);
+    check(setup.nginx().arg("-t"));
+    let nginx_log = setup.dir.path("nginx.out");
+    let mut nginx = Proc::spawn(
+        "nginx",
+        setup.nginx().args(["-g", "daemon off;"]),
+        &nginx_log,
+    );
+    wait_listening(setup.addr, &mut nginx, &nginx_log);
+
+    let rid = format!("deploy-test-{:016x}", rand::random::<u64>());
+    let (status, _, body) = curl_tls(
+        &setup,
+        "PUT",
+        "/v1/admin/courses/OPS201-01",
+        &[format!("Authorization: Bearer {}", admin_token())],
+        Some(r#"{"title":"Operations","capacity":5}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+
+    let (status, head, body) = curl_tls(
+        &setup,
+        "POST",
+        "/v1/courses/OPS201-01/enrollment",
+        &[
+            format!("Authorization: Bearer {}", token("ops-student")),
+            format!("X-Request-Id: {rid}"),
+        ],
+        None,
+    );
+    assert_eq!(status, 201, "{head}{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["course_id"], "OPS201-01");
+    assert_eq!(v["student_id"], "ops-student");
+    // The client's id came back once (nginx hides enrolld's copy and adds its own).
+    let ids: Vec<&str> = head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-request-id:"))
+        .collect();
+    assert_eq!(ids.len(), 1, "{head}");
+    assert_eq!(header(&head, "x-request-id"), Some(rid.as_str()), "{head}");
+
+    // The same id in nginx's access log (on the enrollment's line) and in enrolld's log.
+    wait_access_log(&setup, &rid, |t| {
+        t.lines().any(|l| {
+            l.contains(&format!("req_id={rid} "))
+                && l.contains("POST /v1/courses/OPS201-01/enrollment")
+                && l.contains("\" 201 ")
+        })
+    });
+    let mut seen = Vec::new();
+    wait_enrolld_log(&server, &mut seen, &rid);
+
+    // Without a client id, nginx makes one ($request_id), sends it upstream and returns it.
+    let (status, head, _) = curl_tls(&setup, "GET", "/healthz", &[], None);
+    assert_eq!(status, 200);
+    let made = header(&head, "x-request-id").expect("an id").to_owned();
+    assert!(
+        made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()),
+        "not nginx's $request_id: {made}"
+    );
+    wait_access_log(&setup, &made, |t| t.contains(&format!("req_id={made} ")));
+    wait_enrolld_log(&server, &mut seen, &made);
+
+    // /metrics is not published through the front.
+    let (status, _, _) = curl_tls(&setup, "GET", "/metrics", &[], None);
+    assert_eq!(status, 404);
+    nginx.assert_running(&nginx_log);
+}
