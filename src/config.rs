@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde::Deserialize;
 
+use crate::limit::LimitsConfig;
 use crate::net::HEAD_BYTES_MIN;
 use crate::persist::store::{Dialect, BATCH_ROWS_LIMIT};
 
@@ -42,6 +43,9 @@ pub struct ConfigArgs {
     /// Seed a demo catalog into an empty store
     #[arg(long, env = "ENROLLD_DEMO", num_args = 0..=1, default_missing_value = "true")]
     pub demo: Option<bool>,
+    /// Rate limits and flow rules on or off (their settings: the file's [limits] table) [default: true]
+    #[arg(long, env = "ENROLLD_LIMITS_ENABLED", num_args = 0..=1, default_missing_value = "true")]
+    pub limits_enabled: Option<bool>,
     /// Log one line per request, with its request id [default: false]
     #[arg(long, env = "ENROLLD_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
     pub access_log: Option<bool>,
@@ -113,6 +117,7 @@ struct FileConfig {
     queue_rows_max: Option<usize>,
     commits_in_flight_max: Option<usize>,
     store_acquire_timeout_ms: Option<u64>,
+    limits: Option<LimitsConfig>,
 }
 
 /// The validated configuration.
@@ -138,6 +143,12 @@ pub struct Config {
     pub queue_rows_max: usize,
     pub commits_in_flight_max: usize,
     pub store_acquire_timeout_ms: u64,
+    /// Rate limits, flow rules, breakers (reloadable).
+    pub limits: LimitsConfig,
+    /// The file it came from, for reloads.
+    pub config_path: Option<PathBuf>,
+    /// `--limits-enabled`, which outranks the file on reload too.
+    limits_enabled_flag: Option<bool>,
 }
 
 /// A configuration problem, naming the key.
@@ -159,6 +170,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let limits = limits_of(file.limits.clone(), args.limits_enabled)?;
         let store = args.store.clone().or(file.store).unwrap_or_else(|| "sqlite://enrolld.db".into());
         if Dialect::of_url(&store).is_none() {
             return Err(ConfigError(format!("`store` {store:?} must start with sqlite:// or mysql://")));
@@ -249,7 +261,17 @@ impl Config {
                 10,
                 600_000,
             )?,
+            limits,
+            config_path: args.config.clone(),
+            limits_enabled_flag: args.limits_enabled,
         })
+    }
+
+    /// Re-reads the reloadable part (the `[limits]` table) from the configuration file.
+    /// With no file, the current limits stay.
+    pub fn reload_limits(&self) -> Result<LimitsConfig, ConfigError> {
+        let Some(path) = &self.config_path else { return Ok(self.limits.clone()) };
+        limits_of(read_file(path)?.limits, self.limits_enabled_flag)
     }
 
     /// The HS256 secret: configured, or kept beside the SQLite store (made on first use).
@@ -273,6 +295,15 @@ impl Config {
         tracing::warn!(path = %path.display(), "no jwt_secret configured: generated one and kept it beside the store");
         Ok(secret.into_bytes())
     }
+}
+
+fn limits_of(file: Option<LimitsConfig>, enabled_flag: Option<bool>) -> Result<LimitsConfig, ConfigError> {
+    let mut limits = file.unwrap_or_default();
+    if let Some(on) = enabled_flag {
+        limits.enabled = on;
+    }
+    limits.validate().map_err(ConfigError)?;
+    Ok(limits)
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -332,6 +363,10 @@ mod tests {
         check_file("store = \"mysql://u@h/db\"", Some("`jwt_secret`"));
         check_file("store = \"mysql://u@h/db\"\njwt_secret = \"s\"", None);
         check_file("listen = \"nope\"", Some("listen"));
+        check_file("[limits]\nenabled = false\nkeys_max = 10", None);
+        check_file("[limits.profiles.student]\nuser = { per_sec = 0.0, burst = 1 }\ncourse = { per_sec = 1.0, burst = 1 }\nipseg = { per_sec = 1.0, burst = 1 }", Some("limits.profiles.student.user"));
+        check_file("[limits]\nfoo = 1", Some("foo"));
+        check_file("[limits.flow.enroll]\nqps = 100.0\nbehaviour = \"wait\"", Some("wait"));
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! - [`persist`]: the persist thread, group commit, the SQL stores, recovery;
 //! - [`config`]: flags, environment and the TOML file, validated once;
 //! - [`server`]: start-up order, threads, signals, shutdown;
+//! - [`limit`]: token buckets, flow rules, circuit breakers;
 //! - [`metrics`]: per-shard counters summed at scrape time;
 //! - [`ids`]: validated ids and the time unit.
 
 pub mod config;
 pub mod ids;
+pub mod limit;
 pub mod metrics;
 pub mod net;
 pub mod persist;

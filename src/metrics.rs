@@ -135,18 +135,31 @@ impl Default for PersistMetrics {
 pub trait Gauges: Send + Sync {
     fn queue_depth(&self) -> usize;
     fn store_up(&self) -> bool;
+    /// The store breaker's state (0 closed, 1 half-open, 2 open).
+    fn store_breaker(&self) -> u8;
+}
+
+/// The rate limiter's figures, read at scrape time.
+pub trait LimitGauges: Send + Sync {
+    /// Tokens left per dimension, summed over the keys held.
+    fn tokens(&self) -> Vec<(&'static str, f64)>;
+    /// The Redis breaker's state, when Redis is configured.
+    fn redis_breaker(&self) -> Option<u8>;
+    /// Requests decided by local buckets alone because Redis was not usable.
+    fn redis_fallbacks(&self) -> u64;
 }
 
 /// Sums the shards at scrape time.
 pub struct Collector {
     shards: Vec<Arc<ShardMetrics>>,
     gauges: Arc<dyn Gauges>,
+    limits: Arc<dyn LimitGauges>,
     descs: Vec<Desc>,
 }
 
 impl Collector {
-    pub fn new(shards: Vec<Arc<ShardMetrics>>, gauges: Arc<dyn Gauges>) -> Collector {
-        Collector { shards, gauges, descs: Vec::new() }
+    pub fn new(shards: Vec<Arc<ShardMetrics>>, gauges: Arc<dyn Gauges>, limits: Arc<dyn LimitGauges>) -> Collector {
+        Collector { shards, gauges, limits, descs: Vec::new() }
     }
 
     fn sum(&self, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
@@ -232,7 +245,21 @@ impl PromCollector for Collector {
             "enrolld_breaker_state",
             "Circuit breakers: 0 closed, 1 half-open, 2 open.",
             MetricType::GAUGE,
-            vec![gauge(vec![label("breaker", "store")], if store_up { 0.0 } else { 2.0 })],
+            std::iter::once(gauge(vec![label("breaker", "store")], f64::from(self.gauges.store_breaker())))
+                .chain(self.limits.redis_breaker().map(|s| gauge(vec![label("breaker", "redis")], f64::from(s))))
+                .collect(),
+        ));
+        out.push(family(
+            "enrolld_rate_limit_tokens",
+            "Tokens left in the in-process buckets, summed over the keys held, by dimension.",
+            MetricType::GAUGE,
+            self.limits.tokens().into_iter().map(|(d, v)| gauge(vec![label("dimension", d)], v)).collect(),
+        ));
+        out.push(family(
+            "enrolld_rate_limit_redis_fallbacks_total",
+            "Seat requests limited by local buckets alone because Redis was not usable.",
+            MetricType::COUNTER,
+            vec![counter(vec![], self.limits.redis_fallbacks())],
         ));
         out.push(family("enrolld_up", "1 while the process serves.", MetricType::GAUGE, vec![gauge(vec![], 1.0)]));
         out

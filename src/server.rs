@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, LogFormat};
 use crate::ids::ShardId;
+use crate::limit::breaker::Breaker;
+use crate::limit::{Limiter, ShardLimiter};
 use crate::metrics::{Collector, Metrics, PersistMetrics, ShardMetrics};
 use crate::net::auth::Auth;
 use crate::net::http::{Ctx, HttpLimits};
@@ -45,8 +47,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let auth = Arc::new(Auth::new(&secret));
     let started = Instant::now();
     let persist_metrics = Arc::new(PersistMetrics::default());
+    let store_breaker = Arc::new(Breaker::new("store", cfg.limits.store_breaker.clone()));
     let (tables, persist::Persist { handle: persist, gauges, thread: persist_thread }) =
-        load_tables(&cfg, persist_metrics.clone())?;
+        load_tables(&cfg, persist_metrics.clone(), store_breaker.clone())?;
+    let (limits_tx, limits_rx) = watch::channel(Arc::new(cfg.limits.clone()));
+    let limiter = Arc::new(Limiter::new(limits_rx, cfg.redis.as_deref(), store_breaker)?);
     let courses: usize = tables.iter().map(CourseTable::len).sum();
     let seats: u64 = tables.iter().map(CourseTable::enrolled_total).sum();
     tracing::info!(courses, seats, ms = started.elapsed().as_millis() as u64, "catalog loaded");
@@ -60,7 +65,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         (0..cfg.shards).map(|_| mpsc::channel::<Envelope>(INBOX_MESSAGES_MAX)).unzip();
     let drained = Arc::new(tokio::sync::Barrier::new(cfg.shards));
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards).map(|_| Arc::default()).collect();
-    let collector = Collector::new(shard_metrics.clone(), Arc::new(gauges));
+    let collector = Collector::new(shard_metrics.clone(), Arc::new(gauges), limiter.clone());
     let metrics = Arc::new(Metrics::new(collector, &persist_metrics));
     let heartbeats: Arc<Vec<AtomicU64>> = Arc::new((0..cfg.shards).map(|_| AtomicU64::new(0)).collect());
     let conn_limits = ConnLimits {
@@ -84,11 +89,14 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let own_metrics = shard_metrics[i].clone();
         let heartbeats = heartbeats.clone();
         let access_log = cfg.access_log;
+        let limiter = limiter.clone();
+        let shards = cfg.shards;
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let set = tokio::task::LocalSet::new();
             set.block_on(&rt, async move {
-                let shard = Rc::new(Shard::new(ShardId(i), table, persist, own_metrics));
+                let limiter = Rc::new(ShardLimiter::new(limiter, shards));
+                let shard = Rc::new(Shard::new(ShardId(i), table, persist, own_metrics, limiter));
                 tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
                 tokio::task::spawn_local(publish_heat(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));
@@ -120,7 +128,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
              curl -s -H \"Authorization: Bearer $TOKEN\" http://{local}/v1/me/enrollments\n"
         );
     }
-    wait_for_termination()?;
+    wait_for_termination(&cfg, &limits_tx, &limiter)?;
     tracing::info!("shutting down: draining connections and the persist queue");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
@@ -139,7 +147,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
 type Loaded = (Vec<CourseTable>, persist::Persist);
 
 /// Opens the store on the persist thread and streams its state into per-shard tables.
-fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>) -> anyhow::Result<Loaded> {
+fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>) -> anyhow::Result<Loaded> {
     let shards = cfg.shards;
     let tables = Arc::new(Mutex::new((0..shards).map(|_| CourseTable::default()).collect::<Vec<_>>()));
     let sink_tables = tables.clone();
@@ -174,6 +182,7 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>) -> anyhow::Result<Loa
         queue_rows_max: cfg.queue_rows_max,
         demo: cfg.demo,
         metrics,
+        breaker,
     };
     let handle = persist::spawn(pcfg, sink).with_context(|| format!("opening store {}", redact(&cfg.store)))?;
     let tables = std::mem::take(&mut *tables.lock().expect("loader finished"));
@@ -218,19 +227,48 @@ fn notify_systemd(heartbeats: &Arc<Vec<AtomicU64>>) {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT. SIGHUP is logged: nothing is reloadable yet.
-fn wait_for_termination() -> anyhow::Result<()> {
+/// How often the configuration file is checked for changes.
+const CONFIG_POLL_MS: u64 = 1_000;
+
+/// Blocks until SIGTERM or SIGINT. Meanwhile reloads the limits on SIGHUP and whenever the
+/// configuration file's modification time changes; an invalid file keeps the old rules.
+fn wait_for_termination(
+    cfg: &Config,
+    limits_tx: &watch::Sender<Arc<crate::limit::LimitsConfig>>,
+    limiter: &Limiter,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let modified = |cfg: &Config| {
+        cfg.config_path.as_ref().and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
+    };
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut poll = tokio::time::interval(std::time::Duration::from_millis(CONFIG_POLL_MS));
+        let mut seen = modified(cfg);
         loop {
-            tokio::select! {
+            let why = tokio::select! {
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
-                _ = hup.recv() => tracing::info!("SIGHUP: no reloadable settings in this version"),
+                _ = hup.recv() => "SIGHUP",
+                _ = poll.tick() => {
+                    let now = modified(cfg);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    "file changed"
+                }
+            };
+            match cfg.reload_limits() {
+                Ok(limits) => {
+                    limiter.reconfigure(&limits);
+                    let _ = limits_tx.send(Arc::new(limits));
+                    tracing::info!(why, "limits and flow rules reloaded");
+                }
+                Err(e) => tracing::error!(why, error = %e, "reload refused; the old rules stay"),
             }
         }
     })

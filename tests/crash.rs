@@ -14,7 +14,7 @@ const CAPACITIES: &[u32] = &[1, 5, 20, 50, 200, 500, 1000, 3000];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_mid_rush_loses_no_acknowledged_seat() {
     let db = TestDb::new();
-    let mut server = Server::start(&["--store", &db.url, "--shards", "2"]);
+    let mut server = Server::start(&["--store", &db.url, "--shards", "2", "--limits-enabled", "false"]);
     let mut admin = server.conn().await;
     let courses: Vec<String> = (0..CAPACITIES.len()).map(|i| format!("K-{i}")).collect();
     for (c, cap) in courses.iter().zip(CAPACITIES) {

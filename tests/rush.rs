@@ -59,7 +59,7 @@ async fn run_rush(server: &Server) -> (Vec<String>, BTreeMap<String, BTreeSet<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rush_on_mariadb() {
     let db = TestDb::new();
-    let server = Server::start(&["--store", &db.url, "--shards", "2"]);
+    let server = Server::start(&["--store", &db.url, "--shards", "2", "--limits-enabled", "false"]);
     let (courses, created) = run_rush(&server).await;
     let rows = db.query("SELECT course_id, student_id FROM enrollments");
     let mut stored: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -77,7 +77,7 @@ async fn rush_on_mariadb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rush_on_sqlite() {
     let dir = TempDir::new("enrolld-rush");
-    let server = Server::start(&["--store", &format!("sqlite://{}", dir.path("e.db")), "--shards", "2"]);
+    let server = Server::start(&["--store", &format!("sqlite://{}", dir.path("e.db")), "--shards", "2", "--limits-enabled", "false"]);
     run_rush(&server).await;
 }
 
@@ -109,7 +109,7 @@ async fn drop_frees_the_seat_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_changes_racing_a_rush_never_oversell() {
     let db = TestDb::new();
-    let server = Server::start(&["--store", &db.url, "--shards", "2"]);
+    let server = Server::start(&["--store", &db.url, "--shards", "2", "--limits-enabled", "false"]);
     let addr = server.addr;
     let creates: Vec<_> = (0..4)
         .map(|_| {

@@ -30,6 +30,8 @@ pub struct Claims {
 pub struct Caller {
     pub id: StudentId,
     pub role: Role,
+    /// The rate-limit profile the token names, if any.
+    pub tier: Option<String>,
 }
 
 pub struct Auth {
@@ -61,13 +63,19 @@ impl Auth {
         }
         let token = token.trim();
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
-        Some(Caller { id: StudentId::parse(&data.claims.sub)?, role: data.claims.role })
+        let c = data.claims;
+        Some(Caller { id: StudentId::parse(&c.sub)?, role: c.role, tier: c.tier })
     }
 
     /// Mints a token (the `token` subcommand, tests, load generation).
     pub fn mint(&self, sub: &StudentId, role: Role, ttl_secs: u64) -> String {
+        self.mint_tier(sub, role, ttl_secs, None)
+    }
+
+    /// Mints a token naming a rate-limit profile.
+    pub fn mint_tier(&self, sub: &StudentId, role: Role, ttl_secs: u64, tier: Option<&str>) -> String {
         let exp = crate::ids::now_ms() as u64 / 1000 + ttl_secs;
-        let claims = Claims { sub: sub.to_string(), role, exp, tier: None };
+        let claims = Claims { sub: sub.to_string(), role, exp, tier: tier.map(str::to_owned) };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 encoding of plain claims cannot fail")
     }

@@ -37,6 +37,8 @@ pub enum ApiError {
     BodyTimeout,
     #[error("temporarily unavailable; retry shortly")]
     Unavailable,
+    #[error("too many requests; retry shortly")]
+    RateLimited,
 }
 
 impl ApiError {
@@ -51,6 +53,7 @@ impl ApiError {
             ApiError::CourseFull | ApiError::CapacityBelowEnrolled => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::CapacityBelowEnrolled => "capacity_below_enrolled",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable => "unavailable",
+            ApiError::RateLimited => "rate_limited",
         }
     }
 

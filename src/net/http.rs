@@ -7,6 +7,7 @@
 
 use std::cell::Cell;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::{Auth, Caller, Role};
 use super::error::ApiError;
 use crate::ids::{parse_rfc3339, rfc3339, CourseId, UnixMs};
+use crate::limit::{ClientAddr, Dimension, Refusal, RouteGroup};
 use crate::metrics::{Attempt, Metrics, Reject, ShardMetrics};
 use crate::shard::course::{CourseSpec, CAPACITY_MAX};
 use crate::shard::table::{CourseView, EnrollmentView};
@@ -93,13 +95,13 @@ fn json_of(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> 
 }
 
 /// The hyper service: every request goes through here.
-pub async fn handle(ctx: Rc<Ctx>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn handle(ctx: Rc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = std::time::Instant::now();
     let rid = ctx.request_id(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let route_label = route_label(&method, &path);
-    let mut resp = match route(&ctx, req).await {
+    let mut resp = match route(&ctx, peer, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let rid = rid.to_str().unwrap_or("-");
@@ -150,7 +152,7 @@ fn route_label(method: &Method, path: &str) -> usize {
     }
 }
 
-async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
     let method = req.method().clone();
@@ -171,6 +173,19 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>
     if declared_length(&req).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {
         return Err(ApiError::PayloadTooLarge);
     }
+    let group = match (&method, &segments[1..]) {
+        (&Method::POST, ["courses", _, "enrollment"]) => RouteGroup::Enroll,
+        (&Method::DELETE, ["courses", _, "enrollment"]) => RouteGroup::Drop,
+        _ => RouteGroup::Read,
+    };
+    let client = ClientAddr {
+        peer,
+        forwarded_for: req.headers().get("x-forwarded-for").map(|v| v.as_bytes()),
+        real_ip: req.headers().get("x-real-ip").map(|v| v.as_bytes()),
+    };
+    let me = &ctx.router.me;
+    let admitted = me.limiter.admit_request(group, &caller.id, caller.tier.as_deref(), client).await;
+    let (admission, _in_flight) = admitted.map_err(|refusal| refuse(&me.metrics, group, refusal))?;
     match (&method, &segments[1..]) {
         (&Method::GET, ["courses"]) => list_courses(ctx, query.as_deref()).await,
         (&Method::GET, ["courses", id]) => {
@@ -179,9 +194,9 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>
         }
         (&Method::POST, ["courses", id, "enrollment"]) => {
             let course = course_id(id)?;
-            let cmd = Command::Enroll { course: course.clone(), student: caller.id.clone() };
+            let cmd = Command::Enroll { course: course.clone(), student: caller.id.clone(), admission };
             let answer = ctx.router.call(&course, cmd).await;
-            count_attempt(&ctx.router.me.metrics, &answer);
+            count_attempt(&me.metrics, me.persist().store_ok(), &answer);
             reply(answer)
         }
         (&Method::DELETE, ["courses", id, "enrollment"]) => {
@@ -218,8 +233,38 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Full<Bytes>
     }
 }
 
-fn count_attempt(m: &ShardMetrics, r: &Reply) {
+/// Counts and maps a refusal by net/'s limits.
+fn refuse(m: &ShardMetrics, group: RouteGroup, refusal: Refusal) -> ApiError {
+    let (reason, err) = match refusal {
+        Refusal::Limited(d) => (reject_of(d), ApiError::RateLimited),
+        Refusal::Flow => (Reject::Flow, ApiError::RateLimited),
+        Refusal::Shed => (Reject::Flow, ApiError::Unavailable),
+    };
+    if group == RouteGroup::Enroll {
+        m.reject(reason);
+        m.attempt(if refusal == Refusal::Shed { Attempt::Unavailable } else { Attempt::RateLimited });
+    }
+    err
+}
+
+fn reject_of(d: Dimension) -> Reject {
+    match d {
+        Dimension::User => Reject::User,
+        Dimension::Course => Reject::Course,
+        Dimension::Ipseg => Reject::Ipseg,
+    }
+}
+
+fn count_attempt(m: &ShardMetrics, store_ok: bool, r: &Reply) {
     let a = match r {
+        Reply::RateLimited(d) => {
+            m.reject(reject_of(*d));
+            Attempt::RateLimited
+        }
+        Reply::Unavailable if !store_ok => {
+            m.reject(Reject::Breaker);
+            Attempt::Unavailable
+        }
         Reply::Enrolled { created: true, .. } => Attempt::Enrolled,
         Reply::Enrolled { created: false, .. } => Attempt::Already,
         Reply::Full => {
@@ -382,6 +427,7 @@ fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
         Reply::NotEnrolled => Err(ApiError::NotEnrolled),
         Reply::BelowEnrolled => Err(ApiError::CapacityBelowEnrolled),
         Reply::Unavailable => Err(ApiError::Unavailable),
+        Reply::RateLimited(_) => Err(ApiError::RateLimited),
         Reply::Dropped | Reply::Roster(_) | Reply::Courses(_) | Reply::Enrollments(_) => {
             unreachable!("handled by the route that asked")
         }

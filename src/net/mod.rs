@@ -85,8 +85,8 @@ pub async fn serve(
             r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => break,
         };
-        let stream = match stream {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match stream {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)).await;
@@ -97,7 +97,7 @@ pub async fn serve(
         let ctx = ctx.clone();
         let conn = builder.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| http::handle(ctx.clone(), req)),
+            service_fn(move |req| http::handle(ctx.clone(), peer, req)),
         );
         let conn = graceful.watch(conn);
         tokio::task::spawn_local(async move {

@@ -11,7 +11,6 @@
 pub mod store;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +18,7 @@ use anyhow::Context;
 use tokio::sync::oneshot;
 
 use crate::ids::{CourseId, StudentId, UnixMs};
+use crate::limit::breaker::{Breaker, Call};
 use crate::shard::course::CourseSpec;
 use store::{CommitError, LoadRow, PutResult, SeatOp, SeatResult, Store, StoreOptions};
 
@@ -58,13 +58,15 @@ pub struct PersistConfig {
     pub queue_rows_max: usize,
     pub demo: bool,
     pub metrics: Arc<crate::metrics::PersistMetrics>,
+    /// Opens on failing or slow commits; shards refuse seat changes while it is open.
+    pub breaker: Arc<Breaker>,
 }
 
 /// The shards' side of the persist queue. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct PersistHandle {
     tx: flume::Sender<Job>,
-    store_ok: Arc<AtomicBool>,
+    breaker: Arc<Breaker>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +91,9 @@ impl PersistHandle {
         }
     }
 
+    /// False while the store breaker is open.
     pub fn store_ok(&self) -> bool {
-        self.store_ok.load(Ordering::Relaxed)
+        !self.breaker.is_open()
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -102,7 +105,7 @@ impl PersistHandle {
 /// never keeps the queue open past shutdown.
 pub struct PersistGauges {
     rx: flume::Receiver<Job>,
-    store_ok: Arc<AtomicBool>,
+    breaker: Arc<Breaker>,
 }
 
 impl crate::metrics::Gauges for PersistGauges {
@@ -110,7 +113,10 @@ impl crate::metrics::Gauges for PersistGauges {
         self.rx.len()
     }
     fn store_up(&self) -> bool {
-        self.store_ok.load(Ordering::Relaxed)
+        !self.breaker.is_open()
+    }
+    fn store_breaker(&self) -> u8 {
+        self.breaker.state()
     }
 }
 
@@ -129,9 +135,8 @@ const PING_INTERVAL_MS: u64 = 250;
 /// then serves the queue until every handle is dropped, and exits after the queue is empty.
 pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> anyhow::Result<Persist> {
     let (tx, rx) = flume::bounded::<Job>(cfg.queue_rows_max);
-    let store_ok = Arc::new(AtomicBool::new(true));
-    let handle = PersistHandle { tx, store_ok: store_ok.clone() };
-    let gauges = PersistGauges { rx: rx.clone(), store_ok: store_ok.clone() };
+    let handle = PersistHandle { tx, breaker: cfg.breaker.clone() };
+    let gauges = PersistGauges { rx: rx.clone(), breaker: cfg.breaker.clone() };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let thread = std::thread::Builder::new()
         .name("persist".into())
@@ -152,7 +157,7 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                serve(&store, &cfg, rx, &store_ok).await;
+                serve(&store, &cfg, rx).await;
                 store.close().await;
                 tracing::info!("persist thread: queue drained, store closed");
             });
@@ -197,31 +202,30 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
 }
 
 /// Runs `commits_in_flight_max` committers over the one queue until it is closed and empty.
-async fn serve(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>, store_ok: &AtomicBool) {
-    let committers = (0..cfg.commits_in_flight_max).map(|_| committer(store, cfg, rx.clone(), store_ok));
+async fn serve(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>) {
+    let committers = (0..cfg.commits_in_flight_max).map(|_| committer(store, cfg, rx.clone()));
     futures_util::future::join_all(committers).await;
 }
 
-async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>, store_ok: &AtomicBool) {
+async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_rows_max);
     loop {
         let first = match tokio::time::timeout(Duration::from_millis(PING_INTERVAL_MS), rx.recv_async()).await {
             Ok(Ok(job)) => job,
             Ok(Err(flume::RecvError::Disconnected)) => return,
             Err(_idle) => {
-                let ok = store.ping().await.is_ok();
-                if ok != store_ok.swap(ok, Ordering::Relaxed) {
-                    tracing::warn!(store_ok = ok, "store reachability changed");
+                // Idle: check the store, and probe it when the breaker is due to.
+                if cfg.breaker.allow() {
+                    let started = std::time::Instant::now();
+                    let call = if store.ping().await.is_ok() { Call::Ok } else { Call::Unreachable };
+                    cfg.breaker.record(call, started.elapsed());
                 }
                 continue;
             }
         };
         batch.push(first);
         fill(&rx, &mut batch, cfg).await;
-        let ok = run_batch(store, &mut batch, &cfg.metrics).await;
-        if ok != store_ok.swap(ok, Ordering::Relaxed) {
-            tracing::warn!(store_ok = ok, "store reachability changed");
-        }
+        run_batch(store, &mut batch, cfg).await;
     }
 }
 
@@ -244,8 +248,7 @@ async fn fill(rx: &flume::Receiver<Job>, batch: &mut Vec<Job>, cfg: &PersistConf
 /// Runs the jobs in order: seat ops in group commits (split where a key repeats, so the
 /// per-key order holds), admin changes one by one between them. Returns whether the store
 /// answered.
-async fn run_batch(store: &Store, batch: &mut Vec<Job>, metrics: &crate::metrics::PersistMetrics) -> bool {
-    let mut ok = true;
+async fn run_batch(store: &Store, batch: &mut Vec<Job>, cfg: &PersistConfig) {
     let mut seats: Vec<(SeatOp, oneshot::Sender<Outcome>)> = Vec::new();
     let mut keys: HashSet<(CourseId, StudentId)> = HashSet::new();
     for job in batch.drain(..) {
@@ -253,20 +256,22 @@ async fn run_batch(store: &Store, batch: &mut Vec<Job>, metrics: &crate::metrics
             Change::Seat(op) => {
                 let (c, s) = op.key();
                 if !keys.insert((c.clone(), s.clone())) {
-                    ok &= commit_seats(store, &mut seats, metrics).await;
+                    commit_seats(store, &mut seats, cfg).await;
                     keys.clear();
                     keys.insert((c.clone(), s.clone()));
                 }
                 seats.push((op, job.reply));
             }
             Change::PutCourse { course, spec } => {
-                ok &= commit_seats(store, &mut seats, metrics).await;
+                commit_seats(store, &mut seats, cfg).await;
                 keys.clear();
-                let outcome = match store.put_course(&course, &spec).await {
+                let started = std::time::Instant::now();
+                let result = store.put_course(&course, &spec).await;
+                cfg.breaker.record(call_of(&result), started.elapsed());
+                let outcome = match result {
                     Ok(r) => Outcome::CoursePut(r),
                     Err(e) => {
                         tracing::error!(error = %e, course = %course, "admin change not committed");
-                        ok = false;
                         Outcome::Failed
                     }
                 };
@@ -274,46 +279,50 @@ async fn run_batch(store: &Store, batch: &mut Vec<Job>, metrics: &crate::metrics
             }
         }
     }
-    ok &= commit_seats(store, &mut seats, metrics).await;
-    ok
+    commit_seats(store, &mut seats, cfg).await;
 }
 
-async fn commit_seats(
-    store: &Store,
-    seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>,
-    metrics: &crate::metrics::PersistMetrics,
-) -> bool {
-    if seats.is_empty() {
-        return true;
+/// How a store call went, for the breaker.
+fn call_of<T>(result: &Result<T, CommitError>) -> Call {
+    match result {
+        Ok(_) => Call::Ok,
+        Err(CommitError::NotCommitted(e)) if store::is_connection_error(e) => Call::Unreachable,
+        Err(_) => Call::Failed,
     }
+}
+
+async fn commit_seats(store: &Store, seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>, cfg: &PersistConfig) {
+    if seats.is_empty() {
+        return;
+    }
+    let metrics = &cfg.metrics;
     let ops: Vec<SeatOp> = seats.iter().map(|(op, _)| op.clone()).collect();
     let started = std::time::Instant::now();
     let result = store.commit_seats(&ops).await;
     let elapsed = started.elapsed();
+    cfg.breaker.record(call_of(&result), elapsed);
     tracing::debug!(rows = ops.len(), elapsed_us = elapsed.as_micros() as u64, "group commit");
     metrics.batch_rows.observe(ops.len() as f64);
     metrics.commit_seconds.observe(elapsed.as_secs_f64());
-    let (outcomes, ok) = match result {
+    let outcomes: Vec<Outcome> = match result {
         Ok(results) => {
-            let o = results
+            results
                 .into_iter()
                 .map(|r| match r {
                     SeatResult::Applied => Outcome::Committed,
                     SeatResult::Full => Outcome::Full,
                 })
-                .collect();
-            (o, true)
+                .collect()
         }
         Err(e) => {
             tracing::error!(error = %e, rows = ops.len(), "seat batch not committed; seats released");
             if let CommitError::Unknown(_) = e {
                 unreachable!("unknown outcomes are settled inside the store");
             }
-            (vec![Outcome::Failed; ops.len()], false)
+            vec![Outcome::Failed; ops.len()]
         }
     };
     for ((_, reply), outcome) in seats.drain(..).zip(outcomes) {
         let _ = reply.send(outcome);
     }
-    ok
 }

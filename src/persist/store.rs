@@ -516,7 +516,7 @@ fn not_committed(e: impl Into<anyhow::Error>) -> CommitError {
     CommitError::NotCommitted(e.into())
 }
 
-fn is_connection_error(e: &anyhow::Error) -> bool {
+pub fn is_connection_error(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<sqlx::Error>(),
         Some(sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_))

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::ids::{now_ms, CourseId, ShardId, StudentId, UnixMs};
+use crate::limit::{Admission, Dimension, ShardLimiter};
 use crate::metrics::{ShardMetrics, HOT_COURSES_MAX, HOT_WINDOW_MS};
 use crate::persist::store::{PutResult, SeatOp};
 use crate::persist::{Change, Outcome, PersistHandle};
@@ -31,8 +32,8 @@ use table::{CourseTable, CourseView, EnrollmentView};
 pub const INBOX_MESSAGES_MAX: usize = 8_192;
 /// Requests waiting at most on one seat's in-flight change before they are told to retry.
 pub const SEAT_WAITERS_MAX: usize = 16;
-/// Times a request re-decides after waiting on an in-flight change.
-const IN_FLIGHT_RETRIES_MAX: usize = 3;
+/// Times a request decides again (after waiting on an in-flight change or on admission).
+const IN_FLIGHT_RETRIES_MAX: usize = 4;
 
 /// The shard that owns a course: FNV-1a of the id, modulo the shard count. Stable across
 /// runs and builds, so a course's owner depends only on its id and the shard count.
@@ -49,7 +50,7 @@ pub fn owner_of(course: &CourseId, shards: usize) -> ShardId {
 #[derive(Debug)]
 pub enum Command {
     Course(CourseId),
-    Enroll { course: CourseId, student: StudentId },
+    Enroll { course: CourseId, student: StudentId, admission: Admission },
     Drop { course: CourseId, student: StudentId },
     Roster(CourseId),
     Put { course: CourseId, spec: CourseSpec },
@@ -77,6 +78,8 @@ pub enum Reply {
     Dropped,
     /// The store is unreachable, a queue is full, or the seat is busy: retry shortly.
     Unavailable,
+    /// A rate limit refused a request that could take a seat.
+    RateLimited(Dimension),
     BelowEnrolled,
     Put { course: CourseView, created: bool },
     Roster(Vec<StudentId>),
@@ -101,10 +104,18 @@ pub struct Shard {
     creating: RefCell<HashSet<CourseId>>,
     /// This shard's counters (written only by this thread).
     pub metrics: Arc<ShardMetrics>,
+    /// This shard's rate limits and flow rules.
+    pub limiter: Rc<ShardLimiter>,
 }
 
 impl Shard {
-    pub fn new(id: ShardId, table: CourseTable, persist: PersistHandle, metrics: Arc<ShardMetrics>) -> Shard {
+    pub fn new(
+        id: ShardId,
+        table: CourseTable,
+        persist: PersistHandle,
+        metrics: Arc<ShardMetrics>,
+        limiter: Rc<ShardLimiter>,
+    ) -> Shard {
         Shard {
             id,
             table: RefCell::new(table),
@@ -112,6 +123,7 @@ impl Shard {
             in_flight: RefCell::new(HashMap::new()),
             creating: RefCell::new(HashSet::new()),
             metrics,
+            limiter,
         }
     }
 
@@ -139,7 +151,7 @@ impl Shard {
     /// The enrollment answers that take no seat: unknown course, already held, closed,
     /// full. `None` when the request may take a seat (or must wait on one in flight).
     fn answer_from_memory(&self, cmd: &Command) -> Option<Reply> {
-        let Command::Enroll { course, student } = cmd else { return None };
+        let Command::Enroll { course, student, .. } = cmd else { return None };
         let table = self.table.borrow();
         let Some(c) = table.get(course) else { return Some(Reply::NotFound) };
         c.note_request();
@@ -164,19 +176,23 @@ impl Shard {
             },
             Command::List { after, limit } => Reply::Courses(self.table.borrow().list(after.as_ref(), limit)),
             Command::StudentEnrollments(s) => Reply::Enrollments(self.table.borrow().enrollments_of(&s)),
-            Command::Enroll { course, student } => self.enroll(course, student).await,
+            Command::Enroll { course, student, admission } => self.enroll(course, student, admission).await,
             Command::Drop { course, student } => self.drop_seat(course, student).await,
             Command::Put { course, spec } => self.put(course, spec).await,
         }
     }
 
-    async fn enroll(&self, course: CourseId, student: StudentId) -> Reply {
+    /// Memory decides first; only a request that could take a seat is checked against the
+    /// course's (and the cross-node) limits, and the decision is made again after that
+    /// await, since the course may have changed meanwhile.
+    async fn enroll(&self, course: CourseId, student: StudentId, admission: Admission) -> Reply {
+        let mut admitted = false;
         for _ in 0..IN_FLIGHT_RETRIES_MAX {
-            let decision = match self.table.borrow_mut().get_mut(&course) {
+            let decision = match self.table.borrow().get(&course) {
                 None => return Reply::NotFound,
-                Some(c) => c.enroll(&student, now_ms()),
+                Some(c) => c.peek_enroll(&student, now_ms()),
             };
-            let at = match decision {
+            match decision {
                 EnrollDecision::Already { at } => return enrolled(course, student, at, false),
                 EnrollDecision::Closed => return Reply::Closed,
                 EnrollDecision::Full => return Reply::Full,
@@ -186,7 +202,21 @@ impl Shard {
                     }
                     continue;
                 }
-                EnrollDecision::Reserved { at } => at,
+                EnrollDecision::Reserved { .. } if !admitted => {
+                    if let Err(dim) = self.limiter.admit_seat(&course, &student, &admission).await {
+                        return Reply::RateLimited(dim);
+                    }
+                    admitted = true;
+                    continue;
+                }
+                EnrollDecision::Reserved { .. } => {}
+            }
+            let decision = match self.table.borrow_mut().get_mut(&course) {
+                None => return Reply::NotFound,
+                Some(c) => c.enroll(&student, now_ms()),
+            };
+            let EnrollDecision::Reserved { at } = decision else {
+                unreachable!("no await since the peek said Reserved")
             };
             let op = SeatOp::Enroll { course: course.clone(), student: student.clone(), at };
             let outcome = self.commit(&course, &student, op).await;
