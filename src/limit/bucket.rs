@@ -25,7 +25,7 @@ impl Rate {
         self.per_sec.is_finite() && self.per_sec > 0.0 && self.burst >= 1
     }
     /// Milliseconds an empty bucket takes to fill.
-    fn fill_ms(&self) -> f64 {
+    pub fn fill_ms(&self) -> f64 {
         f64::from(self.burst) * 1000.0 / self.per_sec
     }
 }

@@ -24,6 +24,8 @@ use super::bucket::Rate;
 const LEASES_MAX: usize = 100_000;
 /// Time allowed to connect to Redis.
 const CONNECT_TIMEOUT_MS: u64 = 500;
+/// Extra life of an idle bucket key beyond the time it takes to refill.
+const KEY_TTL_SLACK_MS: u64 = 1_000;
 /// Time allowed for one script call.
 const CALL_TIMEOUT_MS: u64 = 200;
 
@@ -114,8 +116,10 @@ impl RedisLink {
         }
     }
 
-    async fn call(&self, key: &str, rate: &Rate, n: u32, ttl_ms: u64, now_ms: i64) -> Result<u32, Call> {
-        let mut conn = match self.conn.borrow().clone() {
+    async fn call(&self, key: &str, rate: &Rate, n: u32, lease_ttl_ms: u64, now_ms: i64) -> Result<u32, Call> {
+        let ttl_ms = lease_ttl_ms;
+        let existing = self.conn.borrow().clone();
+        let mut conn = match existing {
             Some(c) => c,
             None => {
                 let connecting = self.shared.client.get_multiplexed_async_connection();
@@ -132,7 +136,10 @@ impl RedisLink {
             }
         };
         let mut invocation = self.shared.script.key(format!("enrolld:tb:{{{key}}}"));
-        invocation.arg(rate.per_sec).arg(rate.burst).arg(now_ms).arg(n).arg(ttl_ms);
+        // The key may expire only once an idle bucket would be full again anyway: an
+        // earlier expiry would hand back a full burst too soon.
+        let key_ttl_ms = ttl_ms.max(rate.fill_ms().ceil() as u64 + KEY_TTL_SLACK_MS);
+        invocation.arg(rate.per_sec).arg(rate.burst).arg(now_ms).arg(n).arg(key_ttl_ms);
         // `invoke_async` runs EVALSHA and, on NOSCRIPT (a restart or failover emptied the
         // script cache), loads the script and retries.
         let call = invocation.invoke_async::<(u32, i64, i64)>(&mut conn);
