@@ -46,6 +46,9 @@ pub struct ConfigArgs {
     /// Rate limits and flow rules on or off (their settings: the file's [limits] table) [default: true]
     #[arg(long, env = "ENROLLD_LIMITS_ENABLED", num_args = 0..=1, default_missing_value = "true")]
     pub limits_enabled: Option<bool>,
+    /// Count requests for /metrics (off only to measure what counting costs) [default: true]
+    #[arg(long, env = "ENROLLD_METRICS_ENABLED", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_enabled: Option<bool>,
     /// Log one line per request, with its request id [default: false]
     #[arg(long, env = "ENROLLD_ACCESS_LOG", num_args = 0..=1, default_missing_value = "true")]
     pub access_log: Option<bool>,
@@ -104,6 +107,7 @@ struct FileConfig {
     redis: Option<String>,
     jwt_secret: Option<String>,
     demo: Option<bool>,
+    metrics_enabled: Option<bool>,
     access_log: Option<bool>,
     log_format: Option<LogFormat>,
     connections_max: Option<usize>,
@@ -130,6 +134,7 @@ pub struct Config {
     /// As configured; `None` means "the secret kept beside the SQLite store".
     pub jwt_secret: Option<String>,
     pub demo: bool,
+    pub metrics_enabled: bool,
     pub access_log: bool,
     pub log_format: LogFormat,
     pub connections_max: usize,
@@ -199,6 +204,7 @@ impl Config {
             jwt_secret,
             demo: args.demo.or(file.demo).unwrap_or(false),
             access_log: args.access_log.or(file.access_log).unwrap_or(false),
+            metrics_enabled: args.metrics_enabled.or(file.metrics_enabled).unwrap_or(true),
             log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             connections_max: range(
                 "connections_max",
@@ -367,6 +373,25 @@ mod tests {
         check_file("[limits.profiles.student]\nuser = { per_sec = 0.0, burst = 1 }\ncourse = { per_sec = 1.0, burst = 1 }\nipseg = { per_sec = 1.0, burst = 1 }", Some("limits.profiles.student.user"));
         check_file("[limits]\nfoo = 1", Some("foo"));
         check_file("[limits.flow.enroll]\nqps = 100.0\nbehaviour = \"wait\"", Some("wait"));
+    }
+
+    /// Every key documented in config/enrolld.toml exists and its documented value is valid.
+    #[test]
+    fn documented_example_parses() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/enrolld.toml")).unwrap();
+        let mut uncommented = String::new();
+        for line in text.lines() {
+            let line = line.split("   #").next().unwrap_or(line);
+            let body = line.strip_prefix("# ").unwrap_or(line);
+            let is_setting = body.starts_with('[') || body.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '));
+            if !line.starts_with('#') || is_setting {
+                uncommented.push_str(body);
+                uncommented.push('\n');
+            }
+        }
+        let uncommented = uncommented.replace("jwt_secret = \"change me\"\n", "");
+        check_file(&uncommented, None);
+        assert!(uncommented.matches(" = ").count() > 40, "the example documents every key");
     }
 
     #[test]

@@ -89,6 +89,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let own_metrics = shard_metrics[i].clone();
         let heartbeats = heartbeats.clone();
         let access_log = cfg.access_log;
+        let metrics_on = cfg.metrics_enabled;
         let limiter = limiter.clone();
         let shards = cfg.shards;
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
@@ -101,7 +102,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 tokio::task::spawn_local(publish_heat(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));
                 let router = Router { me: shard, peers };
-                let ctx = Rc::new(Ctx::new(router, auth, http_limits, ready, metrics, access_log));
+                let ctx = Rc::new(Ctx::new(router, auth, http_limits, ready, metrics, access_log, metrics_on));
                 let served = crate::net::serve(listener, ctx, limits, shutdown).await;
                 // Keep answering other shards until every shard has drained its clients.
                 drained.wait().await;
