@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# First full-stack benchmark, all in ONE run on this machine so the figures compare:
+# The core full-stack benchmark, all in ONE run on this machine so the figures compare:
 #   1. nginx answering a constant (`return 200`, one worker per shard): the reference;
-#   2. enrolld's 409 path: POSTs for a full course (answered from memory);
-#   3. enrolld's 201 path: durable enrollments, every request a new (student, course) pair,
+#   then, for each enrolld variant (plain: no limits, no metrics; +metrics; +limits, with
+#   rates too high to refuse anything, so it measures what checking costs):
+#   2. the 409 path: POSTs for a full course (answered from memory);
+#   3. the 201 path: durable enrollments, every request a new (student, course) pair,
 #      group-committed to MariaDB; the rate is the rows in MariaDB divided by the time.
 # Usage: benches/full_stack.sh [seconds=10] [connections=64]
 # Writes target/bench/full_stack.md and prints it. Load goes to loopback only.
@@ -29,8 +31,7 @@ port_nginx=18401
 port_enrolld=18400
 secret="bench-secret-$RANDOM$RANDOM"
 db=enrolld_bench
-url="mysql://enrolld:enrolld@127.0.0.1:3306/$db"
-mariadb -h127.0.0.1 -uenrolld -penrolld -e "DROP DATABASE IF EXISTS $db; CREATE DATABASE $db"
+sql() { mariadb -h127.0.0.1 -uenrolld -penrolld -N -B "$@"; }
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
@@ -56,52 +57,78 @@ NGX
 nginx -c "$PWD/$ngx/nginx.conf" -g 'daemon off;' &
 pids+=($!)
 
-# --- enrolld on MariaDB ---
-"$bin" serve --listen 127.0.0.1:$port_enrolld --store "$url" --jwt-secret "$secret" --shards "$shards" \
-  2> "$out/enrolld.log" &
-pids+=($!)
-for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port_enrolld/readyz" >/dev/null && break; sleep 0.1; done
-curl -sf "http://127.0.0.1:$port_nginx/" >/dev/null
+# Limits on, at rates nothing in this bench reaches: the cost of checking, not refusing.
+cat > "$out/limits.toml" <<'TOML'
+[limits]
+enabled = true
+[limits.profiles.student]
+user = { per_sec = 10000000.0, burst = 10000000 }
+course = { per_sec = 10000000.0, burst = 10000000 }
+ipseg = { per_sec = 10000000.0, burst = 10000000 }
+TOML
 
-admin=$("$bin" token --sub bench-admin --role admin --jwt-secret "$secret")
-put() { curl -sf -X PUT -H "Authorization: Bearer $admin" "http://127.0.0.1:$port_enrolld/v1/admin/courses/$1" \
-  -d "{\"title\":\"bench\",\"capacity\":$2}" >/dev/null; }
-put FULL-0 1
-holder=$("$bin" token --sub holder --jwt-secret "$secret")
-curl -sf -X POST -H "Authorization: Bearer $holder" "http://127.0.0.1:$port_enrolld/v1/courses/FULL-0/enrollment" >/dev/null
 courses=50
-students=20000
-for i in $(seq 0 $((courses - 1))); do put "BIG-$i" 100000; done
+students=40000
 "$bin" token --sub bench --count $students --ttl 7200 --jwt-secret "$secret" > "$out/tokens.txt"
+admin=$("$bin" token --sub bench-admin --role admin --jwt-secret "$secret")
+holder=$("$bin" token --sub holder --jwt-secret "$secret")
 late=$("$bin" token --sub latecomer --jwt-secret "$secret")
-
 rate() { awk '/Requests\/sec/ {print int($2)}' "$1"; }
 p99() { awk '/ 99%/ {print $2}' "$1"; }
 
 wrk -t$threads -c$conns -d${secs}s --latency "http://127.0.0.1:$port_nginx/" > "$out/nginx.txt"
-wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/post.lua -H "Authorization: Bearer $late" \
-  "http://127.0.0.1:$port_enrolld/v1/courses/FULL-0/enrollment" > "$out/full.txt"
-before=$(mariadb -h127.0.0.1 -uenrolld -penrolld -N -B $db -e "SELECT COUNT(*) FROM enrollments")
-start=$(date +%s.%N)
-wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/enroll.lua "http://127.0.0.1:$port_enrolld" \
-  -- $threads "$out/tokens.txt" $courses BIG- > "$out/enroll.txt"
-end=$(date +%s.%N)
-after=$(mariadb -h127.0.0.1 -uenrolld -penrolld -N -B $db -e "SELECT COUNT(*) FROM enrollments")
-over=$(mariadb -h127.0.0.1 -uenrolld -penrolld -N -B $db -e "SELECT COUNT(*) FROM courses WHERE enrolled > capacity")
-durable=$(awk -v n=$((after - before)) -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')
-non2xx_full=$(awk '/Non-2xx/ {print $5}' "$out/full.txt")
+nginx_rps=$(rate "$out/nginx.txt")
 
-nginx_rps=$(rate "$out/nginx.txt"); full_rps=$(rate "$out/full.txt"); enroll_rps=$(rate "$out/enroll.txt")
-ratio=$(awk -v a="$full_rps" -v b="$nginx_rps" 'BEGIN {printf "%.2f", a / b}')
+rows=()
+run_variant() {
+  local name=$1; shift
+  sql -e "DROP DATABASE IF EXISTS $db; CREATE DATABASE $db"
+  "$bin" serve --listen 127.0.0.1:$port_enrolld --store "mysql://enrolld:enrolld@127.0.0.1:3306/$db" \
+    --jwt-secret "$secret" --shards "$shards" "$@" 2> "$out/enrolld-$name.log" &
+  local pid=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port_enrolld/readyz" >/dev/null && break; sleep 0.1; done
+  put() { curl -sf -X PUT -H "Authorization: Bearer $admin" "http://127.0.0.1:$port_enrolld/v1/admin/courses/$1" \
+    -d "{\"title\":\"bench\",\"capacity\":$2}" >/dev/null; }
+  put FULL-0 1
+  curl -sf -X POST -H "Authorization: Bearer $holder" "http://127.0.0.1:$port_enrolld/v1/courses/FULL-0/enrollment" >/dev/null
+  for i in $(seq 0 $((courses - 1))); do put "BIG-$i" 100000; done
+
+  wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/post.lua -H "Authorization: Bearer $late" \
+    "http://127.0.0.1:$port_enrolld/v1/courses/FULL-0/enrollment" > "$out/full-$name.txt"
+  local before after start end
+  before=$(sql $db -e "SELECT COUNT(*) FROM enrollments")
+  start=$(date +%s.%N)
+  wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/enroll.lua "http://127.0.0.1:$port_enrolld" \
+    -- $threads "$out/tokens.txt" $courses BIG- > "$out/enroll-$name.txt"
+  end=$(date +%s.%N)
+  after=$(sql $db -e "SELECT COUNT(*) FROM enrollments")
+  local over durable non409
+  over=$(sql $db -e "SELECT COUNT(*) FROM courses WHERE enrolled > capacity")
+  [ "$over" = 0 ] || { echo "OVERSOLD in variant $name"; exit 1; }
+  durable=$(awk -v n=$((after - before)) -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')
+  non409=$(curl -s "http://127.0.0.1:$port_enrolld/metrics" | awk '/^enrolld_enroll_attempts_total/ && !/"full"|"enrolled"/ {s+=$2} END {print s+0}')
+  kill "$pid"; wait "$pid" || true
+  rows+=("$name|$(rate "$out/full-$name.txt")|$(p99 "$out/full-$name.txt")|$durable|$(p99 "$out/enroll-$name.txt")|$non409")
+}
+
+run_variant plain --limits-enabled false --metrics-enabled false
+run_variant metrics --limits-enabled false
+run_variant limits --config "$out/limits.toml"
+
 {
-  echo "| figure | requests/s | p99 |"
-  echo "|---|---|---|"
-  echo "| nginx \`return 200\` ($shards workers) | $nginx_rps | $(p99 "$out/nginx.txt") |"
-  echo "| enrolld 409 path (full course) | $full_rps | $(p99 "$out/full.txt") |"
-  echo "| enrolld 201 path (durable enrollments in MariaDB) | $durable (answers: $enroll_rps/s) | $(p99 "$out/enroll.txt") |"
+  echo "| variant | 409 path req/s | 409 p99 | durable 201/s | 201 p99 | 409 ÷ nginx |"
+  echo "|---|---|---|---|---|---|"
+  echo "| nginx \`return 200\` ($shards workers) | $nginx_rps | $(p99 "$out/nginx.txt") | | | 1.00 |"
+  base_full=""; base_dur=""
+  for r in "${rows[@]}"; do
+    IFS='|' read -r name full fp99 dur dp99 _ <<< "$r"
+    echo "| enrolld $name | $full | $fp99 | $dur | $dp99 | $(awk -v a="$full" -v b="$nginx_rps" 'BEGIN {printf "%.2f", a / b}') |"
+  done
   echo
-  echo "409 path ÷ nginx = $ratio. Non-2xx answers on the 409 run: ${non2xx_full:-0} (all should be 409)."
-  echo "Rows committed in the 201 run: $((after - before)); courses over capacity: $over."
-  echo "$(date -u +%F) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), wrk -t$threads -c$conns -d${secs}s, enrolld --shards $shards, load generator on the same cores."
+  IFS='|' read -r _ pf _ pd _ _ <<< "${rows[0]}"
+  IFS='|' read -r _ mf _ md _ _ <<< "${rows[1]}"
+  IFS='|' read -r _ lf _ ld _ _ <<< "${rows[2]}"
+  awk -v pf="$pf" -v pd="$pd" -v mf="$mf" -v md="$md" -v lf="$lf" -v ld="$ld" 'BEGIN {
+    printf "metrics on ÷ off: 409 path %.2f, 201 path %.2f. limits on ÷ off (metrics on both): 409 path %.2f, 201 path %.2f.\n", mf/pf, md/pd, lf/mf, ld/md }'
+  echo "$(date -u +%F) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), wrk -t$threads -c$conns -d${secs}s, enrolld --shards $shards, MariaDB $(sql -e 'SELECT VERSION()'), load generator on the same cores."
 } | tee "$out/full_stack.md"
-[ "$over" = 0 ] || { echo "OVERSOLD"; exit 1; }
