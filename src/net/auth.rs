@@ -30,9 +30,15 @@ pub struct Claims {
 pub struct Caller {
     pub id: StudentId,
     pub role: Role,
+    /// Expiry, unix seconds.
+    pub exp: u64,
     /// The rate-limit profile the token names, if any.
     pub tier: Option<String>,
 }
+
+/// A connection's last verified token (see [`Auth::verify_cached`]).
+#[derive(Default)]
+pub struct TokenCache(std::cell::RefCell<Option<(bytes::Bytes, Caller)>>);
 
 pub struct Auth {
     decoding: DecodingKey,
@@ -64,7 +70,22 @@ impl Auth {
         let token = token.trim();
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
         let c = data.claims;
-        Some(Caller { id: StudentId::parse(&c.sub)?, role: c.role, tier: c.tier })
+        Some(Caller { id: StudentId::parse(&c.sub)?, role: c.role, exp: c.exp, tier: c.tier })
+    }
+
+    /// Like [`Auth::verify`], but remembers the last good token of a connection: a client
+    /// that sends the same `Authorization` again on its keep-alive connection skips the
+    /// HMAC. One entry per connection, and never used past the token's `exp`.
+    pub fn verify_cached(&self, authorization: &[u8], cache: &TokenCache) -> Option<Caller> {
+        let now = crate::ids::now_ms() as u64 / 1000;
+        if let Some((bytes, caller)) = &*cache.0.borrow() {
+            if bytes.as_ref() == authorization && now < caller.exp {
+                return Some(caller.clone());
+            }
+        }
+        let caller = self.verify(authorization)?;
+        *cache.0.borrow_mut() = Some((bytes::Bytes::copy_from_slice(authorization), caller.clone()));
+        Some(caller)
     }
 
     /// Mints a token (the `token` subcommand, tests, load generation).
@@ -84,6 +105,27 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connection_cache_never_trusts_a_different_or_expired_token() {
+        let auth = Auth::new(b"secret");
+        let cache = TokenCache::default();
+        let good = format!("Bearer {}", auth.mint(&StudentId::parse("ann").unwrap(), Role::Student, 60));
+        assert_eq!(auth.verify_cached(good.as_bytes(), &cache).unwrap().id.as_str(), "ann");
+        assert_eq!(auth.verify_cached(good.as_bytes(), &cache).unwrap().id.as_str(), "ann");
+        let forged = format!("Bearer {}", Auth::new(b"other").mint(&StudentId::parse("ann").unwrap(), Role::Admin, 60));
+        assert!(auth.verify_cached(forged.as_bytes(), &cache).is_none());
+        // An entry past its exp is not used, even for the same bytes.
+        let expired_claims = Claims { sub: "ann".into(), role: Role::Student, exp: 1, tier: None };
+        let expired = format!(
+            "Bearer {}",
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired_claims, &EncodingKey::from_secret(b"secret")).unwrap()
+        );
+        let mut stale = auth.verify(good.as_bytes()).unwrap();
+        stale.exp = 1;
+        *cache.0.borrow_mut() = Some((bytes::Bytes::from(expired.clone()), stale));
+        assert!(auth.verify_cached(expired.as_bytes(), &cache).is_none(), "expired tokens are refused");
+    }
 
     fn b64(b: &[u8]) -> String {
         use base64::Engine;

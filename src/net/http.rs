@@ -18,7 +18,7 @@ use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::auth::{Auth, Caller, Role};
+use super::auth::{Auth, Caller, Role, TokenCache};
 use super::error::ApiError;
 use crate::ids::{parse_rfc3339, rfc3339, CourseId, UnixMs};
 use crate::limit::{ClientAddr, Dimension, Refusal, RouteGroup};
@@ -98,13 +98,18 @@ fn json_of(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> 
 }
 
 /// The hyper service: every request goes through here.
-pub async fn handle(ctx: Rc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn handle(
+    ctx: Rc<Ctx>,
+    tokens: Rc<TokenCache>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = std::time::Instant::now();
     let rid = ctx.request_id(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let route_label = route_label(&method, &path);
-    let mut resp = match route(&ctx, peer, req).await {
+    let mut resp = match route(&ctx, &tokens, peer, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let rid = rid.to_str().unwrap_or("-");
@@ -157,7 +162,12 @@ fn route_label(method: &Method, path: &str) -> usize {
     }
 }
 
-async fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn route(
+    ctx: &Ctx,
+    tokens: &TokenCache,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
     let method = req.method().clone();
@@ -172,7 +182,7 @@ async fn route(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Result<Re
     let caller = req
         .headers()
         .get(hyper::header::AUTHORIZATION)
-        .and_then(|h| ctx.auth.verify(h.as_bytes()))
+        .and_then(|h| ctx.auth.verify_cached(h.as_bytes(), tokens))
         .ok_or(ApiError::Unauthorized)?;
     let query = req.uri().query().map(str::to_owned);
     if declared_length(&req).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {

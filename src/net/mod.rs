@@ -95,9 +95,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
+        let tokens = Rc::new(auth::TokenCache::default());
         let conn = builder.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| http::handle(ctx.clone(), peer, req)),
+            service_fn(move |req| http::handle(ctx.clone(), tokens.clone(), peer, req)),
         );
         let conn = graceful.watch(conn);
         tokio::task::spawn_local(async move {
