@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# enrolld against the tools it is built from, in ONE run on this machine so the figures
+# compare (the same cores, the same moment, the load generator on the same cores):
+#   1. nginx answering a constant (`return 200`, one worker per shard, no access log);
+#   2. enrolld's 409 path: POSTs by another student for a course of capacity 1 already
+#      taken (answered from memory);
+#   3. enrolld's 201 path: durable enrollments, every request a new (student, course) pair;
+#      the rate is the rows that reached MariaDB divided by the wall time;
+#   4. Redis running a seat-reserve Lua script with EVALSHA (what a Redis-centred
+#      flash-sale design pays per seat), on a key of our own prefix;
+#   5. MariaDB's own rate for 1000-row batched INSERTs, autocommit, one connection (the
+#      ceiling of a group-committing writer such as enrolld's persist thread).
+# Prints the ratios and writes target/rush/compare.md. All traffic goes to 127.0.0.1.
+#
+# Usage: benches/compare.sh [seconds=10] [connections=64]
+# Environment: SHARDS (default nproc), LIMITS=on to keep enrolld's rate limits on (off by
+# default: wrk sends everything from one IP segment, and the 409 run from one student, which
+# the limits exist to refuse).
+# Never: FLUSHALL or touch another key of the shared Redis (only enrolld:bench:*), or leave a
+# database, nginx or enrolld behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+conns=${2:-64}
+shards=${SHARDS:-$(nproc)}
+threads=2
+out=target/rush
+work=target/rush/compare
+mkdir -p "$out" "$work"
+log() { echo "compare: $*" >&2; }
+
+scripts/services.sh
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet
+bin=target/release/enrolld
+
+export MYSQL_PWD=enrolld
+sql() { mariadb -h127.0.0.1 -P3306 -uenrolld -N -B "$@"; }
+tag=$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')
+db_srv=enrolld_cmpsrv_$tag
+db_ins=enrolld_cmp_$tag
+redis_key=enrolld:bench:stock
+rcli() { redis-cli -h 127.0.0.1 -p 6379 "$@"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rcli DEL "$redis_key" >/dev/null 2>&1 || true
+  sql -e "DROP DATABASE IF EXISTS $db_srv; DROP DATABASE IF EXISTS $db_ins" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Sum of a metric over its label sets, from a /metrics scrape.
+metric() { awk -v m="$2" '$1 == m || index($1, m "{") == 1 {s += $NF} END {printf "%.6f", s}' "$1"; }
+rate() { awk '/^Requests\/sec/ {print int($2)}' "$1"; }
+p99() { awk '$1 == "99%" {print $2}' "$1"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
+
+# --- 1. nginx answering a constant -------------------------------------------------------
+port_nginx=$(free_port)
+ngx="$PWD/$work/nginx"
+mkdir -p "$ngx"
+cat > "$ngx/nginx.conf" <<NGX
+worker_processes $shards;
+pid $ngx/nginx.pid;
+error_log $ngx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $ngx/tmp;
+  proxy_temp_path $ngx/tmp;
+  fastcgi_temp_path $ngx/tmp;
+  uwsgi_temp_path $ngx/tmp;
+  scgi_temp_path $ngx/tmp;
+  server {
+    listen 127.0.0.1:$port_nginx reuseport;
+    location / { default_type application/json; return 200 '{"status":"ok"}'; }
+  }
+}
+NGX
+mkdir -p "$ngx/tmp"
+nginx -c "$ngx/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+
+# --- enrolld on a scratch MariaDB database -------------------------------------------------
+sql -e "CREATE DATABASE $db_srv"
+secret="cmp-$tag-$(od -An -N8 -tx8 /dev/urandom | tr -d ' \n')"
+limits=false
+[ "${LIMITS:-off}" = on ] && limits=true
+NO_COLOR=1 RUST_LOG=info,sqlx=warn "$bin" serve --listen 127.0.0.1:0 --shards "$shards" \
+  --store "mysql://enrolld:enrolld@127.0.0.1:3306/$db_srv" --jwt-secret "$secret" \
+  --limits-enabled "$limits" 2> "$work/enrolld.log" &
+pids+=($!)
+addr=
+for _ in $(seq 1 300); do
+  addr=$(sed -n 's/.*ready listen=\([0-9.:]*\).*/\1/p' "$work/enrolld.log" | head -1)
+  [ -n "$addr" ] && break
+  sleep 0.1
+done
+[ -n "$addr" ] || { log "enrolld did not become ready:"; cat "$work/enrolld.log" >&2; exit 1; }
+for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port_nginx/" >/dev/null && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$port_nginx/" >/dev/null || { log "nginx did not answer"; cat "$ngx/error.log" >&2; exit 1; }
+url="http://$addr"
+
+admin=$("$bin" token --sub cmp-admin --role admin --ttl 7200 --jwt-secret "$secret")
+put() {
+  curl -sf -X PUT -H "Authorization: Bearer $admin" "$url/v1/admin/courses/$1" \
+    -d "{\"title\":\"compare\",\"capacity\":$2}" >/dev/null
+}
+put FULL-0 1
+holder=$("$bin" token --sub holder --jwt-secret "$secret")
+curl -sf -X POST -H "Authorization: Bearer $holder" "$url/v1/courses/FULL-0/enrollment" >/dev/null
+late=$("$bin" token --sub latecomer --ttl 7200 --jwt-secret "$secret")
+[ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $late" \
+  "$url/v1/courses/FULL-0/enrollment")" = 409 ] || { log "the 409 path does not answer 409"; exit 1; }
+courses=50
+students=20000
+for i in $(seq 0 $((courses - 1))); do put "BIG-$i" 100000; done
+"$bin" token --sub cmp --count $students --ttl 7200 --jwt-secret "$secret" > "$work/tokens.txt"
+
+# --- the wrk runs ------------------------------------------------------------------------
+log "nginx (${secs}s)"
+wrk -t$threads -c$conns -d${secs}s --latency "http://127.0.0.1:$port_nginx/" > "$work/nginx.txt"
+log "enrolld 409 path (${secs}s)"
+wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/post.lua -H "Authorization: Bearer $late" \
+  "$url/v1/courses/FULL-0/enrollment" > "$work/full.txt"
+log "enrolld 201 path (${secs}s)"
+curl -sf "$url/metrics" > "$work/metrics.before"
+before=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
+start=$(date +%s.%N)
+wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/enroll.lua "$url" \
+  -- $threads "$work/tokens.txt" $courses BIG- > "$work/enroll.txt"
+end=$(date +%s.%N)
+curl -sf "$url/metrics" > "$work/metrics.after"
+after=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
+over=$(sql "$db_srv" -e "SELECT COUNT(*) FROM courses WHERE enrolled > capacity")
+mismatch=$(sql "$db_srv" -e "SELECT COUNT(*) FROM courses c WHERE enrolled <> (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = c.id)")
+rows=$((after - before))
+durable=$(awk -v n=$rows -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')
+delta() { awk -v a="$(metric "$work/metrics.after" "$1")" -v b="$(metric "$work/metrics.before" "$1")" 'BEGIN {print a - b}'; }
+batches=$(delta enrolld_persist_batch_rows_count)
+batch_rows=$(awk -v r="$(delta enrolld_persist_batch_rows_sum)" -v n="$batches" 'BEGIN { if (n > 0) printf "%.1f", r / n; else print "?" }')
+commit_ms=$(awk -v s="$(delta enrolld_persist_commit_seconds_sum)" -v n="$(delta enrolld_persist_commit_seconds_count)" \
+  'BEGIN { if (n > 0) printf "%.2f", 1000 * s / n; else print "?" }')
+non2xx_full=$(awk '/Non-2xx/ {print $5}' "$work/full.txt")
+non2xx_enroll=$(awk '/Non-2xx/ {print $5}' "$work/enroll.txt")
+# enrolld is done: stop it (SIGTERM) so the next two figures do not share the cores with it.
+kill -TERM "${pids[1]}" && wait "${pids[1]}" || true
+
+# --- 4. Redis EVALSHA of a seat-reserve script ---------------------------------------------
+log "redis EVALSHA (-c $conns -n 200000)"
+script="local s = tonumber(redis.call('GET', KEYS[1]) or '0'); if s > 0 then redis.call('DECR', KEYS[1]); return 1 end; return 0"
+sha=$(rcli SCRIPT LOAD "$script")
+rcli SET "$redis_key" 1000000000 >/dev/null
+redis-benchmark -h 127.0.0.1 -p 6379 -c "$conns" -n 200000 -q EVALSHA "$sha" 1 "$redis_key" \
+  | tr '\r' '\n' > "$work/redis.txt"
+redis_ops=$(awk '/requests per second/ {for (i = 1; i <= NF; i++) if ($(i+1) ~ /^requests/) v = $i} END {print int(v)}' "$work/redis.txt")
+redis_p50=$(sed -n 's/.*p50=\([0-9.]*\) msec.*/\1/p' "$work/redis.txt" | tail -1)
+left=$(rcli GET "$redis_key")
+rcli DEL "$redis_key" >/dev/null
+
+# --- 5. MariaDB 1000-row batched INSERTs ------------------------------------------------------
+log "mariadb 1000-row INSERTs (~${secs}s)"
+sql -e "CREATE DATABASE $db_ins"
+sql "$db_ins" -e "CREATE TABLE t (course_id VARCHAR(32) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+  student_id VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, enrolled_at_ms BIGINT NOT NULL,
+  PRIMARY KEY (course_id, student_id)) ENGINE=InnoDB"
+ins_start=$(date +%s.%N)
+python3 - "$secs" <<'PY' | sql "$db_ins"
+import sys, time
+secs = float(sys.argv[1])
+start, n = time.monotonic(), 0
+while time.monotonic() - start < secs:
+    rows = ",".join(f"('C{(n * 1000 + i) % 50}','s{n * 1000 + i}',1700000000000)" for i in range(1000))
+    sys.stdout.write(f"INSERT INTO t VALUES {rows};\n")
+    sys.stdout.flush()
+    n += 1
+PY
+ins_end=$(date +%s.%N)
+ins_rows=$(sql "$db_ins" -e "SELECT COUNT(*) FROM t")
+mariadb_rows=$(awk -v n="$ins_rows" -v a="$ins_start" -v b="$ins_end" 'BEGIN {print int(n / (b - a))}')
+
+# --- figures -------------------------------------------------------------------------------------
+nginx_rps=$(rate "$work/nginx.txt"); full_rps=$(rate "$work/full.txt"); enroll_rps=$(rate "$work/enroll.txt")
+r_409_nginx=$(ratio "$full_rps" "$nginx_rps")
+r_201_redis=$(ratio "$durable" "$redis_ops")
+r_201_mariadb=$(ratio "$durable" "$mariadb_rows")
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
+{
+  echo "# enrolld compared with nginx, Redis and MariaDB (one run)"
+  echo
+  echo "| figure | rate | p99 |"
+  echo "|---|---|---|"
+  echo "| nginx \`return 200\` ($shards workers) | $nginx_rps req/s | $(p99 "$work/nginx.txt") |"
+  echo "| enrolld 409 path (full course, from memory) | $full_rps req/s | $(p99 "$work/full.txt") |"
+  echo "| enrolld 201 path (durable enrollments in MariaDB) | $durable rows/s (answers: $enroll_rps/s) | $(p99 "$work/enroll.txt") |"
+  echo "| Redis EVALSHA seat-reserve script (redis-benchmark -c $conns -n 200000) | $redis_ops ops/s | p50 ${redis_p50:-?} ms |"
+  echo "| MariaDB 1000-row INSERTs, autocommit, one connection | $mariadb_rows rows/s | |"
+  echo
+  echo "| ratio | value |"
+  echo "|---|---|"
+  echo "| 409 path ÷ nginx | $r_409_nginx |"
+  echo "| durable 201/s ÷ Redis EVALSHA ops/s | $r_201_redis |"
+  echo "| durable 201/s ÷ MariaDB batched rows/s | $r_201_mariadb |"
+  echo
+  echo "Checks: non-2xx answers on the 409 run ${non2xx_full:-0} (all should be 409); on the 201 run ${non2xx_enroll:-0}"
+  echo "(should be 0); rows committed in the 201 run $rows; courses over capacity $over; courses whose counter"
+  echo "differs from their rows $mismatch; Redis stock left $left of 1000000000."
+  echo "The 201 run's group commits (enrolld /metrics): $batches batches, mean $batch_rows rows per batch,"
+  echo "mean commit $commit_ms ms."
+  echo
+  echo "$(date -u +%F) on $(nproc) cores ($cpu). wrk -t$threads -c$conns -d${secs}s --latency; enrolld --shards $shards"
+  echo "--limits-enabled $limits on MariaDB; the load generators run on the same cores as the servers."
+} | tee "$out/compare.md"
+echo
+echo "ratios: 409/nginx = $r_409_nginx; durable 201/s / redis EVALSHA = $r_201_redis; durable 201/s / mariadb batched rows = $r_201_mariadb"
+[ "$over" = 0 ] && [ "$mismatch" = 0 ] || { echo "compare: INVARIANT VIOLATED (oversold or counter mismatch)" >&2; exit 1; }
