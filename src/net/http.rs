@@ -199,7 +199,8 @@ async fn route(
         real_ip: req.headers().get("x-real-ip").map(|v| v.as_bytes()),
     };
     let me = &ctx.router.me;
-    let admitted = me.limiter.admit_request(group, &caller.id, caller.tier.as_deref(), client).await;
+    let is_admin = caller.role == Role::Admin;
+    let admitted = me.limiter.admit_request(group, &caller.id, caller.tier.as_deref(), is_admin, client).await;
     let (admission, _in_flight) = admitted.map_err(|refusal| refuse(&me.metrics, group, refusal))?;
     match (&method, &segments[1..]) {
         (&Method::GET, ["courses"]) => list_courses(ctx, query.as_deref()).await,
