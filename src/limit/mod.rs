@@ -424,10 +424,16 @@ impl ShardLimiter {
             (Dimension::Course, format!("course:{course}"), a.profile.course),
             (Dimension::Ipseg, format!("ipseg:{:032x}", a.ipseg), a.profile.ipseg),
         ];
+        let mut fell_back = false;
         for (dim, key, rate) in checks {
-            if link.take(&key, &rate, cfg.redis_lease_tokens, cfg.redis_lease_ttl_ms, now).await == Some(false) {
-                return Err(dim);
+            match link.take(&key, &rate, cfg.redis_lease_tokens, cfg.redis_lease_ttl_ms, now).await {
+                Some(true) => {}
+                Some(false) => return Err(dim),
+                None => fell_back = true,
             }
+        }
+        if fell_back {
+            link.note_fallback();
         }
         Ok(())
     }

@@ -79,7 +79,6 @@ impl RedisLink {
             }
         }
         if !self.shared.breaker.allow() {
-            self.fallback();
             return None;
         }
         let started = Instant::now();
@@ -90,7 +89,6 @@ impl RedisLink {
             }
             Err(call) => {
                 self.shared.breaker.record(call, started.elapsed());
-                self.fallback();
                 return None;
             }
         };
@@ -109,7 +107,8 @@ impl RedisLink {
         Some(true)
     }
 
-    fn fallback(&self) {
+    /// Counts one seat request that local buckets alone decided.
+    pub fn note_fallback(&self) {
         let n = self.shared.fallbacks.fetch_add(1, Ordering::Relaxed);
         if n % 10_000 == 0 {
             tracing::warn!(fallbacks = n + 1, "Redis unavailable: cross-node limits fall back to local buckets");

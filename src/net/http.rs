@@ -193,9 +193,12 @@ async fn route(
         (&Method::DELETE, ["courses", _, "enrollment"]) => RouteGroup::Drop,
         _ => RouteGroup::Read,
     };
+    // Repeated X-Forwarded-For lines are one list, in order (RFC 9110 §5.3): a client's
+    // own line first, the proxy's appended line last.
+    let forwarded_for = join_header_lines(req.headers(), "x-forwarded-for");
     let client = ClientAddr {
         peer,
-        forwarded_for: req.headers().get("x-forwarded-for").map(|v| v.as_bytes()),
+        forwarded_for: forwarded_for.as_deref(),
         real_ip: req.headers().get("x-real-ip").map(|v| v.as_bytes()),
     };
     let me = &ctx.router.me;
@@ -294,6 +297,18 @@ fn count_attempt(m: &ShardMetrics, store_ok: bool, r: &Reply) {
         _ => Attempt::Unavailable,
     };
     m.attempt(a);
+}
+
+/// All lines of a header joined with ", " (`None` when absent).
+fn join_header_lines(headers: &hyper::HeaderMap, name: &str) -> Option<Vec<u8>> {
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?;
+    let mut joined = first.as_bytes().to_vec();
+    for more in lines {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(more.as_bytes());
+    }
+    Some(joined)
 }
 
 fn admin(caller: &Caller) -> Result<(), ApiError> {
