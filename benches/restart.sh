@@ -17,6 +17,8 @@ sql() { mariadb -h127.0.0.1 -uenrolld -penrolld -N -B "$@"; }
 sql -e "DROP DATABASE IF EXISTS $db; CREATE DATABASE $db"
 url="mysql://enrolld:enrolld@127.0.0.1:3306/$db"
 port=18410
+pid=
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null || true' EXIT
 
 start() {
   "$bin" serve --listen 127.0.0.1:$port --store "$url" --jwt-secret x 2> "$out/restart.log" &
@@ -40,8 +42,9 @@ until curl -sf "http://127.0.0.1:$port/readyz" >/dev/null; do sleep 0.02; done
 t1=$(date +%s.%N)
 hwm=$(awk '/VmHWM/ {print $2}' /proc/$pid/status)
 rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
-loaded=$(grep -o 'seats=[0-9]*' "$out/restart.log" | head -1)
+loaded=$(grep -o 'seats=[0-9]*' "$out/restart.log" | head -1 || true)
 kill "$pid"; wait "$pid" || true
+pid=
 sql -e "DROP DATABASE $db"
 {
   echo "| figure | value |"
