@@ -6,7 +6,8 @@
 #   2. the 409 path: POSTs for a full course (answered from memory);
 #   3. the 201 path: durable enrollments, every request a new (student, course) pair,
 #      group-committed to MariaDB; the rate is the rows in MariaDB divided by the time.
-# Usage: benches/full_stack.sh [seconds=10] [connections=64]
+# Usage: [ROUNDS=n] benches/full_stack.sh [seconds=10] [connections=64]
+# With ROUNDS > 1 the variants run interleaved n times and each figure is the median.
 # Writes target/bench/full_stack.md and prints it. Load goes to loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -111,11 +112,26 @@ run_variant() {
   rows+=("$name|$(rate "$out/full-$name.txt")|$(p99 "$out/full-$name.txt")|$durable|$(p99 "$out/enroll-$name.txt")|$non409")
 }
 
-run_variant plain --limits-enabled false --metrics-enabled false
-run_variant metrics --limits-enabled false
-run_variant limits --config "$out/limits.toml"
+rounds=${ROUNDS:-1}
+for _ in $(seq 1 "$rounds"); do
+  run_variant plain --limits-enabled false --metrics-enabled false
+  run_variant metrics --limits-enabled false
+  run_variant limits --config "$out/limits.toml"
+done
+# Median per variant and column over the rounds (rows are name|full|fp99|dur|dp99|non409).
+median_rows=()
+for name in plain metrics limits; do
+  line=$(printf '%s\n' "${rows[@]}" | awk -F'|' -v n="$name" '
+    $1 == n { k++; f[k] = $2; fp[k] = $3; d[k] = $4; dp[k] = $5; x[k] = $6 }
+    function med(a, m,   i, j, t) { for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (a[j] + 0 < a[i] + 0) { t = a[i]; a[i] = a[j]; a[j] = t }; return a[int((m + 1) / 2)] }
+    END { printf "%s|%s|%s|%s|%s|%s", n, med(f, k), fp[int((k + 1) / 2)], med(d, k), dp[int((k + 1) / 2)], x[1] }')
+  median_rows+=("$line")
+done
+rows=("${median_rows[@]}")
 
 {
+  echo "Median of $rounds interleaved round(s)."
+  echo
   echo "| variant | 409 path req/s | 409 p99 | durable 201/s | 201 p99 | 409 ÷ nginx |"
   echo "|---|---|---|---|---|---|"
   echo "| nginx \`return 200\` ($shards workers) | $nginx_rps | $(p99 "$out/nginx.txt") | | | 1.00 |"
