@@ -16,7 +16,10 @@ use enrolld::limit::keyed::KeyedBuckets;
 use enrolld::limit::redis::{RedisLink, RedisShared};
 
 fn local(c: &mut Criterion) {
-    let rate = Rate { per_sec: 1e9, burst: 1_000_000 };
+    let rate = Rate {
+        per_sec: 1e9,
+        burst: 1_000_000,
+    };
     let mut bucket = TokenBucket::full(&rate, 0);
     let mut t = 0i64;
     c.bench_function("token_bucket_take", |b| {
@@ -35,7 +38,10 @@ fn local(c: &mut Criterion) {
         })
     });
     let pacer = Pacer::default();
-    let rule = FlowRule { qps: 1e9, ..FlowRule::default() };
+    let rule = FlowRule {
+        qps: 1e9,
+        ..FlowRule::default()
+    };
     let now = Instant::now();
     c.bench_function("flow_pacer_admit", |b| b.iter(|| black_box(pacer.admit(&rule, 2, now))));
 }
@@ -43,13 +49,19 @@ fn local(c: &mut Criterion) {
 /// Requests per second through `RedisLink::take` for one key, with `lease` tokens leased
 /// per Redis call, over `secs`.
 fn redis_rate(lease: u32, secs: f64) -> Option<f64> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let breaker = Arc::new(Breaker::new("bench", BreakerConfig::default()));
         let shared = Arc::new(RedisShared::new("redis://127.0.0.1:6379", breaker).ok()?);
         let link = RedisLink::new(shared);
-        let rate = Rate { per_sec: 1e9, burst: 1_000_000_000 };
+        let rate = Rate {
+            per_sec: 1e9,
+            burst: 1_000_000_000,
+        };
         let key = format!("bench:{}", std::process::id());
         link.take(&key, &rate, lease, 60_000, enrolld::ids::now_ms()).await?;
         let started = Instant::now();
@@ -67,8 +79,15 @@ fn redis_rate(lease: u32, secs: f64) -> Option<f64> {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     local(&mut c);
-    let quick = std::env::args().any(|a| a == "--test" || a == "--bench").then_some(()).is_none();
-    let secs = if quick || std::env::args().any(|a| a == "--test") { 0.2 } else { 3.0 };
+    let quick = std::env::args()
+        .any(|a| a == "--test" || a == "--bench")
+        .then_some(())
+        .is_none();
+    let secs = if quick || std::env::args().any(|a| a == "--test") {
+        0.2
+    } else {
+        3.0
+    };
     match (redis_rate(1, secs), redis_rate(100, secs)) {
         (Some(one), Some(leased)) => println!(
             "redis_take: {one:.0} req/s with a Redis call per request; {leased:.0} req/s leasing 100 tokens a call ({:.1}x)",

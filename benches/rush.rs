@@ -202,9 +202,7 @@ impl Args {
         let bench = std::env::args().any(|a| a == "--bench");
         let mut args = match Args::try_parse() {
             Ok(a) => a,
-            Err(e) if bench || matches!(e.kind(), clap::error::ErrorKind::DisplayHelp) => {
-                return Err(e)
-            }
+            Err(e) if bench || matches!(e.kind(), clap::error::ErrorKind::DisplayHelp) => return Err(e),
             Err(_) => {
                 eprintln!("rush: not under `cargo bench`; ignoring the test harness's arguments");
                 Args::parse_from(["rush"])
@@ -249,23 +247,14 @@ impl Args {
             (1..=self.courses()).contains(&self.attempts),
             "--attempts must be 1..=--courses"
         );
-        ensure!(
-            self.capacity_max <= 100_000,
-            "--capacity-max must be 0..=100000"
-        );
-        ensure!(
-            self.zipf_s >= 0.0 && self.zipf_s.is_finite(),
-            "--zipf-s must be >= 0"
-        );
+        ensure!(self.capacity_max <= 100_000, "--capacity-max must be 0..=100000");
+        ensure!(self.zipf_s >= 0.0 && self.zipf_s.is_finite(), "--zipf-s must be >= 0");
         ensure!(self.connections >= 1, "--connections must be at least 1");
         ensure!(
             (1..=PIPELINE_MAX).contains(&self.pipeline),
             "--pipeline must be 1..={PIPELINE_MAX}"
         );
-        ensure!(
-            self.client_threads >= 1,
-            "--client-threads must be at least 1"
-        );
+        ensure!(self.client_threads >= 1, "--client-threads must be at least 1");
         ensure!(
             (10..=60_000).contains(&self.sample_ms),
             "--sample-ms must be 10..=60000"
@@ -280,14 +269,8 @@ impl Args {
     }
 
     fn out_dir(&self) -> PathBuf {
-        let default = if self.bench {
-            "target/rush"
-        } else {
-            "target/rush/smoke"
-        };
-        self.out
-            .clone()
-            .unwrap_or_else(|| manifest_dir().join(default))
+        let default = if self.bench { "target/rush" } else { "target/rush/smoke" };
+        self.out.clone().unwrap_or_else(|| manifest_dir().join(default))
     }
 }
 
@@ -391,11 +374,7 @@ struct RunResult {
 }
 
 /// The rush, a check, and with `--drop-wave` the second wave and another check.
-async fn load_and_check(
-    args: &Args,
-    target: &Target,
-    work: &Arc<Workload>,
-) -> anyhow::Result<RunResult> {
+async fn load_and_check(args: &Args, target: &Target, work: &Arc<Workload>) -> anyhow::Result<RunResult> {
     let eng = Arc::new(Engine {
         addr: target.addr,
         work: work.clone(),
@@ -445,16 +424,10 @@ fn print_failures(violations: &[String], broken: &[String]) {
         eprintln!("INVARIANT VIOLATED: {v}");
     }
     if violations.len() > VIOLATIONS_SHOWN_MAX {
-        eprintln!(
-            "... and {} more violations",
-            violations.len() - VIOLATIONS_SHOWN_MAX
-        );
+        eprintln!("... and {} more violations", violations.len() - VIOLATIONS_SHOWN_MAX);
     }
     if !violations.is_empty() {
-        eprintln!(
-            "rush: FAILED with {} invariant violations",
-            violations.len()
-        );
+        eprintln!("rush: FAILED with {} invariant violations", violations.len());
     }
 }
 
@@ -480,10 +453,7 @@ impl Target {
             let store = args.store_url.as_deref().map(Mysql::parse).transpose()?;
             return Ok(Target {
                 addr,
-                secret: args
-                    .secret
-                    .clone()
-                    .expect("clap requires --secret with --url"),
+                secret: args.secret.clone().expect("clap requires --secret with --url"),
                 server: None,
                 db: None,
                 store,
@@ -500,13 +470,7 @@ impl Target {
         if !args.with_limits {
             extra.extend(["--limits-enabled".to_string(), "false".to_string()]);
         }
-        let (server, addr) = OwnServer::start(
-            &bin,
-            &db.mysql.url(),
-            &secret,
-            &extra,
-            &out.join("enrolld.log"),
-        )?;
+        let (server, addr) = OwnServer::start(&bin, &db.mysql.url(), &secret, &extra, &out.join("enrolld.log"))?;
         let shards = args
             .shards
             .map_or("default (one per core)".to_string(), |n| n.to_string());
@@ -537,9 +501,7 @@ impl Target {
 }
 
 fn parse_http_url(url: &str) -> anyhow::Result<SocketAddr> {
-    let rest = url
-        .strip_prefix("http://")
-        .context("--url must start with http://")?;
+    let rest = url.strip_prefix("http://").context("--url must start with http://")?;
     let hostport = rest.split('/').next().unwrap_or(rest);
     use std::net::ToSocketAddrs;
     hostport
@@ -555,15 +517,10 @@ fn enrolld_bin(args: &Args) -> anyhow::Result<PathBuf> {
         return Ok(b.clone());
     }
     // The binary cargo built beside this bench (target/release/enrolld under `cargo bench`).
-    let bin = option_env!("CARGO_BIN_EXE_enrolld").map_or_else(
-        || manifest_dir().join("target/release/enrolld"),
-        PathBuf::from,
-    );
+    let bin = option_env!("CARGO_BIN_EXE_enrolld")
+        .map_or_else(|| manifest_dir().join("target/release/enrolld"), PathBuf::from);
     if !bin.exists() {
-        eprintln!(
-            "rush: {} missing, running cargo build --release",
-            bin.display()
-        );
+        eprintln!("rush: {} missing, running cargo build --release", bin.display());
         let status = Command::new("cargo")
             .args(["build", "--release", "--bin", "enrolld"])
             .current_dir(manifest_dir())
@@ -590,9 +547,7 @@ impl Mysql {
         let rest = url
             .strip_prefix("mysql://")
             .with_context(|| format!("{url}: a MariaDB URL starts with mysql://"))?;
-        let (creds, hostpath) = rest
-            .split_once('@')
-            .with_context(|| format!("{url}: no user@"))?;
+        let (creds, hostpath) = rest.split_once('@').with_context(|| format!("{url}: no user@"))?;
         let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
         let (hostport, db) = hostpath.split_once('/').unwrap_or((hostpath, ""));
         let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
@@ -623,10 +578,7 @@ impl Mysql {
         if !db.is_empty() {
             cmd.arg(db);
         }
-        let out = cmd
-            .args(["-e", sql])
-            .output()
-            .context("running the mariadb client")?;
+        let out = cmd.args(["-e", sql]).output().context("running the mariadb client")?;
         ensure!(
             out.status.success(),
             "mariadb: {sql}: {}",
@@ -708,9 +660,7 @@ impl OwnServer {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd.args(extra);
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let stderr = child.stderr.take().expect("stderr is piped");
         let mut log = std::fs::File::create(log_path)?;
         let (tx, rx) = mpsc::channel();
@@ -808,11 +758,7 @@ impl Workload {
     }
     /// The student index of an id this run minted.
     fn student_index(&self, id: &str) -> Option<u32> {
-        let n: u32 = id
-            .strip_prefix(&self.tag)?
-            .strip_prefix("-s")?
-            .parse()
-            .ok()?;
+        let n: u32 = id.strip_prefix(&self.tag)?.strip_prefix("-s")?.parse().ok()?;
         ((n as usize) < self.student_ids.len()).then_some(n)
     }
 }
@@ -822,15 +768,12 @@ fn plan(args: &Args, secret: &str) -> anyhow::Result<Workload> {
     let tag = format!("rush{:08x}", rand::random::<u32>());
     let n_courses = args.courses() as usize;
     let course_ids: Vec<String> = (0..n_courses).map(|i| format!("{tag}-c{i}")).collect();
-    let capacities: Vec<u32> = (0..n_courses)
-        .map(|_| rng.gen_range(0..=args.capacity_max))
-        .collect();
+    let capacities: Vec<u32> = (0..n_courses).map(|_| rng.gen_range(0..=args.capacity_max)).collect();
     // Popularity rank r (1 = hottest) belongs to a random course, so hot courses are spread
     // over ids and therefore over shards.
     let mut by_rank: Vec<u32> = (0..args.courses()).collect();
     by_rank.shuffle(&mut rng);
-    let zipf = Zipf::new(args.courses() as u64, args.zipf_s)
-        .map_err(|e| anyhow::anyhow!("zipf: {e:?}"))?;
+    let zipf = Zipf::new(args.courses() as u64, args.zipf_s).map_err(|e| anyhow::anyhow!("zipf: {e:?}"))?;
     let auth = Auth::new(secret.as_bytes());
     let mut student_ids = Vec::with_capacity(args.students() as usize);
     let mut tokens = Vec::with_capacity(args.students() as usize);
@@ -887,13 +830,7 @@ fn choose_courses(rng: &mut StdRng, zipf: &Zipf<f64>, by_rank: &[u32], k: usize)
 
 /// The second wave: a fraction of the students holding seats drops one of them, and the
 /// same fraction of the rush's refused requests tries again; all shuffled so they race.
-fn plan_drop_wave(
-    w: &Workload,
-    rush: &PhaseResult,
-    exp: &Expected,
-    fraction: f64,
-    seed: u64,
-) -> Vec<Op> {
+fn plan_drop_wave(w: &Workload, rush: &PhaseResult, exp: &Expected, fraction: f64, seed: u64) -> Vec<Op> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1));
     let mut held: Vec<Vec<u32>> = vec![Vec::new(); w.student_ids.len()];
     for (c, pairs) in exp.pairs.iter().enumerate() {
@@ -985,8 +922,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
         }
         return Ok(None);
     };
-    let text =
-        std::str::from_utf8(&buf[..end]).map_err(|_| "response head is not UTF-8".to_string())?;
+    let text = std::str::from_utf8(&buf[..end]).map_err(|_| "response head is not UTF-8".to_string())?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or("");
     let mut parts = status_line.split(' ');
@@ -1008,9 +944,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
         };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
-            head.body_len = value
-                .parse()
-                .map_err(|_| format!("bad Content-Length {value:?}"))?;
+            head.body_len = value.parse().map_err(|_| format!("bad Content-Length {value:?}"))?;
         } else if name.eq_ignore_ascii_case("retry-after") {
             head.retry_after_secs = value.parse().ok();
         } else if name.eq_ignore_ascii_case("connection") {
@@ -1050,10 +984,7 @@ impl Conn {
             }
             tokio::time::sleep(Duration::from_millis(CONNECT_PAUSE_MS)).await;
         }
-        bail!(
-            "cannot connect to {addr}: {}",
-            last.expect("at least one try")
-        )
+        bail!("cannot connect to {addr}: {}", last.expect("at least one try"))
     }
 
     /// Reads more bytes; `Ok(false)` when the server closed. Cancel-safe (`read_buf` is).
@@ -1087,17 +1018,10 @@ impl Conn {
     /// One idempotent request (setup and checks; not the measured path), repeated after
     /// `Retry-After` while the server answers 429/503 (the admin is rate-limited too when
     /// the server's limits are on).
-    async fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        token: &str,
-        body: &str,
-    ) -> anyhow::Result<(u16, Vec<u8>)> {
+    async fn request(&mut self, method: &str, path: &str, token: &str, body: &str) -> anyhow::Result<(u16, Vec<u8>)> {
         let mut tries = 0;
         loop {
-            let (status, retry_after, answer) =
-                self.request_once(method, path, token, body).await?;
+            let (status, retry_after, answer) = self.request_once(method, path, token, body).await?;
             tries += 1;
             if !matches!(status, 429 | 503) || tries > ADMIN_RETRIES_MAX {
                 return Ok((status, answer));
@@ -1126,12 +1050,9 @@ impl Conn {
             if let Some((head, range)) = self.next_response().map_err(anyhow::Error::msg)? {
                 return Ok((head.status, head.retry_after_secs, self.buf[range].to_vec()));
             }
-            let more =
-                tokio::time::timeout(Duration::from_secs(ANSWER_TIMEOUT_SECS), self.read_more())
-                    .await
-                    .with_context(|| {
-                        format!("{method} {path}: no answer in {ANSWER_TIMEOUT_SECS} s")
-                    })??;
+            let more = tokio::time::timeout(Duration::from_secs(ANSWER_TIMEOUT_SECS), self.read_more())
+                .await
+                .with_context(|| format!("{method} {path}: no answer in {ANSWER_TIMEOUT_SECS} s"))??;
             ensure!(more, "{method} {path}: connection closed before the answer");
         }
     }
@@ -1149,11 +1070,7 @@ fn encode_op(buf: &mut Vec<u8>, op: Op, w: &Workload) {
 }
 
 /// Runs `f(conn, i)` for i in 0..n over `ADMIN_CONNECTIONS` connections.
-async fn for_each_over_connections<T, F, Fut>(
-    addr: SocketAddr,
-    n: usize,
-    f: F,
-) -> anyhow::Result<Vec<T>>
+async fn for_each_over_connections<T, F, Fut>(addr: SocketAddr, n: usize, f: F) -> anyhow::Result<Vec<T>>
 where
     T: Send + 'static,
     F: Fn(Conn, usize) -> Fut + Send + Sync + 'static,
@@ -1193,17 +1110,9 @@ async fn create_courses(addr: SocketAddr, w: &Arc<Workload>) -> anyhow::Result<(
         let work = work.clone();
         async move {
             let id = &work.course_ids[i];
-            let body = format!(
-                r#"{{"title":"Rush course {i}","capacity":{}}}"#,
-                work.capacities[i]
-            );
+            let body = format!(r#"{{"title":"Rush course {i}","capacity":{}}}"#, work.capacities[i]);
             let (status, resp) = conn
-                .request(
-                    "PUT",
-                    &format!("/v1/admin/courses/{id}"),
-                    &work.admin_token,
-                    &body,
-                )
+                .request("PUT", &format!("/v1/admin/courses/{id}"), &work.admin_token, &body)
                 .await?;
             ensure!(
                 status == 201 || status == 200,
@@ -1286,11 +1195,7 @@ impl Timeline {
         (0..(end / width).ceil() as usize)
             .map(|sec| {
                 let (a, b) = (sec as f64 * width, (sec + 1) as f64 * width);
-                let active: f64 = self
-                    .spans
-                    .iter()
-                    .map(|&(s, e)| (e.min(b) - s.max(a)).max(0.0))
-                    .sum();
+                let active: f64 = self.spans.iter().map(|&(s, e)| (e.min(b) - s.max(a)).max(0.0)).sum();
                 let h = self.latency.get(sec);
                 let per_sec = |n: u64| (active > 0.05 * width).then(|| n as f64 / active);
                 Point {
@@ -1465,9 +1370,7 @@ impl Driver {
         let reading = !self.inflight.is_empty();
         let far = Instant::now() + Duration::from_secs(3600);
         let timer = tokio::time::sleep_until(wake_at.unwrap_or(far).into());
-        let stall = tokio::time::sleep_until(
-            (self.last_answer + Duration::from_secs(ANSWER_TIMEOUT_SECS)).into(),
-        );
+        let stall = tokio::time::sleep_until((self.last_answer + Duration::from_secs(ANSWER_TIMEOUT_SECS)).into());
         let wake = tokio::select! {
             r = self.conn.read_more(), if reading => Wake::Read(r),
             _ = timer, if wake_at.is_some() => Wake::Timer,
@@ -1481,10 +1384,7 @@ impl Driver {
             },
             Wake::Read(Ok(false)) => self.reconnect("closed by the server").await,
             Wake::Read(Err(e)) => self.reconnect(&format!("read: {e}")).await,
-            Wake::Stalled => {
-                self.reconnect(&format!("no answer in {ANSWER_TIMEOUT_SECS} s"))
-                    .await
-            }
+            Wake::Stalled => self.reconnect(&format!("no answer in {ANSWER_TIMEOUT_SECS} s")).await,
         }
     }
 
@@ -1539,11 +1439,7 @@ impl Driver {
             let Some(item) = self.pop_due(now + TIMER_SLACK) else {
                 break;
             };
-            encode_op(
-                &mut self.wbuf,
-                self.run.ops[item.op as usize],
-                &self.eng.work,
-            );
+            encode_op(&mut self.wbuf, self.run.ops[item.op as usize], &self.eng.work);
             // Open loop: latency runs from the scheduled time (no coordinated omission),
             // or from the send when that was (a timer tick) early.
             let start = if self.eng.rate.is_some() {
@@ -1719,10 +1615,7 @@ impl PhaseResult {
     fn run_errors(&self) -> Vec<String> {
         let mut e = Vec::new();
         if let Some(f) = &self.stats.fatal {
-            e.push(format!(
-                "{}: a connection was lost for good: {f}",
-                self.name
-            ));
+            e.push(format!("{}: a connection was lost for good: {f}", self.name));
         }
         let n = self.unanswered();
         if n > 0 {
@@ -1732,22 +1625,15 @@ impl PhaseResult {
     }
 }
 
-async fn run_phase(
-    eng: &Arc<Engine>,
-    name: &'static str,
-    ops: Vec<Op>,
-    cpu: &CpuClock,
-) -> anyhow::Result<PhaseResult> {
+async fn run_phase(eng: &Arc<Engine>, name: &'static str, ops: Vec<Op>, cpu: &CpuClock) -> anyhow::Result<PhaseResult> {
     let n = ops.len();
     let mut conns = Vec::with_capacity(eng.connections);
     for _ in 0..eng.connections {
         conns.push(Conn::open_retrying(eng.addr).await?);
     }
     let progress = ProgressBar::new(n as u64).with_style(
-        ProgressStyle::with_template(
-            "{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template"),
     );
     progress.set_prefix(name);
     let run = Arc::new(PhaseRun {
@@ -1872,11 +1758,7 @@ impl CpuClock {
 fn machine_busy_ticks() -> Option<u64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal (guest time is already in user).
     Some(
         v.get(..8)?
@@ -1940,9 +1822,7 @@ impl Expected {
             if let Some(why) = complaint {
                 bad.push(format!(
                     "{} {} by {}: answered {status}, {why}",
-                    METHODS[op.method as usize],
-                    w.course_ids[c],
-                    w.student_ids[op.student as usize]
+                    METHODS[op.method as usize], w.course_ids[c], w.student_ids[op.student as usize]
                 ));
             }
             *seat = next;
@@ -1987,25 +1867,19 @@ fn next_seat(method: Method, status: u16, lost: bool, seat: Seat) -> (Seat, Opti
             Some("200 (already enrolled) but no earlier request took the seat"),
         ),
         (Method::Post, 200) => (Seat::Held, None),
-        (Method::Post, 409) if seat == Seat::Held && !lost => (
-            Seat::Held,
-            Some("409 course_full to a student who holds the seat"),
-        ),
+        (Method::Post, 409) if seat == Seat::Held && !lost => {
+            (Seat::Held, Some("409 course_full to a student who holds the seat"))
+        }
         // A lost attempt may still be pending in the server when the retry is refused.
         (Method::Post, 409) => (if lost { Seat::Unknown } else { Seat::Free }, None),
-        (Method::Delete, 200) if seat != Seat::Held && !lost => {
-            (Seat::Free, Some("DELETE 200 for a seat not held"))
-        }
+        (Method::Delete, 200) if seat != Seat::Held && !lost => (Seat::Free, Some("DELETE 200 for a seat not held")),
         (Method::Delete, 200) => (Seat::Free, None),
         (Method::Delete, 404) if seat == Seat::Held && !lost => {
             (Seat::Free, Some("DELETE 404 for a seat the student held"))
         }
         (Method::Delete, 404) => (Seat::Free, None),
         (_, 0 | 429 | 503) => (unsettled, None),
-        _ => (
-            unsettled,
-            Some("an answer the contract does not allow here"),
-        ),
+        _ => (unsettled, Some("an answer the contract does not allow here")),
     }
 }
 
@@ -2067,14 +1941,7 @@ async fn check(
     Ok(r)
 }
 
-fn check_course(
-    w: &Workload,
-    exp: &Expected,
-    c: usize,
-    seen: &CourseSeen,
-    undersell: bool,
-    bad: &mut Vec<String>,
-) {
+fn check_course(w: &Workload, exp: &Expected, c: usize, seen: &CourseSeen, undersell: bool, bad: &mut Vec<String>) {
     let id = &w.course_ids[c];
     let cap = w.capacities[c] as u64;
     let mut roster = BTreeSet::new();
@@ -2085,9 +1952,7 @@ fn check_course(
                     bad.push(format!("{id}: {s} appears twice in the roster"));
                 }
             }
-            None => bad.push(format!(
-                "{id}: the roster holds {s:?}, a student this run never made"
-            )),
+            None => bad.push(format!("{id}: the roster holds {s:?}, a student this run never made")),
         }
     }
     let held = exp.held(c);
@@ -2111,10 +1976,7 @@ fn check_course(
             seen.enrolled
         ));
     }
-    if seen.enrolled != n
-        || seen.capacity != cap
-        || seen.seats_left != cap.saturating_sub(seen.enrolled)
-    {
+    if seen.enrolled != n || seen.capacity != cap || seen.seats_left != cap.saturating_sub(seen.enrolled) {
         bad.push(format!(
             "{id}: GET says enrolled {} capacity {} seats_left {}, but the roster has {n} and the capacity set was {cap}",
             seen.enrolled, seen.capacity, seen.seats_left
@@ -2137,11 +1999,7 @@ async fn read_courses(addr: SocketAddr, w: &Arc<Workload>) -> anyhow::Result<Vec
             let id = &work.course_ids[i];
             let path = format!("/v1/admin/courses/{id}/roster");
             let (status, body) = conn.request("GET", &path, &work.admin_token, "").await?;
-            ensure!(
-                status == 200,
-                "GET {path}: {status} {}",
-                String::from_utf8_lossy(&body)
-            );
+            ensure!(status == 200, "GET {path}: {status} {}", String::from_utf8_lossy(&body));
             let v: serde_json::Value = serde_json::from_slice(&body).context("roster JSON")?;
             let roster = v["students"]
                 .as_array()
@@ -2151,16 +2009,9 @@ async fn read_courses(addr: SocketAddr, w: &Arc<Workload>) -> anyhow::Result<Vec
                 .collect();
             let path = format!("/v1/courses/{id}");
             let (status, body) = conn.request("GET", &path, &work.admin_token, "").await?;
-            ensure!(
-                status == 200,
-                "GET {path}: {status} {}",
-                String::from_utf8_lossy(&body)
-            );
+            ensure!(status == 200, "GET {path}: {status} {}", String::from_utf8_lossy(&body));
             let v: serde_json::Value = serde_json::from_slice(&body).context("course JSON")?;
-            let num = |k: &str| {
-                v[k].as_u64()
-                    .with_context(|| format!("course {id} without {k}"))
-            };
+            let num = |k: &str| v[k].as_u64().with_context(|| format!("course {id} without {k}"));
             let seen = CourseSeen {
                 roster,
                 enrolled: num("enrolled")?,
@@ -2175,11 +2026,7 @@ async fn read_courses(addr: SocketAddr, w: &Arc<Workload>) -> anyhow::Result<Vec
 
 /// The store against the rosters: the same (course, student) rows, and each course's
 /// counter equal to its row count and within its capacity.
-fn check_store(
-    store: &Mysql,
-    w: &Workload,
-    seen: &[CourseSeen],
-) -> anyhow::Result<(usize, Vec<String>)> {
+fn check_store(store: &Mysql, w: &Workload, seen: &[CourseSeen]) -> anyhow::Result<(usize, Vec<String>)> {
     let like = format!("{}%", w.course_prefix());
     let rows = store.query(&format!(
         "SELECT course_id, student_id FROM enrollments WHERE course_id LIKE '{like}'"
@@ -2187,12 +2034,7 @@ fn check_store(
     let counters = store.query(&format!(
         "SELECT id, enrolled, capacity FROM courses WHERE id LIKE '{like}'"
     ))?;
-    let index: HashMap<&str, usize> = w
-        .course_ids
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = w.course_ids.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
     let mut bad = Vec::new();
     let mut stored: Vec<BTreeSet<String>> = vec![BTreeSet::new(); w.course_ids.len()];
     for r in &rows {
@@ -2207,25 +2049,17 @@ fn check_store(
         let api: BTreeSet<String> = course.roster.iter().cloned().collect();
         let id = &w.course_ids[c];
         for s in stored[c].difference(&api) {
-            bad.push(format!(
-                "{id}: the database holds {s}, the roster API does not"
-            ));
+            bad.push(format!("{id}: the database holds {s}, the roster API does not"));
         }
         for s in api.difference(&stored[c]) {
-            bad.push(format!(
-                "{id}: the roster API holds {s}, the database does not"
-            ));
+            bad.push(format!("{id}: the roster API holds {s}, the database does not"));
         }
     }
     let mut counted = vec![false; w.course_ids.len()];
     for r in &counters {
         let parsed = (|| {
             let c = *index.get(r.first()?.as_str())?;
-            Some((
-                c,
-                r.get(1)?.parse::<u64>().ok()?,
-                r.get(2)?.parse::<u64>().ok()?,
-            ))
+            Some((c, r.get(1)?.parse::<u64>().ok()?, r.get(2)?.parse::<u64>().ok()?))
         })();
         let Some((c, enrolled, capacity)) = parsed else {
             bad.push(format!("database: unexpected courses row {r:?}"));
@@ -2248,10 +2082,7 @@ fn check_store(
     }
     for (c, seen) in counted.iter().enumerate() {
         if !seen {
-            bad.push(format!(
-                "{}: no row in the database's courses table",
-                w.course_ids[c]
-            ));
+            bad.push(format!("{}: no row in the database's courses table", w.course_ids[c]));
         }
     }
     Ok((rows.len(), bad))
@@ -2348,14 +2179,8 @@ impl Report<'_> {
             ("connections", a.connections.to_string()),
             ("pipeline depth", a.pipeline.to_string()),
             ("mode", mode),
-            (
-                "drop wave",
-                a.drop_wave.map_or("none".into(), |f| f.to_string()),
-            ),
-            (
-                "retries max (429/503, lost answers)",
-                a.retries_max.to_string(),
-            ),
+            ("drop wave", a.drop_wave.map_or("none".into(), |f| f.to_string())),
+            ("retries max (429/503, lost answers)", a.retries_max.to_string()),
             ("load generator threads", a.client_threads.to_string()),
             ("id tag", self.work.tag.clone()),
         ];
@@ -2427,9 +2252,7 @@ impl Report<'_> {
     fn totals(&self, s: &mut String) {
         let w = self.work;
         let capacity: u64 = w.capacities.iter().map(|&c| c as u64).sum();
-        let held: usize = (0..w.course_ids.len())
-            .map(|c| self.run.exp.held(c).len())
-            .sum();
+        let held: usize = (0..w.course_ids.len()).map(|c| self.run.exp.held(c).len()).sum();
         let full = (0..w.course_ids.len())
             .filter(|&c| self.run.exp.held(c).len() as u32 >= w.capacities[c])
             .count();
@@ -2467,11 +2290,7 @@ impl Report<'_> {
             s,
             "- timeline samples ({} ms) under load: {}; peak {:.0} answers/s",
             self.args.sample_ms,
-            self.run
-                .timeline
-                .iter()
-                .filter(|t| t.answers_per_sec.is_some())
-                .count(),
+            self.run.timeline.iter().filter(|t| t.answers_per_sec.is_some()).count(),
             self.run
                 .timeline
                 .iter()
@@ -2485,7 +2304,10 @@ impl Report<'_> {
         let _ = writeln!(s, "## Invariants\n");
         for c in &self.run.checks {
             let db = if c.db_checked {
-                format!("database ({} enrollment rows): rows == rosters, each counter == its rows and <= capacity", c.db_rows)
+                format!(
+                    "database ({} enrollment rows): rows == rosters, each counter == its rows and <= capacity",
+                    c.db_rows
+                )
             } else {
                 "database not checked (no store URL)".into()
             };
@@ -2511,15 +2333,7 @@ impl Report<'_> {
     }
 }
 
-fn latency_row(
-    s: &mut String,
-    phase: &str,
-    method: &str,
-    outcome: &str,
-    h: &Histogram<u64>,
-    total: f64,
-    secs: f64,
-) {
+fn latency_row(s: &mut String, phase: &str, method: &str, outcome: &str, h: &Histogram<u64>, total: f64, secs: f64) {
     let _ = writeln!(
         s,
         "| {phase} | {method} | {outcome} | {} | {:.1}% | {:.0} | {} | {} | {} | {} |",
@@ -2555,12 +2369,7 @@ fn persist_line(s: &mut String, m: &BTreeMap<String, f64>) {
     let shards: Vec<String> = m
         .iter()
         .filter(|(k, _)| k.starts_with("enrolld_shard_requests_total"))
-        .map(|(k, v)| {
-            format!(
-                "{} {v:.0}",
-                k.trim_start_matches("enrolld_shard_requests_total")
-            )
-        })
+        .map(|(k, v)| format!("{} {v:.0}", k.trim_start_matches("enrolld_shard_requests_total")))
         .collect();
     if !shards.is_empty() {
         let _ = writeln!(s, "- requests per shard (/metrics): {}", shards.join(", "));
@@ -2589,11 +2398,7 @@ fn chart(path: &Path, points: &[Point]) -> anyhow::Result<()> {
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let (top, bottom) = root.split_vertically(350);
     let x_max = points.last().map_or(1.0, |p| p.t.ceil().max(1.0));
-    let rps_max = points
-        .iter()
-        .filter_map(|p| p.answers_per_sec)
-        .fold(1.0, f64::max)
-        * 1.1;
+    let rps_max = points.iter().filter_map(|p| p.answers_per_sec).fold(1.0, f64::max) * 1.1;
     let p99_max = points.iter().filter_map(|p| p.p99_ms).fold(0.1, f64::max) * 1.1;
     let mut rps = ChartBuilder::on(&top)
         .caption(
@@ -2616,15 +2421,11 @@ fn chart(path: &Path, points: &[Point]) -> anyhow::Result<()> {
         (segments(points, |p| p.created_per_sec), &GREEN),
     ] {
         for seg in series {
-            rps.draw_series(LineSeries::new(seg, color))
-                .map_err(|x| e(&x))?;
+            rps.draw_series(LineSeries::new(seg, color)).map_err(|x| e(&x))?;
         }
     }
     let mut p99 = ChartBuilder::on(&bottom)
-        .caption(
-            "p99 latency of the answers in each second (ms)",
-            ("sans-serif", 18),
-        )
+        .caption("p99 latency of the answers in each second (ms)", ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(35)
         .y_label_area_size(70)
@@ -2636,8 +2437,7 @@ fn chart(path: &Path, points: &[Point]) -> anyhow::Result<()> {
         .draw()
         .map_err(|x| e(&x))?;
     for seg in segments(points, |p| p.p99_ms) {
-        p99.draw_series(LineSeries::new(seg, &RED))
-            .map_err(|x| e(&x))?;
+        p99.draw_series(LineSeries::new(seg, &RED)).map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))?;
     Ok(())

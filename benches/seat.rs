@@ -84,21 +84,14 @@ fn round_trip(c: &mut Criterion) {
             course.confirm_drop(s);
         })
     });
-    assert_eq!(
-        course.enrolled(),
-        HALF,
-        "round trip must leave the course unchanged"
-    );
+    assert_eq!(course.enrolled(), HALF, "round trip must leave the course unchanged");
 }
 
 fn enroll_already(c: &mut Criterion) {
     let holders = students("holder", HALF as usize);
     let mut course = course_with(&holders);
     let holder = &holders[holders.len() / 2];
-    assert_eq!(
-        course.enroll(holder, NOW),
-        EnrollDecision::Already { at: NOW }
-    );
+    assert_eq!(course.enroll(holder, NOW), EnrollDecision::Already { at: NOW });
     c.bench_function("enroll_already_holds_seat", |b| {
         b.iter(|| black_box(course.enroll(black_box(holder), black_box(NOW))))
     });

@@ -176,9 +176,15 @@ impl Config {
         };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let limits = limits_of(file.limits.clone(), args.limits_enabled)?;
-        let store = args.store.clone().or(file.store).unwrap_or_else(|| "sqlite://enrolld.db".into());
+        let store = args
+            .store
+            .clone()
+            .or(file.store)
+            .unwrap_or_else(|| "sqlite://enrolld.db".into());
         if Dialect::of_url(&store).is_none() {
-            return Err(ConfigError(format!("`store` {store:?} must start with sqlite:// or mysql://")));
+            return Err(ConfigError(format!(
+                "`store` {store:?} must start with sqlite:// or mysql://"
+            )));
         }
         let redis = args.redis.clone().or(file.redis);
         if let Some(r) = &redis {
@@ -191,13 +197,22 @@ impl Config {
             return Err(ConfigError("`jwt_secret` is empty".into()));
         }
         if jwt_secret.is_none() && Dialect::of_url(&store) != Some(Dialect::Sqlite) {
-            return Err(ConfigError("`jwt_secret` is required when the store is not SQLite".into()));
+            return Err(ConfigError(
+                "`jwt_secret` is required when the store is not SQLite".into(),
+            ));
         }
         let shards = range("shards", args.shards.or(file.shards).unwrap_or(cores), 1, SHARDS_MAX)?;
-        let head_bytes_max =
-            range("head_bytes_max", args.head_bytes_max.or(file.head_bytes_max).unwrap_or(16_384), HEAD_BYTES_MIN, 1 << 20)?;
+        let head_bytes_max = range(
+            "head_bytes_max",
+            args.head_bytes_max.or(file.head_bytes_max).unwrap_or(16_384),
+            HEAD_BYTES_MIN,
+            1 << 20,
+        )?;
         Ok(Config {
-            listen: args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:8080".parse().expect("literal")),
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("literal")),
             shards,
             store,
             redis,
@@ -214,7 +229,9 @@ impl Config {
             )?,
             header_read_timeout_ms: range(
                 "header_read_timeout_ms",
-                args.header_read_timeout_ms.or(file.header_read_timeout_ms).unwrap_or(10_000),
+                args.header_read_timeout_ms
+                    .or(file.header_read_timeout_ms)
+                    .unwrap_or(10_000),
                 100,
                 600_000,
             )?,
@@ -227,7 +244,9 @@ impl Config {
             )?,
             body_read_timeout_ms: range(
                 "body_read_timeout_ms",
-                args.body_read_timeout_ms.or(file.body_read_timeout_ms).unwrap_or(10_000),
+                args.body_read_timeout_ms
+                    .or(file.body_read_timeout_ms)
+                    .unwrap_or(10_000),
                 100,
                 600_000,
             )?,
@@ -263,7 +282,9 @@ impl Config {
             )?,
             store_acquire_timeout_ms: range(
                 "store_acquire_timeout_ms",
-                args.store_acquire_timeout_ms.or(file.store_acquire_timeout_ms).unwrap_or(1_000),
+                args.store_acquire_timeout_ms
+                    .or(file.store_acquire_timeout_ms)
+                    .unwrap_or(1_000),
                 10,
                 600_000,
             )?,
@@ -276,7 +297,9 @@ impl Config {
     /// Re-reads the reloadable part (the `[limits]` table) from the configuration file.
     /// With no file, the current limits stay.
     pub fn reload_limits(&self) -> Result<LimitsConfig, ConfigError> {
-        let Some(path) = &self.config_path else { return Ok(self.limits.clone()) };
+        let Some(path) = &self.config_path else {
+            return Ok(self.limits.clone());
+        };
         limits_of(read_file(path)?.limits, self.limits_enabled_flag)
     }
 
@@ -336,7 +359,11 @@ fn secret_path(store: &str) -> PathBuf {
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()
 }
@@ -348,7 +375,10 @@ mod tests {
     fn check_file(toml: &str, expect_err: Option<&str>) {
         let dir = std::env::temp_dir().join(format!("enrolld-cfg-{}", rand::random::<u64>()));
         std::fs::write(&dir, toml).unwrap();
-        let args = ConfigArgs { config: Some(dir.clone()), ..Default::default() };
+        let args = ConfigArgs {
+            config: Some(dir.clone()),
+            ..Default::default()
+        };
         let r = Config::load(&args);
         std::fs::remove_file(&dir).ok();
         match (r, expect_err) {
@@ -391,7 +421,10 @@ mod tests {
         }
         let uncommented = uncommented.replace("jwt_secret = \"change me\"\n", "");
         check_file(&uncommented, None);
-        assert!(uncommented.matches(" = ").count() > 40, "the example documents every key");
+        assert!(
+            uncommented.matches(" = ").count() > 40,
+            "the example documents every key"
+        );
     }
 
     #[test]
@@ -405,6 +438,9 @@ mod tests {
 
     #[test]
     fn secret_beside_store() {
-        assert_eq!(secret_path("sqlite://data/e.db?mode=rwc"), PathBuf::from("data/e.db.secret"));
+        assert_eq!(
+            secret_path("sqlite://data/e.db?mode=rwc"),
+            PathBuf::from("data/e.db.secret")
+        );
     }
 }

@@ -17,8 +17,7 @@ pub const STUDENT_ID_BYTES_MAX: usize = 64;
 fn id_chars_ok(s: &str, bytes_max: usize) -> bool {
     !s.is_empty()
         && s.len() <= bytes_max
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
@@ -94,8 +93,7 @@ pub fn rfc3339(ms: UnixMs) -> String {
 
 /// Parses RFC 3339 (any offset) into unix ms.
 pub fn parse_rfc3339(s: &str) -> Option<UnixMs> {
-    let t =
-        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 

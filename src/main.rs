@@ -68,14 +68,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             enrolld::server::init_logging(cfg.log_format);
             enrolld::server::serve(cfg)
         }
-        Cmd::Token { sub, role, ttl, count, config } => {
+        Cmd::Token {
+            sub,
+            role,
+            ttl,
+            count,
+            config,
+        } => {
             let cfg = Config::load(&config)?;
             let auth = Auth::new(&cfg.resolve_jwt_secret()?);
             let role = match role {
                 RoleArg::Student => Role::Student,
                 RoleArg::Admin => Role::Admin,
             };
-            let bad_sub = || enrolld::config::ConfigError(format!("--sub {sub:?} must be 1-64 chars of [A-Za-z0-9_.-]"));
+            let bad_sub =
+                || enrolld::config::ConfigError(format!("--sub {sub:?} must be 1-64 chars of [A-Za-z0-9_.-]"));
             match count {
                 None => println!("{}", auth.mint(&StudentId::parse(&sub).ok_or_else(bad_sub)?, role, ttl)),
                 Some(n) => {

@@ -17,12 +17,24 @@ use prometheus::core::{Collector as PromCollector, Desc};
 use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 
 /// Routes as labelled in `enrolld_http_request_duration_seconds{route}`.
-pub const ROUTES: [&str; 11] =
-    ["enroll", "drop", "course", "courses", "me", "admin_put", "roster", "health", "metrics", "other", "unauthorized"];
+pub const ROUTES: [&str; 11] = [
+    "enroll",
+    "drop",
+    "course",
+    "courses",
+    "me",
+    "admin_put",
+    "roster",
+    "health",
+    "metrics",
+    "other",
+    "unauthorized",
+];
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Request latency bucket bounds, seconds.
-pub const LATENCY_BUCKETS_S: [f64; 13] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+pub const LATENCY_BUCKETS_S: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 /// Per-course series are kept for this many of the hottest courses.
 pub const HOT_COURSES_MAX: usize = 20;
 /// A course is hot from this many requests per second over a window (DESIGN.md).
@@ -41,7 +53,15 @@ pub enum Attempt {
     RateLimited,
     Unavailable,
 }
-pub const ATTEMPTS: [&str; 7] = ["enrolled", "already", "full", "closed", "not_found", "rate_limited", "unavailable"];
+pub const ATTEMPTS: [&str; 7] = [
+    "enrolled",
+    "already",
+    "full",
+    "closed",
+    "not_found",
+    "rate_limited",
+    "unavailable",
+];
 
 /// Why an enrollment was refused (`enrolld_enroll_rejected_total{reason}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +116,10 @@ impl ShardMetrics {
         bump(&r.count[class], 1);
         bump(&r.sum_us[class], us);
         let secs = elapsed.as_secs_f64();
-        let slot = LATENCY_BUCKETS_S.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS_S.len());
+        let slot = LATENCY_BUCKETS_S
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS_S.len());
         bump(&r.buckets[class][slot], 1);
     }
     pub fn attempt(&self, a: Attempt) {
@@ -121,9 +144,13 @@ pub struct PersistMetrics {
 impl Default for PersistMetrics {
     fn default() -> Self {
         let rows = prometheus::HistogramOpts::new("enrolld_persist_batch_rows", "Seat changes per group commit.")
-            .buckets(vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]);
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+            ]);
         let secs = prometheus::HistogramOpts::new("enrolld_persist_commit_seconds", "Time to commit one batch.")
-            .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]);
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+            ]);
         PersistMetrics {
             batch_rows: prometheus::Histogram::with_opts(rows).expect("valid histogram opts"),
             commit_seconds: prometheus::Histogram::with_opts(secs).expect("valid histogram opts"),
@@ -159,7 +186,12 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(shards: Vec<Arc<ShardMetrics>>, gauges: Arc<dyn Gauges>, limits: Arc<dyn LimitGauges>) -> Collector {
-        Collector { shards, gauges, limits, descs: Vec::new() }
+        Collector {
+            shards,
+            gauges,
+            limits,
+            descs: Vec::new(),
+        }
     }
 
     fn sum(&self, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
@@ -209,11 +241,21 @@ impl PromCollector for Collector {
         let attempts = (0..ATTEMPTS.len())
             .map(|i| counter(vec![label("outcome", ATTEMPTS[i])], self.sum(|s| &s.attempts[i])))
             .collect();
-        out.push(family("enrolld_enroll_attempts_total", "Enrollment POSTs by outcome.", MetricType::COUNTER, attempts));
+        out.push(family(
+            "enrolld_enroll_attempts_total",
+            "Enrollment POSTs by outcome.",
+            MetricType::COUNTER,
+            attempts,
+        ));
         let rejects = (0..REJECTS.len())
             .map(|i| counter(vec![label("reason", REJECTS[i])], self.sum(|s| &s.rejects[i])))
             .collect();
-        out.push(family("enrolld_enroll_rejected_total", "Enrollments refused, by reason.", MetricType::COUNTER, rejects));
+        out.push(family(
+            "enrolld_enroll_rejected_total",
+            "Enrollments refused, by reason.",
+            MetricType::COUNTER,
+            rejects,
+        ));
         let per_shard = self
             .shards
             .iter()
@@ -245,15 +287,26 @@ impl PromCollector for Collector {
             "enrolld_breaker_state",
             "Circuit breakers: 0 closed, 1 half-open, 2 open.",
             MetricType::GAUGE,
-            std::iter::once(gauge(vec![label("breaker", "store")], f64::from(self.gauges.store_breaker())))
-                .chain(self.limits.redis_breaker().map(|s| gauge(vec![label("breaker", "redis")], f64::from(s))))
-                .collect(),
+            std::iter::once(gauge(
+                vec![label("breaker", "store")],
+                f64::from(self.gauges.store_breaker()),
+            ))
+            .chain(
+                self.limits
+                    .redis_breaker()
+                    .map(|s| gauge(vec![label("breaker", "redis")], f64::from(s))),
+            )
+            .collect(),
         ));
         out.push(family(
             "enrolld_rate_limit_tokens",
             "Tokens left in the in-process buckets, summed over the keys held, by dimension.",
             MetricType::GAUGE,
-            self.limits.tokens().into_iter().map(|(d, v)| gauge(vec![label("dimension", d)], v)).collect(),
+            self.limits
+                .tokens()
+                .into_iter()
+                .map(|(d, v)| gauge(vec![label("dimension", d)], v))
+                .collect(),
         ));
         out.push(family(
             "enrolld_rate_limit_redis_fallbacks_total",
@@ -261,7 +314,12 @@ impl PromCollector for Collector {
             MetricType::COUNTER,
             vec![counter(vec![], self.limits.redis_fallbacks())],
         ));
-        out.push(family("enrolld_up", "1 while the process serves.", MetricType::GAUGE, vec![gauge(vec![], 1.0)]));
+        out.push(family(
+            "enrolld_up",
+            "1 while the process serves.",
+            MetricType::GAUGE,
+            vec![gauge(vec![], 1.0)],
+        ));
         out
     }
 }
@@ -306,7 +364,12 @@ impl Collector {
                 MetricType::HISTOGRAM,
                 hist,
             ),
-            family("enrolld_http_requests_total", "Requests by route and status class.", MetricType::COUNTER, totals),
+            family(
+                "enrolld_http_requests_total",
+                "Requests by route and status class.",
+                MetricType::COUNTER,
+                totals,
+            ),
         ]
     }
 
@@ -317,16 +380,25 @@ impl Collector {
         }
         hot.sort_by(|a, b| b.requests_per_sec.total_cmp(&a.requests_per_sec));
         hot.truncate(HOT_COURSES_MAX);
-        let seats = hot.iter().map(|h| gauge(vec![label("course", &h.course)], f64::from(h.seats_left))).collect();
+        let seats = hot
+            .iter()
+            .map(|h| gauge(vec![label("course", &h.course)], f64::from(h.seats_left)))
+            .collect();
         let is_hot = hot
             .iter()
             .map(|h| {
-                let v = if h.requests_per_sec >= HOT_REQUESTS_PER_SEC_MIN { 1.0 } else { 0.0 };
+                let v = if h.requests_per_sec >= HOT_REQUESTS_PER_SEC_MIN {
+                    1.0
+                } else {
+                    0.0
+                };
                 gauge(vec![label("course", &h.course)], v)
             })
             .collect();
-        let rate =
-            hot.iter().map(|h| gauge(vec![label("course", &h.course)], h.requests_per_sec)).collect();
+        let rate = hot
+            .iter()
+            .map(|h| gauge(vec![label("course", &h.course)], h.requests_per_sec))
+            .collect();
         vec![
             family(
                 "enrolld_course_seats_left",
@@ -359,8 +431,12 @@ impl Metrics {
     pub fn new(collector: Collector, persist: &PersistMetrics) -> Metrics {
         let registry = prometheus::Registry::new();
         registry.register(Box::new(collector)).expect("first registration");
-        registry.register(Box::new(persist.batch_rows.clone())).expect("unique name");
-        registry.register(Box::new(persist.commit_seconds.clone())).expect("unique name");
+        registry
+            .register(Box::new(persist.batch_rows.clone()))
+            .expect("unique name");
+        registry
+            .register(Box::new(persist.commit_seconds.clone()))
+            .expect("unique name");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
@@ -372,7 +448,9 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         use prometheus::Encoder;
         let mut buf = Vec::with_capacity(16 * 1024);
-        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding of plain data");
+        prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of plain data");
         buf
     }
 }

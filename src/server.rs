@@ -36,7 +36,10 @@ pub fn init_logging(format: LogFormat) {
     // Colour only on a terminal: journald, files and pipes get plain text.
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -51,21 +54,33 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     let persist_metrics = Arc::new(PersistMetrics::default());
     let store_breaker = Arc::new(Breaker::new("store", cfg.limits.store_breaker.clone()));
-    let (tables, persist::Persist { handle: persist, gauges, thread: persist_thread }) =
-        load_tables(&cfg, persist_metrics.clone(), store_breaker.clone())?;
+    let (
+        tables,
+        persist::Persist {
+            handle: persist,
+            gauges,
+            thread: persist_thread,
+        },
+    ) = load_tables(&cfg, persist_metrics.clone(), store_breaker.clone())?;
     let (limits_tx, limits_rx) = watch::channel(Arc::new(cfg.limits.clone()));
     let limiter = Arc::new(Limiter::new(limits_rx, cfg.redis.as_deref(), store_breaker)?);
     let courses: usize = tables.iter().map(CourseTable::len).sum();
     let seats: u64 = tables.iter().map(CourseTable::enrolled_total).sum();
-    tracing::info!(courses, seats, ms = started.elapsed().as_millis() as u64, "catalog loaded");
+    tracing::info!(
+        courses,
+        seats,
+        ms = started.elapsed().as_millis() as u64,
+        "catalog loaded"
+    );
 
-    let listeners = crate::net::bind_listeners(cfg.listen, cfg.shards)
-        .with_context(|| format!("binding {}", cfg.listen))?;
+    let listeners =
+        crate::net::bind_listeners(cfg.listen, cfg.shards).with_context(|| format!("binding {}", cfg.listen))?;
     let local = listeners[0].local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
-    let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) =
-        (0..cfg.shards).map(|_| mpsc::channel::<Envelope>(INBOX_MESSAGES_MAX)).unzip();
+    let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..cfg.shards)
+        .map(|_| mpsc::channel::<Envelope>(INBOX_MESSAGES_MAX))
+        .unzip();
     let drained = Arc::new(tokio::sync::Barrier::new(cfg.shards));
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards).map(|_| Arc::default()).collect();
     let collector = Collector::new(shard_metrics.clone(), Arc::new(gauges), limiter.clone());
@@ -84,8 +99,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let auth = auth.clone();
         let ready = ready.clone();
         let limits = conn_limits.clone();
-        let http_limits =
-            HttpLimits { body_bytes_max: cfg.body_bytes_max, body_read_timeout_ms: cfg.body_read_timeout_ms };
+        let http_limits = HttpLimits {
+            body_bytes_max: cfg.body_bytes_max,
+            body_read_timeout_ms: cfg.body_read_timeout_ms,
+        };
         let shutdown = shutdown_rx.clone();
         let drained = drained.clone();
         let metrics = metrics.clone();
@@ -105,7 +122,15 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 tokio::task::spawn_local(publish_heat(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));
                 let router = Router { me: shard, peers };
-                let ctx = Rc::new(Ctx::new(router, auth, http_limits, ready, metrics, access_log, metrics_on));
+                let ctx = Rc::new(Ctx::new(
+                    router,
+                    auth,
+                    http_limits,
+                    ready,
+                    metrics,
+                    access_log,
+                    metrics_on,
+                ));
                 let served = crate::net::serve(listener, ctx, limits, shutdown).await;
                 // Keep answering other shards until every shard has drained its clients.
                 drained.wait().await;
@@ -143,7 +168,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             Err(_) => anyhow::bail!("a shard thread panicked"),
         }
     }
-    persist_thread.join().map_err(|_| anyhow::anyhow!("the persist thread panicked"))?;
+    persist_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the persist thread panicked"))?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -153,7 +180,9 @@ type Loaded = (Vec<CourseTable>, persist::Persist);
 /// Opens the store on the persist thread and streams its state into per-shard tables.
 fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>) -> anyhow::Result<Loaded> {
     let shards = cfg.shards;
-    let tables = Arc::new(Mutex::new((0..shards).map(|_| CourseTable::default()).collect::<Vec<_>>()));
+    let tables = Arc::new(Mutex::new(
+        (0..shards).map(|_| CourseTable::default()).collect::<Vec<_>>(),
+    ));
     let sink_tables = tables.clone();
     let mut rows: u64 = 0;
     let started = Instant::now();
@@ -210,7 +239,9 @@ async fn beat(heartbeats: Arc<Vec<AtomicU64>>, shard: usize) {
 /// restarted instead of half-serving.
 fn notify_systemd(heartbeats: &Arc<Vec<AtomicU64>>) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    let Some(timeout) = sd_notify::watchdog_enabled() else { return };
+    let Some(timeout) = sd_notify::watchdog_enabled() else {
+        return;
+    };
     let period = (timeout / 2).max(std::time::Duration::from_millis(2 * HEARTBEAT_MS));
     let heartbeats = heartbeats.clone();
     let spawned = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
@@ -244,7 +275,9 @@ fn wait_for_termination(
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let modified = |cfg: &Config| {
-        cfg.config_path.as_ref().and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
+        cfg.config_path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok()?.modified().ok())
     };
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;

@@ -151,12 +151,7 @@ fn shown(b: &[u8]) -> String {
 async fn course(server: &Server, id: &str) -> Option<Value> {
     let mut c = server.conn().await;
     let r = c
-        .request(
-            "GET",
-            &format!("/v1/courses/{id}"),
-            Some(&token("observer")),
-            None,
-        )
+        .request("GET", &format!("/v1/courses/{id}"), Some(&token("observer")), None)
         .await;
     match r.status {
         200 => Some(r.json()),
@@ -180,13 +175,7 @@ fn raw(method: &str, target: &[u8], headers: &[(&str, &str)], body: Option<&[u8]
         out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
     if let Some(b) = body {
-        out.extend_from_slice(
-            format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                b.len()
-            )
-            .as_bytes(),
-        );
+        out.extend_from_slice(format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()).as_bytes());
     }
     out.extend_from_slice(b"\r\n");
     if let Some(b) = body {
@@ -215,37 +204,28 @@ async fn exchange_on(c: &mut Conn, bytes: &[u8]) -> Result<Option<Resp>, String>
 
 /// True when the server has closed `c` (EOF or reset) within `within`.
 async fn closed_within(c: &mut Conn, within: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(within, c.read_response()).await,
-        Ok(None)
-    )
+    matches!(tokio::time::timeout(within, c.read_response()).await, Ok(None))
 }
 
 /// The contract's error answer: `status`, JSON `{"error": code, "message": <non-empty
 /// string>}` and nothing else, the JSON content type, and an `X-Request-Id`.
 fn contract_error(r: &Resp, status: u16, code: &str) -> Result<(), String> {
     let shape = || format!("{} {:?} body {}", r.status, r.headers, text(&r.body));
-    ensure(r.status == status, || {
-        format!("want {status} {code}, got {}", shape())
-    })?;
-    let v: Value = serde_json::from_slice(&r.body)
-        .map_err(|e| format!("body is not JSON ({e}): {}", shape()))?;
+    ensure(r.status == status, || format!("want {status} {code}, got {}", shape()))?;
+    let v: Value = serde_json::from_slice(&r.body).map_err(|e| format!("body is not JSON ({e}): {}", shape()))?;
     let obj = v
         .as_object()
         .ok_or_else(|| format!("body is not an object: {}", shape()))?;
-    ensure(
-        obj.get("error").and_then(Value::as_str) == Some(code),
-        || format!("want error {code:?}: {}", shape()),
-    )?;
+    ensure(obj.get("error").and_then(Value::as_str) == Some(code), || {
+        format!("want error {code:?}: {}", shape())
+    })?;
     ensure(
         obj.get("message")
             .and_then(Value::as_str)
             .is_some_and(|m| !m.is_empty()),
         || format!("message missing or empty: {}", shape()),
     )?;
-    ensure(obj.len() == 2, || {
-        format!("extra keys in the error body: {}", shape())
-    })?;
+    ensure(obj.len() == 2, || format!("extra keys in the error body: {}", shape()))?;
     ensure(
         r.header("content-type")
             .is_some_and(|t| t.starts_with("application/json")),
@@ -288,9 +268,7 @@ async fn judge(c: &mut Conn, got: Option<Resp>, want: Want) -> Result<(), String
     match (want, got) {
         (Want::Closed | Want::HyperOrClosed(_), None) => Ok(()),
         (Want::Closed, Some(r)) => Err(format!("want a close, got {} {}", r.status, text(&r.body))),
-        (_, None) => Err(format!(
-            "want {want:?}, the server closed without an answer"
-        )),
+        (_, None) => Err(format!("want {want:?}, the server closed without an answer")),
         (Want::Api(status, code), Some(r)) => contract_error(&r, status, code),
         (Want::Ok(status), Some(r)) => {
             ensure(r.status == status, || {
@@ -315,10 +293,7 @@ async fn judge(c: &mut Conn, got: Option<Resp>, want: Want) -> Result<(), String
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 fn b64(b: &[u8]) -> String {
@@ -330,12 +305,7 @@ fn b64(b: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// One malformed-bytes case on a fresh connection, then the server must be intact.
-async fn check_malformed(
-    fx: &mut Fixture,
-    name: &str,
-    bytes: &[u8],
-    want: Want,
-) -> Result<(), String> {
+async fn check_malformed(fx: &mut Fixture, name: &str, bytes: &[u8], want: Want) -> Result<(), String> {
     let mut c = fx.conn().await;
     let got = exchange_on(&mut c, bytes)
         .await
@@ -350,34 +320,112 @@ async fn check_malformed(
 async fn malformed_request_lines_are_refused_and_the_server_survives() {
     // A short header timeout so cases that leave hyper waiting for more bytes end quickly.
     let mut fx = Fixture::start(&["--header-read-timeout-ms", "2000"]).await;
-    let long_path =
-        |n: usize| format!("GET /{} HTTP/1.1\r\nHost: test\r\n\r\n", "a".repeat(n)).into_bytes();
-    let tls_hello: &[u8] =
-        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\x00\x01\x02\x03\x04\x05\x06\x07\r\n\r\n";
+    let long_path = |n: usize| format!("GET /{} HTTP/1.1\r\nHost: test\r\n\r\n", "a".repeat(n)).into_bytes();
+    let tls_hello: &[u8] = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\x00\x01\x02\x03\x04\x05\x06\x07\r\n\r\n";
     let cases: Vec<(&str, Vec<u8>, Want)> = vec![
         ("tls client hello", tls_hello.to_vec(), Want::HyperOrClosed(400)),
-        ("binary garbage", b"\xff\xfe\xfd\xfc\x00\x01\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("words, no request line", b"hello there\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("missing version", b"GET /healthz\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("missing target and version", b"GET\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("HTTP/9.9", b"GET / HTTP/9.9\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("HTTP/1.2", b"GET /healthz HTTP/1.2\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("lowercase http", b"GET /healthz http/1.1\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
+        (
+            "binary garbage",
+            b"\xff\xfe\xfd\xfc\x00\x01\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "words, no request line",
+            b"hello there\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "missing version",
+            b"GET /healthz\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "missing target and version",
+            b"GET\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "HTTP/9.9",
+            b"GET / HTTP/9.9\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "HTTP/1.2",
+            b"GET /healthz HTTP/1.2\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "lowercase http",
+            b"GET /healthz http/1.1\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
         // hyper recognises the HTTP/2 preface and, serving HTTP/1 only, closes without a word.
-        ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), Want::Closed),
-        ("NUL in the target", b"GET /heal\0thz HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("NUL in the method", b"G\0T /healthz HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("NUL in a header name", b"GET /healthz HTTP/1.1\r\nHo\0st: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("NUL in a header value", b"GET /healthz HTTP/1.1\r\nHost: te\0st\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
+        (
+            "HTTP/2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            Want::Closed,
+        ),
+        (
+            "NUL in the target",
+            b"GET /heal\0thz HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "NUL in the method",
+            b"G\0T /healthz HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "NUL in a header name",
+            b"GET /healthz HTTP/1.1\r\nHo\0st: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "NUL in a header value",
+            b"GET /healthz HTTP/1.1\r\nHost: te\0st\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
         ("only NULs", vec![0u8; 64], Want::HyperOrClosed(400)),
-        ("control byte in the target", b"GET /\x01 HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("two spaces", b"GET  /healthz  HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("tab separators", b"GET\t/healthz\tHTTP/1.1\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("space in the target", b"GET /health z HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("header without colon", b"GET /healthz HTTP/1.1\r\nHost test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("space before colon", b"GET /healthz HTTP/1.1\r\nHost : test\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("obs-fold header", b"GET /healthz HTTP/1.1\r\nHost: test\r\n folded\r\n\r\n".to_vec(), Want::HyperOrClosed(400)),
-        ("bare CR line ends", b"GET /healthz HTTP/1.1\rHost: test\r\r".to_vec(), Want::HyperOrClosed(400)),
+        (
+            "control byte in the target",
+            b"GET /\x01 HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "two spaces",
+            b"GET  /healthz  HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "tab separators",
+            b"GET\t/healthz\tHTTP/1.1\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "space in the target",
+            b"GET /health z HTTP/1.1\r\nHost: test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "header without colon",
+            b"GET /healthz HTTP/1.1\r\nHost test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "space before colon",
+            b"GET /healthz HTTP/1.1\r\nHost : test\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "obs-fold header",
+            b"GET /healthz HTTP/1.1\r\nHost: test\r\n folded\r\n\r\n".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
+        (
+            "bare CR line ends",
+            b"GET /healthz HTTP/1.1\rHost: test\r\r".to_vec(),
+            Want::HyperOrClosed(400),
+        ),
         (
             "Content-Length not a number",
             b"PUT /v1/admin/courses/X HTTP/1.1\r\nHost: test\r\nContent-Length: abc\r\n\r\n".to_vec(),
@@ -396,17 +444,33 @@ async fn malformed_request_lines_are_refused_and_the_server_survives() {
         ),
         // A stream of nothing but LF: hyper skips empty lines before a request line, so it
         // buffers them until the head limit and answers 431 (or times out and closes).
-        ("bare LF stream", vec![b'\n'; HEAD_BYTES_MAX + 1024], Want::HyperOrClosed(431)),
+        (
+            "bare LF stream",
+            vec![b'\n'; HEAD_BYTES_MAX + 1024],
+            Want::HyperOrClosed(431),
+        ),
         // Within the head limit a long path is an ordinary unknown route.
-        ("long path under the head limit", long_path(8 * 1024), Want::Api(404, "not_found")),
+        (
+            "long path under the head limit",
+            long_path(8 * 1024),
+            Want::Api(404, "not_found"),
+        ),
         // Beyond it, hyper's buffer fills before the request line ends.
-        ("very long path beyond the head limit", long_path(HEAD_BYTES_MAX + 1024), Want::HyperOrClosed(431)),
+        (
+            "very long path beyond the head limit",
+            long_path(HEAD_BYTES_MAX + 1024),
+            Want::HyperOrClosed(431),
+        ),
         // Half a request line and nothing more: the header read timeout closes it.
         ("request line cut short", b"GET /heal".to_vec(), Want::Closed),
         // A request whose lines end in bare LF is valid HTTP/1.1: RFC 9112 section 2.2 lets a
         // recipient accept a lone LF as a line terminator, and hyper's parser (httparse) does.
         // Not an error: listed so a change of that behaviour is noticed.
-        ("bare LF line ends (valid, lenient)", b"GET /healthz HTTP/1.1\nHost: test\n\n".to_vec(), Want::Ok(200)),
+        (
+            "bare LF line ends (valid, lenient)",
+            b"GET /healthz HTTP/1.1\nHost: test\n\n".to_vec(),
+            Want::Ok(200),
+        ),
     ];
     let mut failures = Vec::new();
     for (name, bytes, want) in &cases {
@@ -438,10 +502,7 @@ async fn oversize_heads_get_431_or_a_close() {
     assert!(under.len() < HEAD_BYTES_MAX - 512, "{}", under.len());
     match exchange(&fx.server, &under).await {
         Ok(Some(r)) if r.status == 200 => {}
-        other => failures.push(format!(
-            "a {}-byte head: want 200, got {other:?}",
-            under.len()
-        )),
+        other => failures.push(format!("a {}-byte head: want 200, got {other:?}", under.len())),
     }
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("20 headers of 1000 bytes (> 16 KiB)", padded(20, 1000)),
@@ -525,19 +586,14 @@ async fn oversize_bodies_get_413_payload_too_large() {
         )),
     }
     // The largest length hyper accepts (u64::MAX - 2): still ours to refuse with 413.
-    let huge = head.replace(
-        &format!("{}", BODY_BYTES_MAX + 1),
-        &(u64::MAX - 2).to_string(),
-    );
+    let huge = head.replace(&format!("{}", BODY_BYTES_MAX + 1), &(u64::MAX - 2).to_string());
     match exchange(&fx.server, huge.as_bytes()).await {
         Ok(Some(r)) => {
             if let Err(e) = contract_error(&r, 413, "payload_too_large") {
                 failures.push(format!("Content-Length u64::MAX - 2: {e}"));
             }
         }
-        other => failures.push(format!(
-            "Content-Length u64::MAX - 2: want 413, got {other:?}"
-        )),
+        other => failures.push(format!("Content-Length u64::MAX - 2: want 413, got {other:?}")),
     }
     // Past that, hyper refuses the head itself ("content-length bigger than maximum") with its
     // bare 431 before our service runs: not API.md's 413 with a body, and not ours to change.
@@ -562,10 +618,7 @@ async fn oversize_bodies_get_413_payload_too_large() {
                 failures.push(format!("chunked {} bytes: {e}", BODY_BYTES_MAX + 1));
             }
         }
-        other => failures.push(format!(
-            "chunked {} bytes: want 413, got {other:?}",
-            BODY_BYTES_MAX + 1
-        )),
+        other => failures.push(format!("chunked {} bytes: want 413, got {other:?}", BODY_BYTES_MAX + 1)),
     }
     // One single chunk that declares more than the limit.
     let mut bytes = chunked_head("BIG-CH1");
@@ -643,12 +696,9 @@ async fn check_bad_body(
         &[("Authorization", &admin)],
         Some(body),
     );
-    let got = exchange_on(c, &req)
-        .await
-        .map_err(|e| format!("{name} on {id}: {e}"))?;
+    let got = exchange_on(c, &req).await.map_err(|e| format!("{name} on {id}: {e}"))?;
     let r = got.ok_or_else(|| format!("{name} on {id}: closed without an answer"))?;
-    contract_error(&r, 400, "bad_request")
-        .map_err(|e| format!("{name} on {id} [{}]: {e}", shown(body)))?;
+    contract_error(&r, 400, "bad_request").map_err(|e| format!("{name} on {id} [{}]: {e}", shown(body)))?;
     let after = course(&fx.server, id).await;
     ensure(after.as_ref() == before, || {
         format!("{name} on {id}: course changed from {before:?} to {after:?}")
@@ -677,34 +727,63 @@ async fn bad_course_bodies_are_400_and_change_nothing() {
         ("capacity as bool", br#"{"title":"A","capacity":true}"#.to_vec()),
         ("capacity null", br#"{"title":"A","capacity":null}"#.to_vec()),
         ("negative capacity", br#"{"title":"A","capacity":-1}"#.to_vec()),
-        ("capacity above the maximum", br#"{"title":"A","capacity":100001}"#.to_vec()),
+        (
+            "capacity above the maximum",
+            br#"{"title":"A","capacity":100001}"#.to_vec(),
+        ),
         ("capacity past u32", br#"{"title":"A","capacity":4294967296}"#.to_vec()),
-        ("capacity past i64", br#"{"title":"A","capacity":18446744073709551616}"#.to_vec()),
+        (
+            "capacity past i64",
+            br#"{"title":"A","capacity":18446744073709551616}"#.to_vec(),
+        ),
         ("capacity 1e30", br#"{"title":"A","capacity":1e30}"#.to_vec()),
         ("title as number", br#"{"title":5,"capacity":3}"#.to_vec()),
         ("title null", br#"{"title":null,"capacity":3}"#.to_vec()),
         ("empty title", br#"{"title":"","capacity":3}"#.to_vec()),
         ("title of 201 chars", long_title.into_bytes()),
-        ("control char in title", br#"{"title":"A\u0007B","capacity":3}"#.to_vec()),
+        (
+            "control char in title",
+            br#"{"title":"A\u0007B","capacity":3}"#.to_vec(),
+        ),
         ("unknown field", br#"{"title":"A","capacity":3,"capcity":4}"#.to_vec()),
         ("missing title", br#"{"capacity":3}"#.to_vec()),
         ("missing capacity", br#"{"title":"A"}"#.to_vec()),
         ("duplicate field", br#"{"title":"A","title":"B","capacity":3}"#.to_vec()),
-        ("opens_at not RFC 3339", br#"{"title":"A","capacity":3,"opens_at":"tomorrow"}"#.to_vec()),
-        ("opens_at as number", br#"{"title":"A","capacity":3,"opens_at":0}"#.to_vec()),
-        ("closes_at date only", br#"{"title":"A","capacity":3,"closes_at":"2030-01-01"}"#.to_vec()),
+        (
+            "opens_at not RFC 3339",
+            br#"{"title":"A","capacity":3,"opens_at":"tomorrow"}"#.to_vec(),
+        ),
+        (
+            "opens_at as number",
+            br#"{"title":"A","capacity":3,"opens_at":0}"#.to_vec(),
+        ),
+        (
+            "closes_at date only",
+            br#"{"title":"A","capacity":3,"closes_at":"2030-01-01"}"#.to_vec(),
+        ),
         (
             "closes_at before opens_at",
-            br#"{"title":"A","capacity":3,"opens_at":"2030-01-02T00:00:00Z","closes_at":"2030-01-01T00:00:00Z"}"#.to_vec(),
+            br#"{"title":"A","capacity":3,"opens_at":"2030-01-02T00:00:00Z","closes_at":"2030-01-01T00:00:00Z"}"#
+                .to_vec(),
         ),
         (
             "closes_at equal to opens_at",
-            br#"{"title":"A","capacity":3,"opens_at":"2030-01-01T00:00:00Z","closes_at":"2030-01-01T00:00:00Z"}"#.to_vec(),
+            br#"{"title":"A","capacity":3,"opens_at":"2030-01-01T00:00:00Z","closes_at":"2030-01-01T00:00:00Z"}"#
+                .to_vec(),
         ),
-        ("invalid UTF-8 in title", b"{\"title\":\"\xff\xfe\",\"capacity\":3}".to_vec()),
-        ("UTF-8 BOM first", b"\xef\xbb\xbf{\"title\":\"A\",\"capacity\":3}".to_vec()),
+        (
+            "invalid UTF-8 in title",
+            b"{\"title\":\"\xff\xfe\",\"capacity\":3}".to_vec(),
+        ),
+        (
+            "UTF-8 BOM first",
+            b"\xef\xbb\xbf{\"title\":\"A\",\"capacity\":3}".to_vec(),
+        ),
         ("trailing garbage", br#"{"title":"A","capacity":3} x"#.to_vec()),
-        ("two objects", br#"{"title":"A","capacity":3}{"title":"B","capacity":4}"#.to_vec()),
+        (
+            "two objects",
+            br#"{"title":"A","capacity":3}{"title":"B","capacity":4}"#.to_vec(),
+        ),
         ("nested 5000 deep", deep.into_bytes()),
     ];
     let mut failures = Vec::new();
@@ -745,11 +824,7 @@ async fn bad_course_bodies_are_400_and_change_nothing() {
         )
         .await;
     if r.status != 201 {
-        failures.push(format!(
-            "control: a good body answered {} {}",
-            r.status,
-            text(&r.body)
-        ));
+        failures.push(format!("control: a good body answered {} {}", r.status, text(&r.body)));
     }
     report("bad course bodies", failures);
 }
@@ -767,10 +842,7 @@ async fn check_route(
     body: Option<&[u8]>,
     want: Want,
 ) -> Result<(), String> {
-    let headers: Vec<(&str, &str)> = authorization
-        .iter()
-        .map(|a| ("Authorization", *a))
-        .collect();
+    let headers: Vec<(&str, &str)> = authorization.iter().map(|a| ("Authorization", *a)).collect();
     let mut c = fx.conn().await;
     let req = raw(method, target, &headers, body);
     let got = exchange_on(&mut c, &req)
@@ -852,8 +924,7 @@ fn sign_raw(header: &Value, claims: &Value, key: &[u8]) -> String {
         b64(claims.to_string().as_bytes())
     );
     let alg = Algorithm::HS256;
-    let sig = jsonwebtoken::crypto::sign(unsigned.as_bytes(), &EncodingKey::from_secret(key), alg)
-        .unwrap();
+    let sig = jsonwebtoken::crypto::sign(unsigned.as_bytes(), &EncodingKey::from_secret(key), alg).unwrap();
     format!("{unsigned}.{sig}")
 }
 
@@ -865,11 +936,7 @@ const TOK: &str = "TOK-01";
 
 /// Sends the enrollment POST with this `Authorization` value (none when `None`): must be 401
 /// `unauthorized`.
-async fn check_forged(
-    fx: &mut Fixture,
-    name: &str,
-    authorization: Option<&str>,
-) -> Result<(), String> {
+async fn check_forged(fx: &mut Fixture, name: &str, authorization: Option<&str>) -> Result<(), String> {
     let mut headers = Vec::new();
     if let Some(a) = authorization {
         headers.push(("Authorization", a));
@@ -881,9 +948,7 @@ async fn check_forged(
         None,
     );
     let mut c = fx.conn().await;
-    let got = exchange_on(&mut c, &req)
-        .await
-        .map_err(|e| format!("{name}: {e}"))?;
+    let got = exchange_on(&mut c, &req).await.map_err(|e| format!("{name}: {e}"))?;
     judge(&mut c, got, Want::Api(401, "unauthorized"))
         .await
         .map_err(|e| format!("{name}: {e}"))?;
@@ -936,11 +1001,7 @@ async fn forged_tokens_are_401_and_take_no_seat() {
         ),
         (
             "signed with an empty key",
-            Some(bearer(&encode(
-                Algorithm::HS256,
-                &claims("forger", "student"),
-                b"",
-            ))),
+            Some(bearer(&encode(Algorithm::HS256, &claims("forger", "student"), b""))),
         ),
         (
             "expired",
@@ -976,32 +1037,18 @@ async fn forged_tokens_are_401_and_take_no_seat() {
         ),
         (
             "HS384 signed with the right secret",
-            Some(bearer(&encode(
-                Algorithm::HS384,
-                &claims("forger", "student"),
-                secret,
-            ))),
+            Some(bearer(&encode(Algorithm::HS384, &claims("forger", "student"), secret))),
         ),
         (
             "HS512 signed with the right secret",
-            Some(bearer(&encode(
-                Algorithm::HS512,
-                &claims("forger", "student"),
-                secret,
-            ))),
+            Some(bearer(&encode(Algorithm::HS512, &claims("forger", "student"), secret))),
         ),
         (
             "payload swapped under a good signature",
             Some(bearer(&format!("{good_head}.{admin_payload}.{good_sig}"))),
         ),
-        (
-            "signature cut off",
-            Some(bearer(&format!("{good_head}.{payload}"))),
-        ),
-        (
-            "signature emptied",
-            Some(bearer(&format!("{good_head}.{payload}."))),
-        ),
+        ("signature cut off", Some(bearer(&format!("{good_head}.{payload}")))),
+        ("signature emptied", Some(bearer(&format!("{good_head}.{payload}.")))),
         ("garbage string", Some(bearer("garbage"))),
         ("three garbage parts", Some(bearer("a.b.c"))),
         ("empty bearer", Some("Bearer ".into())),
@@ -1016,19 +1063,11 @@ async fn forged_tokens_are_401_and_take_no_seat() {
         ("Bearer without the space", Some(format!("Bearer{good}"))),
         (
             "sub with a space",
-            Some(bearer(&encode(
-                Algorithm::HS256,
-                &claims("a b", "student"),
-                secret,
-            ))),
+            Some(bearer(&encode(Algorithm::HS256, &claims("a b", "student"), secret))),
         ),
         (
             "sub empty",
-            Some(bearer(&encode(
-                Algorithm::HS256,
-                &claims("", "student"),
-                secret,
-            ))),
+            Some(bearer(&encode(Algorithm::HS256, &claims("", "student"), secret))),
         ),
         (
             "sub of 65 chars",
@@ -1064,11 +1103,7 @@ async fn forged_tokens_are_401_and_take_no_seat() {
         ),
         (
             "role Admin (wrong case)",
-            Some(bearer(&encode(
-                Algorithm::HS256,
-                &claims("forger", "Admin"),
-                secret,
-            ))),
+            Some(bearer(&encode(Algorithm::HS256, &claims("forger", "Admin"), secret))),
         ),
         (
             "role missing",
@@ -1081,8 +1116,7 @@ async fn forged_tokens_are_401_and_take_no_seat() {
         (
             "claims not JSON",
             Some(bearer(&{
-                let unsigned =
-                    format!("{}.{}", b64(hs256.to_string().as_bytes()), b64(b"not json"));
+                let unsigned = format!("{}.{}", b64(hs256.to_string().as_bytes()), b64(b"not json"));
                 let sig = jsonwebtoken::crypto::sign(
                     unsigned.as_bytes(),
                     &EncodingKey::from_secret(secret),
@@ -1109,12 +1143,7 @@ async fn forged_tokens_are_401_and_take_no_seat() {
     }
     // Control: the real token does take the seat, so the 401s above were about the tokens.
     let r = c
-        .request(
-            "POST",
-            &format!("/v1/courses/{TOK}/enrollment"),
-            Some(&good),
-            None,
-        )
+        .request("POST", &format!("/v1/courses/{TOK}/enrollment"), Some(&good), None)
         .await;
     if r.status != 201 {
         failures.push(format!(
@@ -1134,24 +1163,14 @@ async fn a_student_on_an_admin_route_is_403() {
     let forbidden = Want::Api(403, "forbidden");
     let mut failures = Vec::new();
     let cases: Vec<(&str, &str, String, Option<&[u8]>)> = vec![
-        (
-            "create a course",
-            "PUT",
-            "/v1/admin/courses/STU-NEW".into(),
-            Some(body),
-        ),
+        ("create a course", "PUT", "/v1/admin/courses/STU-NEW".into(), Some(body)),
         (
             "change a course",
             "PUT",
             format!("/v1/admin/courses/{KEEP}"),
             Some(body),
         ),
-        (
-            "read a roster",
-            "GET",
-            format!("/v1/admin/courses/{KEEP}/roster"),
-            None,
-        ),
+        ("read a roster", "GET", format!("/v1/admin/courses/{KEEP}/roster"), None),
     ];
     for (name, method, path, body) in &cases {
         if let Err(e) = check_route(
@@ -1175,9 +1194,7 @@ async fn a_student_on_an_admin_route_is_403() {
     for (name, method, path, body) in &cases {
         let name = format!("{name}, no token");
         let want = Want::Api(401, "unauthorized");
-        if let Err(e) =
-            check_route(&mut fx, &name, method, path.as_bytes(), None, *body, want).await
-        {
+        if let Err(e) = check_route(&mut fx, &name, method, path.as_bytes(), None, *body, want).await {
             failures.push(e);
         }
     }
@@ -1201,7 +1218,9 @@ async fn every_error_answer_has_the_contract_shape_and_a_request_id() {
             "PUT",
             "/v1/admin/courses/SHUT-01",
             Some(&admin),
-            Some(r#"{"title":"Shut","capacity":3,"opens_at":"2000-01-01T00:00:00Z","closes_at":"2000-01-02T00:00:00Z"}"#),
+            Some(
+                r#"{"title":"Shut","capacity":3,"opens_at":"2000-01-01T00:00:00Z","closes_at":"2000-01-02T00:00:00Z"}"#,
+            ),
         )
         .await;
     assert_eq!(r.status, 201, "{}", text(&r.body));
@@ -1241,12 +1260,7 @@ async fn every_error_answer_has_the_contract_shape_and_a_request_id() {
 }
 
 /// Sends `GET path` with this raw `X-Request-Id` header line value, returns the answer.
-async fn with_request_id(
-    c: &mut Conn,
-    path: &str,
-    id: &[u8],
-    token: Option<&str>,
-) -> Result<Option<Resp>, String> {
+async fn with_request_id(c: &mut Conn, path: &str, id: &[u8], token: Option<&str>) -> Result<Option<Resp>, String> {
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n").into_bytes();
     if let Some(t) = token {
         req.extend_from_slice(format!("Authorization: Bearer {t}\r\n").as_bytes());
@@ -1266,19 +1280,9 @@ async fn request_ids_are_echoed_when_valid_and_replaced_when_not() {
     // Echoed as sent, on a success, on our own errors.
     let echoed: Vec<(&str, &str, Option<&str>, u16)> = vec![
         ("abc-123", "/healthz", None, 200),
-        (
-            "abc-123",
-            "/v1/courses/NOPE-01",
-            Some(student.as_str()),
-            404,
-        ),
+        ("abc-123", "/v1/courses/NOPE-01", Some(student.as_str()), 404),
         ("abc-123", "/v1/courses/NOPE-01", None, 401),
-        (
-            "abc-123",
-            "/v1/courses/bad%20id",
-            Some(student.as_str()),
-            400,
-        ),
+        ("abc-123", "/v1/courses/bad%20id", Some(student.as_str()), 400),
         (&id64, "/healthz", None, 200),
         ("a", "/healthz", None, 200),
         ("with spaces and ~!@#$%^&*()", "/healthz", None, 200),
@@ -1287,9 +1291,7 @@ async fn request_ids_are_echoed_when_valid_and_replaced_when_not() {
     for (id, path, tok, status) in &echoed {
         match with_request_id(&mut c, path, id.as_bytes(), *tok).await {
             Ok(Some(r)) if r.status == *status && r.header("x-request-id") == Some(id) => {}
-            other => failures.push(format!(
-                "id {id:?} on {path}: want {status} echoing it, got {other:?}"
-            )),
+            other => failures.push(format!("id {id:?} on {path}: want {status} echoing it, got {other:?}")),
         }
     }
     // Replaced by a server-made id: too long, a control byte our check refuses (TAB passes
@@ -1308,12 +1310,8 @@ async fn request_ids_are_echoed_when_valid_and_replaced_when_not() {
             Ok(Some(r)) if r.status == 200 => {
                 let got = r.header("x-request-id").map(str::to_owned);
                 match got {
-                    Some(g) if g.as_bytes() != id.as_slice() && request_id_ok(&r).is_ok() => {
-                        made.push(g)
-                    }
-                    other => {
-                        failures.push(format!("id {name}: want a server-made id, got {other:?}"))
-                    }
+                    Some(g) if g.as_bytes() != id.as_slice() && request_id_ok(&r).is_ok() => made.push(g),
+                    other => failures.push(format!("id {name}: want a server-made id, got {other:?}")),
                 }
             }
             other => {
@@ -1373,11 +1371,7 @@ async fn pipelined_requests_are_answered_in_order() {
             .await
             .expect("answer in time")
             .expect("answer");
-        got.push((
-            r.status,
-            r.header("x-request-id").unwrap_or("").to_owned(),
-            r,
-        ));
+        got.push((r.status, r.header("x-request-id").unwrap_or("").to_owned(), r));
     }
     let ids: Vec<&str> = got.iter().map(|(_, id, _)| id.as_str()).collect();
     assert_eq!(ids, ["pipe-1", "pipe-2", "pipe-3"]);
@@ -1389,10 +1383,7 @@ async fn pipelined_requests_are_answered_in_order() {
     let mut bytes = raw(
         "PUT",
         b"/v1/admin/courses/PIPE-01",
-        &[
-            ("Authorization", &bearer(&admin_token())),
-            ("X-Request-Id", "w-1"),
-        ],
+        &[("Authorization", &bearer(&admin_token())), ("X-Request-Id", "w-1")],
         Some(&br#"{"title":"Pipe","capacity":2}"#[..]),
     );
     bytes.extend(raw(
@@ -1424,10 +1415,7 @@ async fn pipelined_requests_are_answered_in_order() {
                 .expect("answer"),
         );
     }
-    let ids: Vec<&str> = answers
-        .iter()
-        .map(|r| r.header("x-request-id").unwrap_or(""))
-        .collect();
+    let ids: Vec<&str> = answers.iter().map(|r| r.header("x-request-id").unwrap_or("")).collect();
     assert_eq!(ids, ["w-1", "w-2", "w-3", "w-4", "w-5"]);
     let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [201, 201, 200, 400, 200]);
@@ -1447,12 +1435,7 @@ async fn pipelined_requests_are_answered_in_order() {
 async fn pipelined_valid_request_before_garbage_is_still_answered() {
     let fx = Fixture::start(&[]).await;
     let mut c = fx.conn().await;
-    let mut bytes = raw(
-        "GET",
-        b"/healthz",
-        &[("X-Request-Id", "before-garbage")],
-        None,
-    );
+    let mut bytes = raw("GET", b"/healthz", &[("X-Request-Id", "before-garbage")], None);
     bytes.extend_from_slice(b"\x16\x03\x01garbage\r\n\r\n");
     c.send_raw(&bytes).await.unwrap();
     let first = tokio::time::timeout(ANSWER_WITHIN, c.read_response())
@@ -1468,15 +1451,8 @@ async fn pipelined_valid_request_before_garbage_is_still_answered() {
         .await
         .expect("answer or close in time");
     if let Some(r) = second {
-        assert_eq!(
-            (r.status, r.body.len()),
-            (400, 0),
-            "hyper's bare 400 for the garbage"
-        );
-        assert!(
-            closed_within(&mut c, ANSWER_WITHIN).await,
-            "closed after the garbage"
-        );
+        assert_eq!((r.status, r.body.len()), (400, 0), "hyper's bare 400 for the garbage");
+        assert!(closed_within(&mut c, ANSWER_WITHIN).await, "closed after the garbage");
     }
     assert_eq!(course(&fx.server, KEEP).await.as_ref(), Some(&fx.baseline));
 }
@@ -1496,13 +1472,8 @@ async fn pipelined_answer_is_not_held_back_by_a_partial_next_request() {
     let first = tokio::time::timeout(ANSWER_WITHIN, c.read_response())
         .await
         .expect("answer or close in time")
-        .expect(
-            "the complete request was never answered (connection closed at the header timeout)",
-        );
-    assert_eq!(
-        (first.status, first.header("x-request-id")),
-        (200, Some("first"))
-    );
+        .expect("the complete request was never answered (connection closed at the header timeout)");
+    assert_eq!((first.status, first.header("x-request-id")), (200, Some("first")));
     // The rest of the second request completes it normally.
     c.send_raw(b"lthz HTTP/1.1\r\nHost: test\r\nX-Request-Id: second\r\n\r\n")
         .await
@@ -1511,10 +1482,7 @@ async fn pipelined_answer_is_not_held_back_by_a_partial_next_request() {
         .await
         .expect("in time")
         .expect("answer");
-    assert_eq!(
-        (second.status, second.header("x-request-id")),
-        (200, Some("second"))
-    );
+    assert_eq!((second.status, second.header("x-request-id")), (200, Some("second")));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1557,10 +1525,7 @@ async fn a_head_dribbled_byte_by_byte_is_closed() {
             break;
         }
     }
-    assert!(
-        closed,
-        "a dribbled head kept the connection open for {ANSWER_WITHIN:?}"
-    );
+    assert!(closed, "a dribbled head kept the connection open for {ANSWER_WITHIN:?}");
     fx.intact("dribbled head").await.unwrap();
 }
 
@@ -1582,8 +1547,7 @@ async fn an_idle_keep_alive_connection_is_closed() {
     let r = c.request("GET", "/healthz", None, None).await;
     assert_eq!(r.status, 200);
     assert!(
-        r.header("connection")
-            .is_none_or(|v| !v.eq_ignore_ascii_case("close")),
+        r.header("connection").is_none_or(|v| !v.eq_ignore_ascii_case("close")),
         "kept alive: {:?}",
         r.headers
     );
@@ -1625,7 +1589,9 @@ async fn stalled_bodies_do_not_lock_out_new_clients() {
         stalled.push(c);
     }
     for c in &mut stalled {
-        let r = tokio::time::timeout(ANSWER_WITHIN, c.read_response()).await.expect("answered in time");
+        let r = tokio::time::timeout(ANSWER_WITHIN, c.read_response())
+            .await
+            .expect("answered in time");
         let r = r.expect("a 408 before the close");
         assert_eq!(r.status, 408, "stalled body");
         assert_eq!(r.json()["error"], "bad_request");

@@ -14,7 +14,11 @@ fn smoke(server: &Server) {
         .output()
         .expect("python3");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "contract smoke failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "contract smoke failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("contract checks hold"), "{text}");
 }
 
@@ -43,7 +47,9 @@ async fn sigterm_exits_zero_and_restart_keeps_state() {
     let mut c = server.conn().await;
     put_course(&mut c, "KEEP-1", 3).await;
     for s in ["ann", "bob"] {
-        let r = c.request("POST", "/v1/courses/KEEP-1/enrollment", Some(&token(s)), None).await;
+        let r = c
+            .request("POST", "/v1/courses/KEEP-1/enrollment", Some(&token(s)), None)
+            .await;
         assert_eq!(r.status, 201);
     }
     drop(c);
@@ -52,8 +58,13 @@ async fn sigterm_exits_zero_and_restart_keeps_state() {
     let mut c = server.conn().await;
     assert_eq!(roster(&mut c, "KEEP-1").await, vec!["ann", "bob"]);
     let r = c.request("GET", "/v1/courses/KEEP-1", Some(&token("ann")), None).await;
-    assert_eq!((r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()), (Some(2), Some(1)));
-    let r = c.request("POST", "/v1/courses/KEEP-1/enrollment", Some(&token("ann")), None).await;
+    assert_eq!(
+        (r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let r = c
+        .request("POST", "/v1/courses/KEEP-1/enrollment", Some(&token("ann")), None)
+        .await;
     assert_eq!(r.status, 200, "idempotent after restart");
 }
 
@@ -95,7 +106,9 @@ fn token_subcommand_uses_the_configured_secret() {
         .unwrap();
     assert!(out.status.success());
     let tok = String::from_utf8(out.stdout).unwrap();
-    let caller = auth().verify(format!("Bearer {}", tok.trim()).as_bytes()).expect("valid token");
+    let caller = auth()
+        .verify(format!("Bearer {}", tok.trim()).as_bytes())
+        .expect("valid token");
     assert_eq!(caller.id.as_str(), "alice");
     let (code, _) = exit_of(&["token", "--sub", "bad sub", "--jwt-secret", SECRET]);
     assert_eq!(code, Some(2));

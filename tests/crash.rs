@@ -38,7 +38,10 @@ async fn kill9_mid_rush_loses_no_acknowledged_seat() {
     let outcomes = rushing.await.unwrap();
     let acked = acknowledged(&outcomes);
     let acked_total: usize = acked.values().map(BTreeSet::len).sum();
-    assert!(acked_total >= 1_000, "the kill landed after seats were acknowledged ({acked_total})");
+    assert!(
+        acked_total >= 1_000,
+        "the kill landed after seats were acknowledged ({acked_total})"
+    );
 
     let mut stored: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for r in db.query("SELECT course_id, student_id FROM enrollments") {
@@ -60,8 +63,14 @@ async fn kill9_mid_rush_loses_no_acknowledged_seat() {
     let mut conn = server.conn().await;
     for (c, cap) in courses.iter().zip(CAPACITIES) {
         let in_store: Vec<String> = stored.get(c).cloned().unwrap_or_default().into_iter().collect();
-        assert_eq!(roster(&mut conn, c).await, in_store, "rebuilt roster of {c} equals the store");
-        let r = conn.request("GET", &format!("/v1/courses/{c}"), Some(&admin_token()), None).await;
+        assert_eq!(
+            roster(&mut conn, c).await,
+            in_store,
+            "rebuilt roster of {c} equals the store"
+        );
+        let r = conn
+            .request("GET", &format!("/v1/courses/{c}"), Some(&admin_token()), None)
+            .await;
         let j = r.json();
         assert_eq!(j["enrolled"].as_u64(), Some(in_store.len() as u64));
         assert_eq!(j["seats_left"].as_u64(), Some(u64::from(*cap) - in_store.len() as u64));
@@ -69,6 +78,13 @@ async fn kill9_mid_rush_loses_no_acknowledged_seat() {
         assert_eq!(counter[0][0], in_store.len().to_string(), "stored counter of {c}");
     }
     // And the rebuilt node keeps selling correctly.
-    let r = conn.request("POST", "/v1/courses/K-7/enrollment", Some(&token("after-restart")), None).await;
+    let r = conn
+        .request(
+            "POST",
+            "/v1/courses/K-7/enrollment",
+            Some(&token("after-restart")),
+            None,
+        )
+        .await;
     assert_eq!(r.status, 201);
 }

@@ -6,12 +6,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{admin_token, put_course, token, Server, TempDir};
+use common::{admin_token, free_port, put_course, token, Server, TempDir};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -57,15 +57,6 @@ fn check(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// A loopback port nothing listens on right now (the OS picks an unusual one).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `text` with `from` replaced by `to`; fails when `from` is not there, so a change to a
@@ -141,11 +132,7 @@ fn http_get(addr: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, Str
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     Ok((status, body.to_owned()))
 }
 
@@ -277,10 +264,7 @@ fn sample_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
             Some(' ') => ("", rest.trim()),
             _ => continue,
         };
-        if labels
-            .iter()
-            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
-        {
+        if labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\""))) {
             let v: f64 = value
                 .split_whitespace()
                 .next()
@@ -355,8 +339,7 @@ fn family(name: &str) -> &str {
 
 /// The dashboard's panel queries with its variables filled in for a plain query.
 fn dashboard_queries() -> Vec<(String, String)> {
-    let dash: serde_json::Value =
-        serde_json::from_str(&read("deploy/grafana/enrolld.json")).expect("dashboard JSON");
+    let dash: serde_json::Value = serde_json::from_str(&read("deploy/grafana/enrolld.json")).expect("dashboard JSON");
     let mut out = Vec::new();
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().into_iter().flatten() {
@@ -404,10 +387,7 @@ fn promtool_check_config() {
     let out = check(Command::new(tool("promtool")).args(["check", "config", &conf]));
     let said = String::from_utf8_lossy(&out.stdout);
     // It checked the rule file too, by the rewritten path.
-    assert!(
-        said.contains("rules.yml") && said.contains("SUCCESS"),
-        "{said}"
-    );
+    assert!(said.contains("rules.yml") && said.contains("SUCCESS"), "{said}");
 }
 
 #[tokio::test]
@@ -423,12 +403,7 @@ async fn promtool_check_metrics_on_a_live_scrape() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -477,23 +452,14 @@ async fn live_metrics_carry_what_the_rules_and_dashboard_use() {
             missing.push(format!("{name}{labels:?}"));
         }
     }
-    assert!(
-        missing.is_empty(),
-        "no sample for {missing:#?} in /metrics:\n{body}"
-    );
+    assert!(missing.is_empty(), "no sample for {missing:#?} in /metrics:\n{body}");
     assert_eq!(has("enrolld_store_up", &[]), Some(1.0));
     assert_eq!(
         has("enrolld_enroll_attempts_total", &[("outcome", "enrolled")]),
         Some(2.0)
     );
-    assert_eq!(
-        has("enrolld_enroll_attempts_total", &[("outcome", "full")]),
-        Some(1.0)
-    );
-    assert_eq!(
-        has("enrolld_enroll_rejected_total", &[("reason", "full")]),
-        Some(1.0)
-    );
+    assert_eq!(has("enrolld_enroll_attempts_total", &[("outcome", "full")]), Some(1.0));
+    assert_eq!(has("enrolld_enroll_rejected_total", &[("reason", "full")]), Some(1.0));
     assert_eq!(
         has(
             "enrolld_http_requests_total",
@@ -502,10 +468,7 @@ async fn live_metrics_carry_what_the_rules_and_dashboard_use() {
         Some(2.0)
     );
     assert_eq!(
-        has(
-            "enrolld_http_request_duration_seconds_count",
-            &[("route", "enroll")]
-        ),
+        has("enrolld_http_request_duration_seconds_count", &[("route", "enroll")]),
         Some(3.0)
     );
     // Both seats went through group commit.
@@ -519,10 +482,7 @@ fn rules_and_dashboard_name_only_exposed_metrics_and_chart_them_all() {
     let rules = metric_names(&read("deploy/prometheus/rules.yml"));
     let dash = metric_names(&read("deploy/grafana/enrolld.json"));
     for (file, names) in [("rules.yml", &rules), ("enrolld.json", &dash)] {
-        let unknown: Vec<&String> = names
-            .iter()
-            .filter(|n| !EXPOSED.contains(&family(n)))
-            .collect();
+        let unknown: Vec<&String> = names.iter().filter(|n| !EXPOSED.contains(&family(n))).collect();
         assert!(
             unknown.is_empty(),
             "{file} names metrics the server does not expose: {unknown:?}"
@@ -530,10 +490,7 @@ fn rules_and_dashboard_name_only_exposed_metrics_and_chart_them_all() {
     }
     let charted: std::collections::BTreeSet<&str> = dash.iter().map(|n| family(n)).collect();
     let uncharted: Vec<&&str> = EXPOSED.iter().filter(|n| !charted.contains(**n)).collect();
-    assert!(
-        uncharted.is_empty(),
-        "the dashboard charts no panel for {uncharted:?}"
-    );
+    assert!(uncharted.is_empty(), "the dashboard charts no panel for {uncharted:?}");
 }
 
 #[test]
@@ -635,10 +592,7 @@ print(json.dumps(sorted(p["title"] for p in d["panels"])))
         "Resident memory",
         "Open file descriptors",
     ] {
-        assert!(
-            titles.iter().any(|t| t == want),
-            "no panel {want:?} in {titles:?}"
-        );
+        assert!(titles.iter().any(|t| t == want), "no panel {want:?} in {titles:?}");
     }
 }
 
@@ -676,10 +630,7 @@ fn systemd_unit_verifies() {
     let out = check(Command::new(tool("systemd-analyze")).args(["verify", &unit]));
     // verify exits 0 on some warnings; none are expected from this unit.
     let said = String::from_utf8_lossy(&out.stderr);
-    let complaints: Vec<&str> = said
-        .lines()
-        .filter(|l| l.contains("enrolld.service"))
-        .collect();
+    let complaints: Vec<&str> = said.lines().filter(|l| l.contains("enrolld.service")).collect();
     assert!(complaints.is_empty(), "systemd-analyze verify: {said}");
 }
 
@@ -687,19 +638,11 @@ fn systemd_unit_verifies() {
 fn systemd_unit_is_sandboxed() {
     let dir = TempDir::new("deploy_unitsec");
     let unit = unit_copy(&dir);
-    let out = check(Command::new(tool("systemd-analyze")).args([
-        "security",
-        "--offline=yes",
-        "--no-pager",
-        &unit,
-    ]));
+    let out = check(Command::new(tool("systemd-analyze")).args(["security", "--offline=yes", "--no-pager", &unit]));
     let said = String::from_utf8_lossy(&out.stdout);
     let score: f64 = said
         .lines()
-        .find_map(|l| {
-            l.split("Overall exposure level for enrolld.service:")
-                .nth(1)
-        })
+        .find_map(|l| l.split("Overall exposure level for enrolld.service:").nth(1))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{said}"));
@@ -743,17 +686,9 @@ impl NginxSetup {
         inc = replace(&inc, "/etc/enrolld/tls/cert.pem", &dir.path("cert.pem"));
         inc = replace(&inc, "/etc/enrolld/tls/key.pem", &dir.path("key.pem"));
         inc = replace(&inc, "listen 443 ssl;", &format!("listen {addr} ssl;"));
-        inc = replace(
-            &inc,
-            "server 127.0.0.1:8080 ",
-            &format!("server {upstream} "),
-        );
+        inc = replace(&inc, "server 127.0.0.1:8080 ", &format!("server {upstream} "));
         inc = replace(&inc, "/var/log/nginx/enrolld.access.log", &access_log);
-        inc = replace(
-            &inc,
-            "/var/log/nginx/enrolld.error.log",
-            &dir.path("enrolld.error.log"),
-        );
+        inc = replace(&inc, "/var/log/nginx/enrolld.error.log", &dir.path("enrolld.error.log"));
         let include = dir.path("enrolld.conf");
         std::fs::write(&include, inc).unwrap();
         let d = |n: &str| dir.path(n);
@@ -813,8 +748,14 @@ fn curl_tls(
     let head_file = setup.dir.path("curl.head");
     let body_file = setup.dir.path("curl.body");
     let mut c = Command::new(tool("curl"));
-    c.args(["-sS", "-k", "--max-time", "20", "-X", method])
-        .args(["-D", &head_file, "-o", &body_file, "-w", "%{http_code}"]);
+    c.args(["-sS", "-k", "--max-time", "20", "-X", method]).args([
+        "-D",
+        &head_file,
+        "-o",
+        &body_file,
+        "-w",
+        "%{http_code}",
+    ]);
     for h in headers {
         c.args(["-H", h]);
     }
@@ -847,10 +788,7 @@ fn wait_access_log(setup: &NginxSetup, what: &str, pred: impl Fn(&str) -> bool) 
         if pred(&text) {
             return text;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not in nginx's access log:\n{text}"
-        );
+        assert!(Instant::now() < deadline, "{what} not in nginx's access log:\n{text}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -860,15 +798,8 @@ fn wait_enrolld_log(server: &Server, seen: &mut Vec<String>, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !seen.iter().any(|l| l.contains(needle)) {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(
-            !left.is_zero(),
-            "{needle} not in enrolld's log:\n{}",
-            seen.join("\n")
-        );
-        if let Ok(line) = server
-            .log
-            .recv_timeout(left.min(Duration::from_millis(200)))
-        {
+        assert!(!left.is_zero(), "{needle} not in enrolld's log:\n{}", seen.join("\n"));
+        if let Ok(line) = server.log.recv_timeout(left.min(Duration::from_millis(200))) {
             seen.push(line);
         }
     }
@@ -883,11 +814,7 @@ fn enroll_through_nginx_over_tls_with_one_request_id() {
     let setup = NginxSetup::new(server.addr);
     check(setup.nginx().arg("-t"));
     let nginx_log = setup.dir.path("nginx.out");
-    let mut nginx = Proc::spawn(
-        "nginx",
-        setup.nginx().args(["-g", "daemon off;"]),
-        &nginx_log,
-    );
+    let mut nginx = Proc::spawn("nginx", setup.nginx().args(["-g", "daemon off;"]), &nginx_log);
     wait_listening(setup.addr, &mut nginx, &nginx_log);
 
     let rid = format!("deploy-test-{:016x}", rand::random::<u64>());

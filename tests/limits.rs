@@ -69,12 +69,7 @@ fn tok(sub: &str, tier: Option<&str>) -> String {
 }
 
 fn ops_admin() -> String {
-    auth().mint_tier(
-        &StudentId::parse("test-admin").unwrap(),
-        Role::Admin,
-        3600,
-        Some("ops"),
-    )
+    auth().mint_tier(&StudentId::parse("test-admin").unwrap(), Role::Admin, 3600, Some("ops"))
 }
 
 /// Creates or updates a course as the `ops` admin; panics unless 200/201.
@@ -123,16 +118,8 @@ fn enroll_path(course: &str) -> String {
 
 /// A 429 by the contract: `Retry-After` and the error code `rate_limited`.
 fn assert_limited(r: &Resp, what: &str) {
-    assert_eq!(
-        r.status,
-        429,
-        "{what}: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    assert!(
-        r.header("retry-after").is_some(),
-        "{what}: 429 without Retry-After"
-    );
+    assert_eq!(r.status, 429, "{what}: {}", String::from_utf8_lossy(&r.body));
+    assert!(r.header("retry-after").is_some(), "{what}: 429 without Retry-After");
     assert_eq!(r.json()["error"], "rate_limited", "{what}");
 }
 
@@ -148,11 +135,7 @@ fn assert_near(got: usize, expected: f64, what: &str) {
 
 /// Sends the requests `make(i)` makes, one after another on `conn`, for `dur`. Returns
 /// the answers and the seconds from the first send to the last answer.
-async fn hammer(
-    conn: &mut Conn,
-    dur: Duration,
-    mut make: impl FnMut(usize) -> String,
-) -> (Vec<Resp>, f64) {
+async fn hammer(conn: &mut Conn, dur: Duration, mut make: impl FnMut(usize) -> String) -> (Vec<Resp>, f64) {
     let start = Instant::now();
     let mut last = start;
     let mut out = Vec::new();
@@ -196,10 +179,7 @@ fn redis_url() -> String {
 fn redis_exists(url: &str, key: &str) -> i64 {
     let client = redis::Client::open(url).expect("redis url");
     let mut con = client.get_connection().expect("redis reachable");
-    redis::cmd("EXISTS")
-        .arg(key)
-        .query(&mut con)
-        .expect("EXISTS")
+    redis::cmd("EXISTS").arg(key).query(&mut con).expect("EXISTS")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -210,12 +190,7 @@ fn redis_exists(url: &str, key: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_bucket_limits_one_student_at_its_rate() {
     let dir = TempDir::new("lim_user");
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml("", &rate(10.0, 5), HUGE, HUGE, ""),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml("", &rate(10.0, 5), HUGE, HUGE, ""), &[]);
     let t = tag();
     let course = format!("U{t}");
     let mut c = server.conn().await;
@@ -224,37 +199,21 @@ async fn user_bucket_limits_one_student_at_its_rate() {
     let path = format!("/v1/courses/{course}");
     let (resps, secs) = hammer(&mut c, RUN, |_| raw("GET", &path, &student, &[])).await;
     let ok = count_ok(&resps, 200, "user bucket");
-    assert_near(
-        ok,
-        5.0 + 10.0 * secs,
-        &format!("one student over {secs:.2} s"),
-    );
+    assert_near(ok, 5.0 + 10.0 * secs, &format!("one student over {secs:.2} s"));
     assert!(
         resps.len() >= ok + 100,
         "the student kept asking ({} requests)",
         resps.len()
     );
-    let other = send(
-        &mut c,
-        &raw("GET", &path, &tok(&format!("u{t}-other"), None), &[]),
-    )
-    .await;
-    assert_eq!(
-        other.status, 200,
-        "another student has a bucket of their own"
-    );
+    let other = send(&mut c, &raw("GET", &path, &tok(&format!("u{t}-other"), None), &[])).await;
+    assert_eq!(other.status, 200, "another student has a bucket of their own");
 }
 
 /// Distinct students from 127.0.0.1 share the segment 127.0.0.0/24: 10 + 20/s pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ipseg_bucket_limits_one_segment_at_its_rate() {
     let dir = TempDir::new("lim_ipseg");
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml("", HUGE, HUGE, &rate(20.0, 10), ""),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml("", HUGE, HUGE, &rate(20.0, 10), ""), &[]);
     let t = tag();
     let course = format!("I{t}");
     let mut c = server.conn().await;
@@ -284,12 +243,7 @@ async fn ipseg_bucket_limits_one_segment_at_its_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn course_bucket_limits_seat_taking_requests_at_its_rate() {
     let dir = TempDir::new("lim_course");
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml("", HUGE, &rate(20.0, 5), HUGE, ""),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml("", HUGE, &rate(20.0, 5), HUGE, ""), &[]);
     let t = tag();
     let course = format!("C{t}");
     put(&mut server.conn().await, &course, 10_000).await;
@@ -304,12 +258,7 @@ async fn course_bucket_limits_seat_taking_requests_at_its_rate() {
             let mut last = start;
             while start.elapsed() < RUN {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let req = raw(
-                    "POST",
-                    &enroll_path(&course),
-                    &tok(&format!("c{t}-{i}"), None),
-                    &[],
-                );
+                let req = raw("POST", &enroll_path(&course), &tok(&format!("c{t}-{i}"), None), &[]);
                 out.push(send(&mut conn, &req).await);
                 last = Instant::now();
                 tokio::time::sleep(GAP).await;
@@ -344,11 +293,7 @@ async fn course_bucket_limits_seat_taking_requests_at_its_rate() {
     );
     assert_eq!(sample(&server, &rejected("user")).await, 0.0);
     assert_eq!(sample(&server, &rejected("ipseg")).await, 0.0);
-    let enrolled = sample(
-        &server,
-        r#"enrolld_enroll_attempts_total{outcome="enrolled"}"#,
-    )
-    .await;
+    let enrolled = sample(&server, r#"enrolld_enroll_attempts_total{outcome="enrolled"}"#).await;
     assert_eq!(enrolled, ok as f64);
 }
 
@@ -358,12 +303,7 @@ async fn course_bucket_limits_seat_taking_requests_at_its_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_repeated_and_missing_courses_never_spend_the_course_budget() {
     let dir = TempDir::new("lim_course409");
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml("", HUGE, &rate(0.1, 3), HUGE, ""),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml("", HUGE, &rate(0.1, 3), HUGE, ""), &[]);
     let t = tag();
     let full = format!("F{t}");
     let ghost = format!("G{t}");
@@ -391,18 +331,8 @@ async fn full_repeated_and_missing_courses_never_spend_the_course_budget() {
     }
     // Two tokens must be left: two new seats, then the bucket is empty.
     put(&mut c, &full, 10).await;
-    assert_eq!(
-        send(&mut c, &post(&full, format!("f{t}-new1")))
-            .await
-            .status,
-        201
-    );
-    assert_eq!(
-        send(&mut c, &post(&full, format!("f{t}-new2")))
-            .await
-            .status,
-        201
-    );
+    assert_eq!(send(&mut c, &post(&full, format!("f{t}-new1"))).await.status, 201);
+    assert_eq!(send(&mut c, &post(&full, format!("f{t}-new2"))).await.status, 201);
     assert_limited(
         &send(&mut c, &post(&full, format!("f{t}-new3"))).await,
         "course budget spent by the 201s alone",
@@ -416,9 +346,7 @@ async fn full_repeated_and_missing_courses_never_spend_the_course_budget() {
     put(&mut c, &ghost, 10).await;
     for i in 0..3 {
         assert_eq!(
-            send(&mut c, &post(&ghost, format!("g{t}-new{i}")))
-                .await
-                .status,
+            send(&mut c, &post(&ghost, format!("g{t}-new{i}"))).await.status,
             201,
             "burst seat {i}"
         );
@@ -448,12 +376,7 @@ async fn staff_tier_gets_its_higher_user_rate() {
         "[limits.profiles.staff]\nuser = {}\ncourse = {HUGE}\nipseg = {HUGE}\n",
         rate(40.0, 20)
     );
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml("", &rate(5.0, 5), HUGE, HUGE, &staff),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml("", &rate(5.0, 5), HUGE, HUGE, &staff), &[]);
     let t = tag();
     let course = format!("T{t}");
     put(&mut server.conn().await, &course, 10).await;
@@ -481,10 +404,7 @@ async fn staff_tier_gets_its_higher_user_rate() {
         5.0 + 5.0 * unknown_s,
         "unknown tier falls back to the default profile",
     );
-    assert!(
-        staff_ok > 3 * plain_ok,
-        "staff {staff_ok} vs student {plain_ok}"
-    );
+    assert!(staff_ok > 3 * plain_ok, "staff {staff_ok} vs student {plain_ok}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -520,20 +440,13 @@ async fn alternate_between_two_nodes(redis: Option<&str>) -> TwoNodeRun {
     }
     let student = format!("x{t}");
     let token = tok(&student, None);
-    let xff = format!(
-        "2001:db8:{:x}:{:x}::7",
-        rand::random::<u16>(),
-        rand::random::<u16>()
-    );
+    let xff = format!("2001:db8:{:x}:{:x}::7", rand::random::<u16>(), rand::random::<u16>());
     let (mut admitted, mut refused) = (0, 0);
     let start = Instant::now();
     let mut last = start;
     let mut i = 0;
     while start.elapsed() < RUN {
-        assert!(
-            admitted < courses.len(),
-            "more admitted than courses prepared"
-        );
+        assert!(admitted < courses.len(), "more admitted than courses prepared");
         let req = raw(
             "POST",
             &enroll_path(&courses[admitted]),
@@ -664,23 +577,11 @@ impl Drop for PrivateRedis {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Enrolls a fresh student (`<prefix>-<n>`) in `course`; returns the student and answer.
 async fn enroll_fresh(c: &mut Conn, course: &str, prefix: &str, n: &mut usize) -> (String, Resp) {
     *n += 1;
     let student = format!("{prefix}-{n}");
-    let r = send(
-        c,
-        &raw("POST", &enroll_path(course), &tok(&student, None), &[]),
-    )
-    .await;
+    let r = send(c, &raw("POST", &enroll_path(course), &tok(&student, None), &[])).await;
     (student, r)
 }
 
@@ -736,16 +637,9 @@ async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() 
     for _ in 0..5 {
         let (s, r) = enroll_fresh(&mut c, &course, &prefix, &mut n).await;
         assert_eq!(r.status, 201);
-        assert_eq!(
-            redis.cli(&["EXISTS", &key(&s)]),
-            "1",
-            "{s}'s bucket is in Redis"
-        );
+        assert_eq!(redis.cli(&["EXISTS", &key(&s)]), "1", "{s}'s bucket is in Redis");
     }
-    assert_eq!(
-        sample(&server, r#"enrolld_breaker_state{breaker="redis"}"#).await,
-        0.0
-    );
+    assert_eq!(sample(&server, r#"enrolld_breaker_state{breaker="redis"}"#).await, 0.0);
     // A 409, a 404 and a repeated POST never reach Redis (ARCHITECTURE.md invariant).
     let holder = format!("{prefix}-{n}");
     let full = format!("BF{t}");
@@ -770,11 +664,7 @@ async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() 
     assert!(!last_fill.is_empty(), "{holder} has a Redis bucket");
     tokio::time::sleep(Duration::from_millis(20)).await;
     for _ in 0..3 {
-        let r = send(
-            &mut c,
-            &raw("POST", &enroll_path(&course), &tok(&holder, None), &[]),
-        )
-        .await;
+        let r = send(&mut c, &raw("POST", &enroll_path(&course), &tok(&holder, None), &[])).await;
         assert_eq!(r.status, 200, "repeated POST");
     }
     assert_eq!(
@@ -782,10 +672,7 @@ async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() 
         last_fill,
         "a repeated POST did not touch {holder}'s Redis bucket"
     );
-    assert_eq!(
-        sample(&server, "enrolld_rate_limit_redis_fallbacks_total").await,
-        0.0
-    );
+    assert_eq!(sample(&server, "enrolld_rate_limit_redis_fallbacks_total").await, 0.0);
 
     redis.stop();
     let state = enroll_until_breaker(&server, &mut c, &course, &prefix, &mut n, 2.0).await;
@@ -795,18 +682,12 @@ async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() 
         assert_eq!(r.status, 201, "{s} while the breaker is open");
     }
     let fallbacks = sample(&server, "enrolld_rate_limit_redis_fallbacks_total").await;
-    assert!(
-        fallbacks > 0.0,
-        "requests decided by local buckets alone are counted"
-    );
+    assert!(fallbacks > 0.0, "requests decided by local buckets alone are counted");
 
     let redis = PrivateRedis::start(port);
     assert_eq!(redis.cli(&["DBSIZE"]), "0", "a fresh, empty Redis");
     let state = enroll_until_breaker(&server, &mut c, &course, &prefix, &mut n, 0.0).await;
-    assert_eq!(
-        state, 0.0,
-        "the breaker closes again after open_ms once Redis is back"
-    );
+    assert_eq!(state, 0.0, "the breaker closes again after open_ms once Redis is back");
     let (s, r) = enroll_fresh(&mut c, &course, &prefix, &mut n).await;
     assert_eq!(r.status, 201);
     assert_eq!(
@@ -825,10 +706,7 @@ async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() 
         );
     }
     let after = sample(&server, "enrolld_rate_limit_redis_fallbacks_total").await;
-    assert_eq!(
-        after, before,
-        "no fallback once the breaker is closed again"
-    );
+    assert_eq!(after, before, "no fallback once the breaker is closed again");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -845,18 +723,7 @@ async fn distinct_students(
     let start = Instant::now();
     let mut out = Vec::new();
     for i in 0..n {
-        out.push(
-            send(
-                c,
-                &raw(
-                    "GET",
-                    path,
-                    &tok(&format!("{prefix}-{i}"), None),
-                    &headers(i),
-                ),
-            )
-            .await,
-        );
+        out.push(send(c, &raw("GET", path, &tok(&format!("{prefix}-{i}"), None), &headers(i))).await);
     }
     (out, start.elapsed().as_secs_f64())
 }
@@ -875,12 +742,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
 
     // Untrusted peer: every request is 127.0.0.0/24, whatever it claims.
     let dir = TempDir::new("lim_xff");
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml("", HUGE, HUGE, &rate(10.0, 5), ""),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml("", HUGE, HUGE, &rate(10.0, 5), ""), &[]);
     let mut c = server.conn().await;
     put(&mut c, &course, 10).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -901,12 +763,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     // Trusted proxy: each request is the segment it names.
     let dir = TempDir::new("lim_xff_trusted");
     let keys = "trusted_proxies = [\"127.0.0.0/8\"]";
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml(keys, HUGE, HUGE, &rate(10.0, 5), ""),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml(keys, HUGE, HUGE, &rate(10.0, 5), ""), &[]);
     let mut c = server.conn().await;
     put(&mut c, &course, 10).await;
     let (resps, _) = distinct_students(&mut c, &path, &format!("q{t}"), 40, spoof).await;
@@ -940,11 +797,7 @@ fn rewrite(path: &str, text: &str, touch: bool) {
     let before = std::fs::metadata(path).unwrap().modified().unwrap();
     let aside = format!("{path}.new");
     std::fs::write(&aside, text).unwrap();
-    let mtime = if touch {
-        before + Duration::from_secs(2)
-    } else {
-        before
-    };
+    let mtime = if touch { before + Duration::from_secs(2) } else { before };
     std::fs::File::options()
         .write(true)
         .open(&aside)
@@ -1007,10 +860,7 @@ async fn live_reload(by_signal: bool) {
     for i in 0..3 {
         assert_eq!(send(&mut c, &get).await.status, 200, "burst request {i}");
     }
-    assert_limited(
-        &send(&mut c, &get).await,
-        "4th request past a burst of 3 at 0.1/s",
-    );
+    assert_limited(&send(&mut c, &get).await, "4th request past a burst of 3 at 0.1/s");
 
     reload(&limits_toml("", &rate(1000.0, 1000), HUGE, HUGE, ""));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1048,13 +898,7 @@ async fn live_reload(by_signal: bool) {
         .unwrap();
     assert!(line.contains(why), "reloaded because of {why}: {line}");
 
-    reload(&limits_toml(
-        "",
-        "{ per_sec = -1.0, burst = 3 }",
-        HUGE,
-        HUGE,
-        "",
-    ));
+    reload(&limits_toml("", "{ per_sec = -1.0, burst = 3 }", HUGE, HUGE, ""));
     assert!(
         wait_log(&server, &mut log, "reload refused"),
         "refusal logged:\n{}",
@@ -1089,12 +933,7 @@ async fn saving_the_file_reloads_without_a_signal() {
 
 /// `n` enrollment POSTs by distinct students, each on its own connection, released at
 /// once. Returns the answers and the spread of their send times in seconds.
-async fn simultaneous_posts(
-    server: &Server,
-    course: &str,
-    prefix: &str,
-    n: usize,
-) -> (Vec<Resp>, f64) {
+async fn simultaneous_posts(server: &Server, course: &str, prefix: &str, n: usize) -> (Vec<Resp>, f64) {
     let mut conns = Vec::new();
     for _ in 0..n {
         conns.push(server.conn().await);
@@ -1103,12 +942,7 @@ async fn simultaneous_posts(
     let mut tasks = Vec::new();
     for (i, mut conn) in conns.into_iter().enumerate() {
         let barrier = barrier.clone();
-        let req = raw(
-            "POST",
-            &enroll_path(course),
-            &tok(&format!("{prefix}-{i}"), None),
-            &[],
-        );
+        let req = raw("POST", &enroll_path(course), &tok(&format!("{prefix}-{i}"), None), &[]);
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             conn.send_raw(req.as_bytes()).await.expect("send");
@@ -1129,15 +963,8 @@ async fn simultaneous_posts(
 
 async fn flow_run(behaviour: &str) -> (usize, f64) {
     let dir = TempDir::new("lim_flow");
-    let flow = format!(
-        "[limits.flow.enroll]\nqps = 20.0\nbehaviour = \"{behaviour}\"\nmax_queue_ms = 200\n"
-    );
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml("", HUGE, HUGE, HUGE, &flow),
-        &["--shards", "1"],
-    );
+    let flow = format!("[limits.flow.enroll]\nqps = 20.0\nbehaviour = \"{behaviour}\"\nmax_queue_ms = 200\n");
+    let server = start_node(&dir, "n", &limits_toml("", HUGE, HUGE, HUGE, &flow), &["--shards", "1"]);
     let t = tag();
     let course = format!("Q{t}");
     put(&mut server.conn().await, &course, 1000).await;
@@ -1157,10 +984,7 @@ async fn enroll_flow_rule_paces_a_spike_then_refuses() {
     eprintln!("queue: {queued} of 40 passed, send spread {spread:.3} s");
     // Slots every 50 ms, waits up to 200 ms: 1 + 20 × (0.2 + arrival spread).
     let most = 1.0 + 20.0 * (0.2 + spread);
-    assert!(
-        queued >= 4,
-        "queueing paces several through ({queued} of 40)"
-    );
+    assert!(queued >= 4, "queueing paces several through ({queued} of 40)");
     assert!(
         queued as f64 <= most + 3.0,
         "queue: {queued} passed, at most {most:.1} (+3) expected"
@@ -1208,19 +1032,9 @@ async fn in_flight_bound_sheds_with_503() {
     }
     let statuses: Vec<u16> = resps.iter().map(|r| r.status).collect();
     eprintln!("5 at once, in_flight_max 2: {statuses:?}");
-    assert!(
-        shed >= 1,
-        "5 at once against 2 in flight: some shed ({statuses:?})"
-    );
-    assert!(
-        statuses.contains(&201),
-        "the first one passes ({statuses:?})"
-    );
-    let unavailable = sample(
-        &server,
-        r#"enrolld_enroll_attempts_total{outcome="unavailable"}"#,
-    )
-    .await;
+    assert!(shed >= 1, "5 at once against 2 in flight: some shed ({statuses:?})");
+    assert!(statuses.contains(&201), "the first one passes ({statuses:?})");
+    let unavailable = sample(&server, r#"enrolld_enroll_attempts_total{outcome="unavailable"}"#).await;
     assert_eq!(unavailable, shed as f64);
 }
 
@@ -1247,31 +1061,18 @@ async fn limits_enabled_false_lets_everything_through_even_after_a_reload() {
         &[],
     );
     for i in 0..200 {
-        assert_eq!(
-            send(&mut c, &get).await.status,
-            200,
-            "request {i} with limits off"
-        );
+        assert_eq!(send(&mut c, &get).await.status, 200, "request {i} with limits off");
     }
     for i in 0..30 {
         let r = send(
             &mut c,
-            &raw(
-                "POST",
-                &enroll_path(&course),
-                &tok(&format!("o{t}-{i}"), None),
-                &[],
-            ),
+            &raw("POST", &enroll_path(&course), &tok(&format!("o{t}-{i}"), None), &[]),
         )
         .await;
         assert_eq!(r.status, 201, "enrollment {i} with limits off");
     }
     // The flag outranks the file on reload too.
-    rewrite(
-        &dir.path("n.toml"),
-        &toml.replace("burst = 1 }", "burst = 2 }"),
-        false,
-    );
+    rewrite(&dir.path("n.toml"), &toml.replace("burst = 1 }", "burst = 2 }"), false);
     sighup(&server);
     let mut log = Vec::new();
     assert!(
@@ -1299,12 +1100,7 @@ async fn limits_enabled_false_lets_everything_through_even_after_a_reload() {
 async fn forwarded_for_over_two_header_lines_is_read_as_one_list() {
     let dir = TempDir::new("lim_xff2");
     let keys = "trusted_proxies = [\"127.0.0.0/8\"]";
-    let server = start_node(
-        &dir,
-        "n",
-        &limits_toml(keys, HUGE, HUGE, &rate(10.0, 5), ""),
-        &[],
-    );
+    let server = start_node(&dir, "n", &limits_toml(keys, HUGE, HUGE, &rate(10.0, 5), ""), &[]);
     let t = tag();
     let course = format!("P{t}");
     let path = format!("/v1/courses/{course}");
@@ -1355,30 +1151,14 @@ async fn redis_fallbacks_count_seat_requests() {
     put(&mut c, &course, 1000).await;
     let mut n = 0;
     let prefix = format!("fb{t}");
-    assert_eq!(
-        enroll_fresh(&mut c, &course, &prefix, &mut n)
-            .await
-            .1
-            .status,
-        201
-    );
+    assert_eq!(enroll_fresh(&mut c, &course, &prefix, &mut n).await.1.status, 201);
     redis.stop();
     let state = enroll_until_breaker(&server, &mut c, &course, &prefix, &mut n, 2.0).await;
     assert_eq!(state, 2.0, "breaker open");
     let before = sample(&server, "enrolld_rate_limit_redis_fallbacks_total").await;
     for _ in 0..5 {
-        assert_eq!(
-            enroll_fresh(&mut c, &course, &prefix, &mut n)
-                .await
-                .1
-                .status,
-            201
-        );
+        assert_eq!(enroll_fresh(&mut c, &course, &prefix, &mut n).await.1.status, 201);
     }
     let after = sample(&server, "enrolld_rate_limit_redis_fallbacks_total").await;
-    assert_eq!(
-        after - before,
-        5.0,
-        "5 seat requests while Redis was unusable"
-    );
+    assert_eq!(after - before, 5.0, "5 seat requests while Redis was unusable");
 }

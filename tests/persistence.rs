@@ -9,7 +9,10 @@ use enrolld::ids::{CourseId, StudentId};
 use enrolld::persist::store::{LoadRow, PutResult, SeatOp, SeatResult, Store, StoreOptions};
 use enrolld::shard::course::CourseSpec;
 
-const OPTS: StoreOptions = StoreOptions { pool_connections_max: 2, acquire_timeout_ms: 2_000 };
+const OPTS: StoreOptions = StoreOptions {
+    pool_connections_max: 2,
+    acquire_timeout_ms: 2_000,
+};
 
 /// Runs `body` once per store kind, each on a fresh database.
 async fn each_store<F, Fut>(body: F)
@@ -18,7 +21,9 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     let dir = TempDir::new("enrolld-persist");
-    let sqlite = Store::open(&format!("sqlite://{}", dir.path("p.db")), &OPTS).await.expect("sqlite");
+    let sqlite = Store::open(&format!("sqlite://{}", dir.path("p.db")), &OPTS)
+        .await
+        .expect("sqlite");
     body(sqlite, "sqlite").await;
     let db = TestDb::new();
     let mysql = Store::open(&db.url, &OPTS).await.expect("mysql");
@@ -32,13 +37,25 @@ fn sid(s: &str) -> StudentId {
     StudentId::parse(s).unwrap()
 }
 fn spec(capacity: u32) -> CourseSpec {
-    CourseSpec { title: "T".into(), capacity, opens_at: None, closes_at: None }
+    CourseSpec {
+        title: "T".into(),
+        capacity,
+        opens_at: None,
+        closes_at: None,
+    }
 }
 fn enroll(c: &str, s: &str) -> SeatOp {
-    SeatOp::Enroll { course: cid(c), student: sid(s), at: 1_700_000_000_000 }
+    SeatOp::Enroll {
+        course: cid(c),
+        student: sid(s),
+        at: 1_700_000_000_000,
+    }
 }
 fn drop_op(c: &str, s: &str) -> SeatOp {
-    SeatOp::Drop { course: cid(c), student: sid(s) }
+    SeatOp::Drop {
+        course: cid(c),
+        student: sid(s),
+    }
 }
 
 async fn loaded(store: &Store) -> (Vec<(String, u32, u64)>, Vec<(String, String)>) {
@@ -59,10 +76,25 @@ async fn loaded(store: &Store) -> (Vec<(String, u32, u64)>, Vec<(String, String)
 #[tokio::test]
 async fn group_commit_applies_a_batch_atomically() {
     each_store(|store, kind| async move {
-        assert_eq!(store.put_course(&cid("A"), &spec(3)).await.unwrap(), PutResult::Created { version: 1 });
-        assert_eq!(store.put_course(&cid("B"), &spec(5)).await.unwrap(), PutResult::Created { version: 1 });
-        let batch = vec![enroll("A", "s1"), enroll("A", "s2"), enroll("B", "s1"), enroll("B", "s3")];
-        assert_eq!(store.commit_seats(&batch).await.unwrap(), vec![SeatResult::Applied; 4], "{kind}");
+        assert_eq!(
+            store.put_course(&cid("A"), &spec(3)).await.unwrap(),
+            PutResult::Created { version: 1 }
+        );
+        assert_eq!(
+            store.put_course(&cid("B"), &spec(5)).await.unwrap(),
+            PutResult::Created { version: 1 }
+        );
+        let batch = vec![
+            enroll("A", "s1"),
+            enroll("A", "s2"),
+            enroll("B", "s1"),
+            enroll("B", "s3"),
+        ];
+        assert_eq!(
+            store.commit_seats(&batch).await.unwrap(),
+            vec![SeatResult::Applied; 4],
+            "{kind}"
+        );
         assert_eq!(store.roster(&cid("A")).await.unwrap(), vec!["s1", "s2"], "{kind}");
         let (courses, seats) = loaded(&store).await;
         assert_eq!(courses, vec![("A".into(), 3, 1), ("B".into(), 5, 1)], "{kind}");
@@ -80,14 +112,27 @@ async fn the_guard_refuses_seats_beyond_capacity() {
         // the store sells two, refuses the third, and the rest of the batch still applies.
         let batch = vec![enroll("G", "a"), enroll("H", "z"), enroll("G", "b"), enroll("G", "c")];
         let got = store.commit_seats(&batch).await.unwrap();
-        assert_eq!(got, vec![SeatResult::Applied, SeatResult::Applied, SeatResult::Applied, SeatResult::Full], "{kind}");
+        assert_eq!(
+            got,
+            vec![
+                SeatResult::Applied,
+                SeatResult::Applied,
+                SeatResult::Applied,
+                SeatResult::Full
+            ],
+            "{kind}"
+        );
         assert_eq!(store.roster(&cid("G")).await.unwrap(), vec!["a", "b"], "{kind}");
         assert_eq!(store.roster(&cid("H")).await.unwrap(), vec!["z"], "{kind}");
         let got = store.commit_seats(&[enroll("G", "d")]).await.unwrap();
         assert_eq!(got, vec![SeatResult::Full], "{kind}");
         // Capacity 0 sells nothing.
         store.put_course(&cid("Z"), &spec(0)).await.unwrap();
-        assert_eq!(store.commit_seats(&[enroll("Z", "a")]).await.unwrap(), vec![SeatResult::Full], "{kind}");
+        assert_eq!(
+            store.commit_seats(&[enroll("Z", "a")]).await.unwrap(),
+            vec![SeatResult::Full],
+            "{kind}"
+        );
     })
     .await;
 }
@@ -98,14 +143,33 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
         store.put_course(&cid("I"), &spec(2)).await.unwrap();
         store.commit_seats(&[enroll("I", "a")]).await.unwrap();
         // The same seat again (a retried batch): applied, no second seat, counter unchanged.
-        assert_eq!(store.commit_seats(&[enroll("I", "a"), enroll("I", "b")]).await.unwrap().len(), 2);
+        assert_eq!(
+            store
+                .commit_seats(&[enroll("I", "a"), enroll("I", "b")])
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
         assert_eq!(store.roster(&cid("I")).await.unwrap(), vec!["a", "b"], "{kind}");
-        assert_eq!(store.put_course(&cid("I"), &spec(1)).await.unwrap(), PutResult::BelowEnrolled, "{kind}");
+        assert_eq!(
+            store.put_course(&cid("I"), &spec(1)).await.unwrap(),
+            PutResult::BelowEnrolled,
+            "{kind}"
+        );
         store.commit_seats(&[drop_op("I", "a")]).await.unwrap();
         // Dropping a seat that is not there is harmless.
         store.commit_seats(&[drop_op("I", "nobody")]).await.unwrap();
-        assert_eq!(store.put_course(&cid("I"), &spec(1)).await.unwrap(), PutResult::Updated { version: 2 }, "{kind}");
-        assert_eq!(store.commit_seats(&[enroll("I", "c")]).await.unwrap(), vec![SeatResult::Full], "{kind}");
+        assert_eq!(
+            store.put_course(&cid("I"), &spec(1)).await.unwrap(),
+            PutResult::Updated { version: 2 },
+            "{kind}"
+        );
+        assert_eq!(
+            store.commit_seats(&[enroll("I", "c")]).await.unwrap(),
+            vec![SeatResult::Full],
+            "{kind}"
+        );
         assert_eq!(store.roster(&cid("I")).await.unwrap(), vec!["b"], "{kind}");
     })
     .await;
@@ -117,7 +181,10 @@ async fn order_per_key_holds_across_batches() {
         store.put_course(&cid("O"), &spec(1)).await.unwrap();
         // Enroll, drop, enroll another, as the persist thread splits them (one key per batch).
         store.commit_seats(&[enroll("O", "a")]).await.unwrap();
-        store.commit_seats(&[drop_op("O", "a"), enroll("O", "b")]).await.unwrap();
+        store
+            .commit_seats(&[drop_op("O", "a"), enroll("O", "b")])
+            .await
+            .unwrap();
         assert_eq!(store.roster(&cid("O")).await.unwrap(), vec!["b"], "{kind}");
         let (courses, _) = loaded(&store).await;
         assert_eq!(courses, vec![("O".into(), 1, 1)], "{kind}");
@@ -131,14 +198,29 @@ async fn recovery_reloads_exactly_what_was_committed() {
         for (c, cap) in [("R1", 3), ("R2", 1), ("R3", 0)] {
             store.put_course(&cid(c), &spec(cap)).await.unwrap();
         }
-        store.commit_seats(&[enroll("R1", "x"), enroll("R1", "y"), enroll("R2", "x")]).await.unwrap();
+        store
+            .commit_seats(&[enroll("R1", "x"), enroll("R1", "y"), enroll("R2", "x")])
+            .await
+            .unwrap();
         store.commit_seats(&[drop_op("R1", "y")]).await.unwrap();
         let (courses, seats) = loaded(&store).await;
-        assert_eq!(courses, vec![("R1".into(), 3, 1), ("R2".into(), 1, 1), ("R3".into(), 0, 1)], "{kind}");
-        assert_eq!(seats, vec![("R1".into(), "x".into()), ("R2".into(), "x".into())], "{kind}");
+        assert_eq!(
+            courses,
+            vec![("R1".into(), 3, 1), ("R2".into(), 1, 1), ("R3".into(), 0, 1)],
+            "{kind}"
+        );
+        assert_eq!(
+            seats,
+            vec![("R1".into(), "x".into()), ("R2".into(), "x".into())],
+            "{kind}"
+        );
         // Ids differing only in case are two courses, as they are in memory.
         store.put_course(&cid("case"), &spec(1)).await.unwrap();
-        assert_eq!(store.put_course(&cid("CASE"), &spec(1)).await.unwrap(), PutResult::Created { version: 1 }, "{kind}");
+        assert_eq!(
+            store.put_course(&cid("CASE"), &spec(1)).await.unwrap(),
+            PutResult::Created { version: 1 },
+            "{kind}"
+        );
     })
     .await;
 }

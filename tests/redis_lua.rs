@@ -51,11 +51,7 @@ struct Keys {
 impl Keys {
     fn new() -> Keys {
         Keys {
-            prefix: format!(
-                "enrolld:test:{}-{:016x}:",
-                std::process::id(),
-                rand::random::<u64>()
-            ),
+            prefix: format!("enrolld:test:{}-{:016x}:", std::process::id(), rand::random::<u64>()),
         }
     }
 
@@ -156,24 +152,15 @@ impl Lab {
             .query_async(&mut self.con)
             .await
             .unwrap_or_else(|e| panic!("HGET {key} {field}: {e}"));
-        s.parse()
-            .unwrap_or_else(|e| panic!("HGET {key} {field} = {s:?}: {e}"))
+        s.parse().unwrap_or_else(|e| panic!("HGET {key} {field} = {s:?}: {e}"))
     }
 
     async fn pttl(&mut self, key: &str) -> i64 {
-        redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut self.con)
-            .await
-            .unwrap()
+        redis::cmd("PTTL").arg(key).query_async(&mut self.con).await.unwrap()
     }
 
     async fn exists(&mut self, key: &str) -> bool {
-        let n: i64 = redis::cmd("EXISTS")
-            .arg(key)
-            .query_async(&mut self.con)
-            .await
-            .unwrap();
+        let n: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut self.con).await.unwrap();
         n == 1
     }
 
@@ -239,11 +226,7 @@ const CASES: &[Case] = &[
         name: "retry_ms is when the token arrives, at 3/s",
         rate: 3.0,
         burst: 1,
-        steps: &[
-            (0, 1, (1, 0, 334)),
-            (333, 1, (0, 0, 1)),
-            (334, 1, (1, 0, 334)),
-        ],
+        steps: &[(0, 1, (1, 0, 334)), (333, 1, (0, 0, 1)), (334, 1, (1, 0, 334))],
     },
     Case {
         name: "new bucket starts full, realistic clock",
@@ -284,11 +267,7 @@ const CASES: &[Case] = &[
         name: "leasing: 10 asked, 7 left",
         rate: 5.0,
         burst: 10,
-        steps: &[
-            (0, 3, (3, 7, 0)),
-            (0, 10, (7, 0, 200)),
-            (0, 10, (0, 0, 200)),
-        ],
+        steps: &[(0, 3, (3, 7, 0)), (0, 10, (7, 0, 200)), (0, 10, (0, 0, 200))],
     },
     Case {
         name: "leasing from a bucket of 7",
@@ -302,7 +281,7 @@ const CASES: &[Case] = &[
         burst: 10,
         steps: &[
             (10_000, 10, (10, 0, 200)),
-            (9_900, 1, (0, 0, 200)), // behind: no refill, last_fill stays 10,000
+            (9_900, 1, (0, 0, 200)),  // behind: no refill, last_fill stays 10,000
             (10_100, 1, (0, 0, 100)), // 100 ms since 10,000, not 200 ms since 9,900
             (10_200, 1, (1, 0, 200)),
         ],
@@ -340,13 +319,11 @@ async fn clock_going_backwards_does_not_move_last_fill() {
     let key = keys.bucket("user:backwards");
     let b = Bucket::new(5.0, 10);
 
-    lab.check("backwards", &key, b, &[(10_000, 10, (10, 0, 200))])
-        .await;
+    lab.check("backwards", &key, b, &[(10_000, 10, (10, 0, 200))]).await;
     assert_eq!(lab.field(&key, "last_fill").await, 10_000.0);
 
     // 5 s in the past: no refill (a refill from 5,000 would give the bucket 10 tokens).
-    lab.check("backwards", &key, b, &[(5_000, 1, (0, 0, 200))])
-        .await;
+    lab.check("backwards", &key, b, &[(5_000, 1, (0, 0, 200))]).await;
     assert_eq!(
         lab.field(&key, "last_fill").await,
         10_000.0,
@@ -355,8 +332,7 @@ async fn clock_going_backwards_does_not_move_last_fill() {
     assert_eq!(lab.field(&key, "tokens").await, 0.0);
 
     // Only the 200 ms since 10,000 count: one token, not a full bucket.
-    lab.check("backwards", &key, b, &[(10_200, 10, (1, 0, 200))])
-        .await;
+    lab.check("backwards", &key, b, &[(10_200, 10, (1, 0, 200))]).await;
     assert_eq!(lab.field(&key, "last_fill").await, 10_200.0);
 }
 
@@ -379,8 +355,7 @@ async fn stored_fields_keep_fractions() {
     // calls 1 ms apart at 1000/3 per s, exactly 1,000 tokens have arrived.
     let key = keys.bucket("user:third");
     let b = Bucket::new(1000.0 / 3.0, 2000);
-    lab.check("third", &key, b, &[(0, 2000, (2000, 0, 3))])
-        .await;
+    lab.check("third", &key, b, &[(0, 2000, (2000, 0, 3))]).await;
     let mut total = 0;
     for t in 1..=3000 {
         total += lab.take(&key, b, t, 2000).await.0;
@@ -542,20 +517,14 @@ async fn ttl_is_set_on_every_call_and_idle_keys_expire() {
     lab.take(&key, b, 0, 100).await;
     assert_eq!(lab.take(&key, b, 0, 1).await, (0, 0, 200));
     let pttl = lab.pttl(&key).await;
-    assert!(
-        60_000 < pttl && pttl <= 120_000,
-        "PTTL {pttl} after ttl 120000"
-    );
+    assert!(60_000 < pttl && pttl <= 120_000, "PTTL {pttl} after ttl 120000");
 
     // Idle past the TTL: the key is gone, and the bucket comes back full.
     b.ttl_ms = 50;
     lab.take(&key, b, 0, 1).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     while lab.exists(&key).await {
-        assert!(
-            Instant::now() < deadline,
-            "key with a 50 ms TTL still exists"
-        );
+        assert!(Instant::now() < deadline, "key with a 50 ms TTL still exists");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(lab.take(&key, b, 0, 1).await, (1, 9, 0));
@@ -584,10 +553,7 @@ async fn bad_arguments_are_redis_errors() {
         ("ttl negative", &["5", "10", "0", "1", "-1"]),
         ("ttl not a number", &["5", "10", "0", "1", "forever"]),
         ("too few arguments", &["5", "10", "0", "1"]),
-        (
-            "too many arguments",
-            &["5", "10", "0", "1", "1000", "extra"],
-        ),
+        ("too many arguments", &["5", "10", "0", "1", "1000", "extra"]),
     ];
     let keys = Keys::new();
     let mut lab = Lab::shared().await;
@@ -603,10 +569,7 @@ async fn bad_arguments_are_redis_errors() {
                 );
             }
         }
-        assert!(
-            !lab.exists(&key).await,
-            "{what}: a rejected call wrote the key"
-        );
+        assert!(!lab.exists(&key).await, "{what}: a rejected call wrote the key");
     }
 
     // The wrong number of keys.
@@ -614,11 +577,7 @@ async fn bad_arguments_are_redis_errors() {
     let args = ["5", "10", "0", "1", "1000"];
     for ks in [vec![], vec![key.as_str(), other.as_str()]] {
         let e = lab.try_call(&ks, &args).await.unwrap_err();
-        assert!(
-            e.to_string().contains("token_bucket"),
-            "{} keys: {e}",
-            ks.len()
-        );
+        assert!(e.to_string().contains("token_bucket"), "{} keys: {e}", ks.len());
     }
     assert!(!lab.exists(&key).await && !lab.exists(&other).await);
 
@@ -644,12 +603,7 @@ async fn script_load_and_evalsha_on_the_shared_server() {
     assert_eq!(got, (1, 8, 0));
 }
 
-async fn evalsha(
-    con: &mut MultiplexedConnection,
-    sha: &str,
-    key: &str,
-    now: i64,
-) -> RedisResult<Reply> {
+async fn evalsha(con: &mut MultiplexedConnection, sha: &str, key: &str, now: i64) -> RedisResult<Reply> {
     redis::cmd("EVALSHA")
         .arg(sha)
         .arg(1)
@@ -671,11 +625,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> PrivateRedis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -724,10 +674,7 @@ async fn noscript_after_script_flush_is_recovered() {
         .await
         .unwrap();
     assert_eq!(sha, lab.script.get_hash());
-    assert_eq!(
-        evalsha(&mut lab.con, &sha, key, 0).await.unwrap(),
-        (1, 9, 0)
-    );
+    assert_eq!(evalsha(&mut lab.con, &sha, key, 0).await.unwrap(), (1, 9, 0));
 
     // What a Redis restart or failover does to the script cache.
     let _: () = redis::cmd("SCRIPT")
@@ -760,14 +707,7 @@ async fn noscript_after_script_flush_is_recovered() {
         .query_async(&mut lab.con)
         .await
         .unwrap();
-    assert_eq!(
-        exists,
-        vec![1],
-        "invoke_async did not load the script again"
-    );
-    assert_eq!(
-        evalsha(&mut lab.con, &sha, key, 0).await.unwrap(),
-        (1, 7, 0)
-    );
+    assert_eq!(exists, vec![1], "invoke_async did not load the script again");
+    assert_eq!(evalsha(&mut lab.con, &sha, key, 0).await.unwrap(), (1, 7, 0));
     drop(server);
 }

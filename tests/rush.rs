@@ -26,7 +26,10 @@ async fn run_rush(server: &Server) -> (Vec<String>, BTreeMap<String, BTreeSet<St
     let mut created: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (status, c, s) in &outcomes {
         match status {
-            201 => assert!(created.entry(c.clone()).or_default().insert(s.clone()), "two 201s for {s} in {c}"),
+            201 => assert!(
+                created.entry(c.clone()).or_default().insert(s.clone()),
+                "two 201s for {s} in {c}"
+            ),
             409 => {}
             other => panic!("unexpected {other} for {s} in {c}"),
         }
@@ -36,21 +39,38 @@ async fn run_rush(server: &Server) -> (Vec<String>, BTreeMap<String, BTreeSet<St
         // Demand (STUDENTS) exceeds every capacity: exactly `cap` seats sold.
         assert_eq!(got, *cap as usize, "course {c} of capacity {cap} sold {got}");
         let api: BTreeSet<String> = roster(&mut admin, c).await.into_iter().collect();
-        assert_eq!(&api, created.get(c).unwrap_or(&BTreeSet::new()), "roster of {c} equals its 201s");
-        let r = admin.request("GET", &format!("/v1/courses/{c}"), Some(&admin_token()), None).await;
-        assert_eq!((r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()), (Some(*cap as u64), Some(0)));
+        assert_eq!(
+            &api,
+            created.get(c).unwrap_or(&BTreeSet::new()),
+            "roster of {c} equals its 201s"
+        );
+        let r = admin
+            .request("GET", &format!("/v1/courses/{c}"), Some(&admin_token()), None)
+            .await;
+        assert_eq!(
+            (r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()),
+            (Some(*cap as u64), Some(0))
+        );
     }
     // The metrics count what the clients saw.
     let sold: usize = created.values().map(BTreeSet::len).sum();
     let full = outcomes.iter().filter(|o| o.0 == 409).count();
-    assert_eq!(metric(&mut admin, r#"enrolld_enroll_attempts_total{outcome="enrolled"}"#).await, Some(sold as f64));
-    assert_eq!(metric(&mut admin, r#"enrolld_enroll_attempts_total{outcome="full"}"#).await, Some(full as f64));
+    assert_eq!(
+        metric(&mut admin, r#"enrolld_enroll_attempts_total{outcome="enrolled"}"#).await,
+        Some(sold as f64)
+    );
+    assert_eq!(
+        metric(&mut admin, r#"enrolld_enroll_attempts_total{outcome="full"}"#).await,
+        Some(full as f64)
+    );
     let committed = metric(&mut admin, "enrolld_persist_batch_rows_sum").await.unwrap();
     assert!(committed >= sold as f64, "every sold seat went through a group commit");
     // A repeated POST takes no second seat.
     if let Some((c, ss)) = created.iter().next() {
         let s = ss.iter().next().unwrap();
-        let r = admin.request("POST", &format!("/v1/courses/{c}/enrollment"), Some(&token(s)), None).await;
+        let r = admin
+            .request("POST", &format!("/v1/courses/{c}/enrollment"), Some(&token(s)), None)
+            .await;
         assert_eq!(r.status, 200);
     }
     (courses, created)
@@ -77,7 +97,14 @@ async fn rush_on_mariadb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rush_on_sqlite() {
     let dir = TempDir::new("enrolld-rush");
-    let server = Server::start(&["--store", &format!("sqlite://{}", dir.path("e.db")), "--shards", "2", "--limits-enabled", "false"]);
+    let server = Server::start(&[
+        "--store",
+        &format!("sqlite://{}", dir.path("e.db")),
+        "--shards",
+        "2",
+        "--limits-enabled",
+        "false",
+    ]);
     run_rush(&server).await;
 }
 
@@ -87,19 +114,32 @@ async fn drop_frees_the_seat_at_once() {
     let server = Server::start(&["--store", &db.url]);
     let mut c = server.conn().await;
     put_course(&mut c, "DROP-1", 1).await;
-    let r = c.request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None).await;
+    let r = c
+        .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None)
+        .await;
     assert_eq!(r.status, 201);
-    let r = c.request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None).await;
+    let r = c
+        .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None)
+        .await;
     assert_eq!(r.status, 200, "repeat is idempotent");
-    let r = c.request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("second")), None).await;
+    let r = c
+        .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("second")), None)
+        .await;
     assert_eq!(r.status, 409);
-    let r = c.request("DELETE", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None).await;
+    let r = c
+        .request("DELETE", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None)
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "dropped");
-    let r = c.request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("second")), None).await;
+    let r = c
+        .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("second")), None)
+        .await;
     assert_eq!(r.status, 201, "the freed seat goes to the next student at once");
     assert_eq!(roster(&mut c, "DROP-1").await, vec!["second"]);
-    assert_eq!(db.query("SELECT student_id FROM enrollments"), vec![vec!["second".to_string()]]);
+    assert_eq!(
+        db.query("SELECT student_id FROM enrollments"),
+        vec![vec!["second".to_string()]]
+    );
     assert_eq!(db.query("SELECT enrolled FROM courses WHERE id='DROP-1'")[0][0], "1");
 }
 
@@ -116,7 +156,9 @@ async fn admin_changes_racing_a_rush_never_oversell() {
             tokio::spawn(async move {
                 let mut c = Conn::open(addr).await;
                 let body = r#"{"title":"Race","capacity":30}"#;
-                c.request("PUT", "/v1/admin/courses/RACE-1", Some(&admin_token()), Some(body)).await.status
+                c.request("PUT", "/v1/admin/courses/RACE-1", Some(&admin_token()), Some(body))
+                    .await
+                    .status
             })
         })
         .collect();
@@ -132,7 +174,9 @@ async fn admin_changes_racing_a_rush_never_oversell() {
         let mut seen = Vec::new();
         for cap in [25, 10, 40, 3, 0, 35, 12, 50, 1, 30].iter().cycle().take(60) {
             let body = format!(r#"{{"title":"Race","capacity":{cap}}}"#);
-            let r = c.request("PUT", "/v1/admin/courses/RACE-1", Some(&admin_token()), Some(&body)).await;
+            let r = c
+                .request("PUT", "/v1/admin/courses/RACE-1", Some(&admin_token()), Some(&body))
+                .await;
             assert!([200, 409, 503].contains(&r.status), "admin PUT answered {}", r.status);
             seen.push(r.status);
         }
@@ -150,10 +194,17 @@ async fn admin_changes_racing_a_rush_never_oversell() {
     let j = r.json();
     let (enrolled, capacity) = (j["enrolled"].as_u64().unwrap(), j["capacity"].as_u64().unwrap());
     assert!(enrolled <= capacity, "memory: {enrolled} > {capacity}");
-    let stored = db.query("SELECT enrolled, capacity, (SELECT COUNT(*) FROM enrollments) FROM courses WHERE id='RACE-1'");
-    let (e, cap, rows): (u64, u64, u64) =
-        (stored[0][0].parse().unwrap(), stored[0][1].parse().unwrap(), stored[0][2].parse().unwrap());
-    assert!(e <= cap && e == rows && e == enrolled, "store {e}/{cap} rows {rows}, memory {enrolled}");
+    let stored =
+        db.query("SELECT enrolled, capacity, (SELECT COUNT(*) FROM enrollments) FROM courses WHERE id='RACE-1'");
+    let (e, cap, rows): (u64, u64, u64) = (
+        stored[0][0].parse().unwrap(),
+        stored[0][1].parse().unwrap(),
+        stored[0][2].parse().unwrap(),
+    );
+    assert!(
+        e <= cap && e == rows && e == enrolled,
+        "store {e}/{cap} rows {rows}, memory {enrolled}"
+    );
     let mut ack: Vec<String> = outcomes.iter().filter(|o| o.0 == 201).map(|o| o.2.clone()).collect();
     ack.sort();
     assert_eq!(roster(&mut c, "RACE-1").await, ack, "roster equals the 201s");

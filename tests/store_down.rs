@@ -17,10 +17,6 @@ struct PrivateMariadb {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl PrivateMariadb {
     fn new() -> PrivateMariadb {
         let dir = TempDir::new("enrolld-mariadb");
@@ -35,7 +31,11 @@ impl PrivateMariadb {
             .output()
             .expect("mariadb-install-db (scripts/services.sh installs mariadb-server)");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let mut db = PrivateMariadb { dir, port: free_port(), child: None };
+        let mut db = PrivateMariadb {
+            dir,
+            port: free_port(),
+            child: None,
+        };
         db.start();
         db.sql("CREATE DATABASE enrolld; USE enrolld; SELECT 1");
         db
@@ -68,15 +68,33 @@ impl PrivateMariadb {
 
     fn ping(&self) -> bool {
         Command::new("mariadb-admin")
-            .args(["-h127.0.0.1", &format!("-P{}", self.port), "-uroot", "--connect-timeout=1", "ping"])
+            .args([
+                "-h127.0.0.1",
+                &format!("-P{}", self.port),
+                "-uroot",
+                "--connect-timeout=1",
+                "ping",
+            ])
             .output()
             .is_ok_and(|o| o.status.success())
     }
 
     fn sql(&self, sql: &str) -> String {
-        let with_db = if sql.starts_with("CREATE DATABASE") { sql.to_string() } else { format!("USE enrolld; {sql}") };
+        let with_db = if sql.starts_with("CREATE DATABASE") {
+            sql.to_string()
+        } else {
+            format!("USE enrolld; {sql}")
+        };
         let out = Command::new("mariadb")
-            .args(["-h127.0.0.1", &format!("-P{}", self.port), "-uroot", "-N", "-B", "-e", &with_db])
+            .args([
+                "-h127.0.0.1",
+                &format!("-P{}", self.port),
+                "-uroot",
+                "-N",
+                "-B",
+                "-e",
+                &with_db,
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
@@ -107,22 +125,38 @@ async fn store_outage_answers_503_holds_nothing_and_recovers() {
     let server = Server::start(&["--store", &db.url(), "--store-acquire-timeout-ms", "500"]);
     let mut c = server.conn().await;
     put_course(&mut c, "DOWN-1", 10).await;
-    let r = c.request("POST", "/v1/courses/DOWN-1/enrollment", Some(&token("before")), None).await;
+    let r = c
+        .request("POST", "/v1/courses/DOWN-1/enrollment", Some(&token("before")), None)
+        .await;
     assert_eq!(r.status, 201);
 
     db.kill();
     for i in 0..5 {
-        let r = c.request("POST", "/v1/courses/DOWN-1/enrollment", Some(&token(&format!("during{i}"))), None).await;
+        let r = c
+            .request(
+                "POST",
+                "/v1/courses/DOWN-1/enrollment",
+                Some(&token(&format!("during{i}"))),
+                None,
+            )
+            .await;
         assert_eq!(r.status, 503, "enroll while the store is down");
         assert_eq!(r.json()["error"], "unavailable");
         assert!(r.header("retry-after").is_some(), "503 carries Retry-After");
     }
-    let r = c.request("DELETE", "/v1/courses/DOWN-1/enrollment", Some(&token("before")), None).await;
+    let r = c
+        .request("DELETE", "/v1/courses/DOWN-1/enrollment", Some(&token("before")), None)
+        .await;
     assert_eq!(r.status, 503, "a drop cannot be recorded either");
     // Reads keep working from memory, and no seat is held by the failed attempts.
-    let r = c.request("GET", "/v1/courses/DOWN-1", Some(&token("reader")), None).await;
+    let r = c
+        .request("GET", "/v1/courses/DOWN-1", Some(&token("reader")), None)
+        .await;
     assert_eq!(r.status, 200);
-    assert_eq!((r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()), (Some(1), Some(9)));
+    assert_eq!(
+        (r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()),
+        (Some(1), Some(9))
+    );
     assert_eq!(roster(&mut c, "DOWN-1").await, vec!["before"]);
     let r = c.request("GET", "/readyz", None, None).await;
     assert_eq!(r.status, 503, "not ready while the store is down");
@@ -132,14 +166,19 @@ async fn store_outage_answers_503_holds_nothing_and_recovers() {
     db.start();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        let r = c.request("POST", "/v1/courses/DOWN-1/enrollment", Some(&token("after")), None).await;
+        let r = c
+            .request("POST", "/v1/courses/DOWN-1/enrollment", Some(&token("after")), None)
+            .await;
         if r.status != 503 || Instant::now() > deadline {
             break r.status;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(status, 201, "enrollment resumes without a restart");
-    assert_eq!(db.sql("SELECT student_id FROM enrollments ORDER BY student_id"), "after\nbefore");
+    assert_eq!(
+        db.sql("SELECT student_id FROM enrollments ORDER BY student_id"),
+        "after\nbefore"
+    );
     assert_eq!(db.sql("SELECT enrolled FROM courses WHERE id = 'DOWN-1'"), "2");
     let r = c.request("GET", "/readyz", None, None).await;
     assert_eq!(r.status, 200);

@@ -85,7 +85,11 @@ impl Breaker {
             name,
             cfg: Mutex::new(cfg),
             state: AtomicU8::new(CLOSED),
-            inner: Mutex::new(Inner { calls: VecDeque::new(), opened_at: None, probe_in_flight: false }),
+            inner: Mutex::new(Inner {
+                calls: VecDeque::new(),
+                opened_at: None,
+                probe_in_flight: false,
+            }),
         }
     }
 
@@ -173,7 +177,12 @@ mod tests {
     use super::*;
 
     fn quick() -> BreakerConfig {
-        BreakerConfig { window_calls: 10, calls_min: 4, open_ms: 30, ..Default::default() }
+        BreakerConfig {
+            window_calls: 10,
+            calls_min: 4,
+            open_ms: 30,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -210,7 +219,13 @@ mod tests {
 
     #[test]
     fn opens_on_slow_calls() {
-        let b = Breaker::new("t", BreakerConfig { slow_call_ms: 10, ..quick() });
+        let b = Breaker::new(
+            "t",
+            BreakerConfig {
+                slow_call_ms: 10,
+                ..quick()
+            },
+        );
         for _ in 0..4 {
             b.record(Call::Ok, Duration::from_millis(20));
         }

@@ -19,7 +19,10 @@ pub struct Rate {
 
 impl Rate {
     pub fn per_minute(n: f64, burst: u32) -> Rate {
-        Rate { per_sec: n / 60.0, burst }
+        Rate {
+            per_sec: n / 60.0,
+            burst,
+        }
     }
     pub fn is_valid(&self) -> bool {
         self.per_sec.is_finite() && self.per_sec > 0.0 && self.burst >= 1
@@ -38,7 +41,10 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn full(rate: &Rate, now_ms: i64) -> TokenBucket {
-        TokenBucket { tokens: f64::from(rate.burst), last_ms: now_ms }
+        TokenBucket {
+            tokens: f64::from(rate.burst),
+            last_ms: now_ms,
+        }
     }
 
     fn refill(&mut self, rate: &Rate, now_ms: i64) {
@@ -80,7 +86,10 @@ mod tests {
 
     #[test]
     fn refill_take_and_clock_going_back() {
-        let r = Rate { per_sec: 5.0, burst: 10 };
+        let r = Rate {
+            per_sec: 5.0,
+            burst: 10,
+        };
         let mut b = TokenBucket::full(&r, 0);
         assert!(b.take(&r, 0, 10));
         assert!(!b.take(&r, 0, 1));
@@ -94,7 +103,10 @@ mod tests {
 
     #[test]
     fn high_rates_are_exact() {
-        let r = Rate { per_sec: 50_000.0, burst: 50_000 };
+        let r = Rate {
+            per_sec: 50_000.0,
+            burst: 50_000,
+        };
         let mut b = TokenBucket::full(&r, 0);
         assert!(b.take(&r, 0, 50_000));
         for t in 1..=1_000 {
@@ -105,7 +117,10 @@ mod tests {
 
     #[test]
     fn full_by() {
-        let r = Rate { per_sec: 10.0, burst: 10 };
+        let r = Rate {
+            per_sec: 10.0,
+            burst: 10,
+        };
         let mut b = TokenBucket::full(&r, 0);
         assert!(b.is_full_by(&r, 0));
         b.take(&r, 0, 5);

@@ -35,7 +35,12 @@ pub struct FlowRule {
 
 impl Default for FlowRule {
     fn default() -> Self {
-        FlowRule { qps: 0.0, behaviour: Behaviour::Queue, max_queue_ms: 500, warmup_ms: 0 }
+        FlowRule {
+            qps: 0.0,
+            behaviour: Behaviour::Queue,
+            max_queue_ms: 500,
+            warmup_ms: 0,
+        }
     }
 }
 
@@ -58,7 +63,10 @@ pub struct Pacer {
 
 impl Default for Pacer {
     fn default() -> Self {
-        Pacer { next_slot: Cell::new(None), warm_since: Cell::new(None) }
+        Pacer {
+            next_slot: Cell::new(None),
+            warm_since: Cell::new(None),
+        }
     }
 }
 
@@ -96,7 +104,10 @@ impl Pacer {
         }
         let warmup = Duration::from_millis(rule.warmup_ms);
         // Idle (no slot in use for a whole warm-up period): start cold again.
-        let idle = self.next_slot.get().is_none_or(|n| now.saturating_duration_since(n) >= warmup);
+        let idle = self
+            .next_slot
+            .get()
+            .is_none_or(|n| now.saturating_duration_since(n) >= warmup);
         if idle || self.warm_since.get().is_none() {
             self.warm_since.set(Some(now));
         }
@@ -113,7 +124,12 @@ mod tests {
     #[test]
     fn queue_paces_evenly_then_rejects() {
         let p = Pacer::default();
-        let rule = FlowRule { qps: 100.0, behaviour: Behaviour::Queue, max_queue_ms: 50, warmup_ms: 0 };
+        let rule = FlowRule {
+            qps: 100.0,
+            behaviour: Behaviour::Queue,
+            max_queue_ms: 50,
+            warmup_ms: 0,
+        };
         let t = Instant::now();
         assert_eq!(p.admit(&rule, 1, t), FlowDecision::Pass);
         for i in 1..=5 {
@@ -126,17 +142,31 @@ mod tests {
     #[test]
     fn reject_mode_and_shard_split() {
         let p = Pacer::default();
-        let rule = FlowRule { qps: 200.0, behaviour: Behaviour::Reject, max_queue_ms: 500, warmup_ms: 0 };
+        let rule = FlowRule {
+            qps: 200.0,
+            behaviour: Behaviour::Reject,
+            max_queue_ms: 500,
+            warmup_ms: 0,
+        };
         let t = Instant::now();
         assert_eq!(p.admit(&rule, 2, t), FlowDecision::Pass);
         assert_eq!(p.admit(&rule, 2, t), FlowDecision::Reject);
-        assert_eq!(p.admit(&rule, 2, t + Duration::from_millis(10)), FlowDecision::Pass, "100/s per shard");
+        assert_eq!(
+            p.admit(&rule, 2, t + Duration::from_millis(10)),
+            FlowDecision::Pass,
+            "100/s per shard"
+        );
     }
 
     #[test]
     fn warm_up_starts_at_a_third() {
         let p = Pacer::default();
-        let rule = FlowRule { qps: 300.0, behaviour: Behaviour::Reject, max_queue_ms: 0, warmup_ms: 1000 };
+        let rule = FlowRule {
+            qps: 300.0,
+            behaviour: Behaviour::Reject,
+            max_queue_ms: 0,
+            warmup_ms: 1000,
+        };
         let t = Instant::now();
         assert_eq!(p.admit(&rule, 1, t), FlowDecision::Pass);
         // Cold: 100/s, so the next slot is 10 ms away, not 3.3.

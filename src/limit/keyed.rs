@@ -20,8 +20,11 @@ use super::bucket::{Rate, TokenBucket};
 const STRIPES: usize = 64;
 const _: () = assert!(STRIPES.is_power_of_two());
 
+/// One stripe: key hash → its bucket and the rate it was last taken at.
+type Stripe = HashMap<u64, (TokenBucket, Rate)>;
+
 pub struct KeyedBuckets {
-    stripes: Box<[Mutex<HashMap<u64, (TokenBucket, Rate)>>]>,
+    stripes: Box<[Mutex<Stripe>]>,
     stripe_keys_max: usize,
     hasher: std::collections::hash_map::RandomState,
     evicted_live: AtomicU64,
@@ -55,7 +58,7 @@ impl KeyedBuckets {
         ok
     }
 
-    fn evict(&self, stripe: &mut HashMap<u64, (TokenBucket, Rate)>, now_ms: i64) {
+    fn evict(&self, stripe: &mut Stripe, now_ms: i64) {
         stripe.retain(|_, (b, r)| !b.is_full_by(r, now_ms));
         if stripe.len() < (self.stripe_keys_max * 7 / 8).max(1) {
             return;
@@ -67,7 +70,8 @@ impl KeyedBuckets {
         let cutoff = *cutoff;
         let before = stripe.len();
         stripe.retain(|_, (b, _)| b.last_ms() > cutoff);
-        self.evicted_live.fetch_add((before - stripe.len()) as u64, Ordering::Relaxed);
+        self.evicted_live
+            .fetch_add((before - stripe.len()) as u64, Ordering::Relaxed);
     }
 
     /// Keys held now.
@@ -83,7 +87,10 @@ impl KeyedBuckets {
     }
     /// The tokens left, summed over the held buckets (a gauge for operators).
     pub fn tokens_total(&self) -> f64 {
-        self.stripes.iter().map(|s| s.lock().values().map(|(b, _)| b.tokens()).sum::<f64>()).sum()
+        self.stripes
+            .iter()
+            .map(|s| s.lock().values().map(|(b, _)| b.tokens()).sum::<f64>())
+            .sum()
     }
     /// The most keys it will hold.
     pub fn keys_max(&self) -> usize {
@@ -112,7 +119,10 @@ mod tests {
     fn a_million_distinct_keys_stay_bounded() {
         let keys_max = 100_000;
         let m = KeyedBuckets::new(keys_max);
-        let r = Rate { per_sec: 5.0, burst: 10 };
+        let r = Rate {
+            per_sec: 5.0,
+            burst: 10,
+        };
         for i in 0..1_000_000u64 {
             assert!(m.take(i, &r, (i / 1000) as i64), "a new key starts full");
         }
@@ -129,7 +139,10 @@ mod tests {
     #[test]
     fn idle_full_buckets_are_forgotten_first() {
         let m = KeyedBuckets::new(64_000);
-        let r = Rate { per_sec: 100.0, burst: 1 };
+        let r = Rate {
+            per_sec: 100.0,
+            burst: 1,
+        };
         for i in 0..40_000u64 {
             m.take(i, &r, 0);
         }

@@ -11,6 +11,7 @@
 //! - the owner shard, only for an enrollment that could take a seat (never a 409, a 404 or
 //!   a repeated POST): the course's bucket (owned by the shard: no lock), then the
 //!   cross-node Redis buckets (student, course, IP segment), leased in batches.
+//!
 //! Must never: make a refused request cost more than an admitted one, or fail a request
 //! because Redis is down (local buckets carry on).
 
@@ -99,7 +100,10 @@ impl Default for LimitsConfig {
         profiles.insert(
             "student".to_string(),
             Profile {
-                user: Rate { per_sec: 5.0, burst: 10 },
+                user: Rate {
+                    per_sec: 5.0,
+                    burst: 10,
+                },
                 course: Rate::per_minute(12_000.0, 400),
                 ipseg: Rate::per_minute(120_000.0, 5_000),
             },
@@ -107,7 +111,10 @@ impl Default for LimitsConfig {
         profiles.insert(
             "staff".to_string(),
             Profile {
-                user: Rate { per_sec: 20.0, burst: 40 },
+                user: Rate {
+                    per_sec: 20.0,
+                    burst: 40,
+                },
                 course: Rate::per_minute(12_000.0, 400),
                 ipseg: Rate::per_minute(120_000.0, 5_000),
             },
@@ -132,16 +139,25 @@ impl LimitsConfig {
     /// Checks what serde cannot; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         if !self.profiles.contains_key(&self.default_profile) {
-            return Err(format!("`limits.default_profile` {:?} names no profile", self.default_profile));
+            return Err(format!(
+                "`limits.default_profile` {:?} names no profile",
+                self.default_profile
+            ));
         }
         for (name, p) in &self.profiles {
             for (dim, r) in [("user", p.user), ("course", p.course), ("ipseg", p.ipseg)] {
                 if !r.is_valid() {
-                    return Err(format!("`limits.profiles.{name}.{dim}`: per_sec must be > 0 and burst >= 1"));
+                    return Err(format!(
+                        "`limits.profiles.{name}.{dim}`: per_sec must be > 0 and burst >= 1"
+                    ));
                 }
             }
         }
-        for (route, rule) in [("enroll", &self.flow.enroll), ("drop", &self.flow.drop), ("read", &self.flow.read)] {
+        for (route, rule) in [
+            ("enroll", &self.flow.enroll),
+            ("drop", &self.flow.drop),
+            ("read", &self.flow.read),
+        ] {
             if !(rule.qps.is_finite() && rule.qps >= 0.0) {
                 return Err(format!("`limits.flow.{route}.qps` must be >= 0"));
             }
@@ -269,7 +285,10 @@ impl Limiter {
 
     /// Tokens left over the held keys, per in-process dimension (a gauge).
     pub fn tokens(&self) -> [(&'static str, f64); 2] {
-        [("user", self.users.tokens_total()), ("ipseg", self.ipsegs.tokens_total())]
+        [
+            ("user", self.users.tokens_total()),
+            ("ipseg", self.ipsegs.tokens_total()),
+        ]
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<LimitsConfig>> {
@@ -365,7 +384,12 @@ impl ShardLimiter {
         client: ClientAddr<'_>,
     ) -> Result<(Admission, InFlight), Refusal> {
         let cfg = self.config();
-        let ipseg = segment(client_ip(client.peer, client.forwarded_for, client.real_ip, &cfg.trusted_proxies));
+        let ipseg = segment(client_ip(
+            client.peer,
+            client.forwarded_for,
+            client.real_ip,
+            &cfg.trusted_proxies,
+        ));
         let profile = cfg.profile(tier);
         if !cfg.enabled {
             return Ok((Admission { profile, ipseg }, self.enter()));
@@ -412,7 +436,9 @@ impl ShardLimiter {
         let now = crate::ids::now_ms();
         let local_ok = {
             let mut courses = self.courses.borrow_mut();
-            let b = courses.entry(course.clone()).or_insert_with(|| TokenBucket::full(&a.profile.course, now));
+            let b = courses
+                .entry(course.clone())
+                .or_insert_with(|| TokenBucket::full(&a.profile.course, now));
             b.take(&a.profile.course, now, 1)
         };
         if !local_ok {
@@ -426,7 +452,10 @@ impl ShardLimiter {
         ];
         let mut fell_back = false;
         for (dim, key, rate) in checks {
-            match link.take(&key, &rate, cfg.redis_lease_tokens, cfg.redis_lease_ttl_ms, now).await {
+            match link
+                .take(&key, &rate, cfg.redis_lease_tokens, cfg.redis_lease_ttl_ms, now)
+                .await
+            {
                 Some(true) => {}
                 Some(false) => return Err(dim),
                 None => fell_back = true,
@@ -445,7 +474,12 @@ mod tests {
 
     fn check(peer: &str, xff: Option<&str>, real: Option<&str>, trusted: &[&str], want: &str) {
         let trusted: Vec<ipnet::IpNet> = trusted.iter().map(|t| t.parse().unwrap()).collect();
-        let got = client_ip(peer.parse().unwrap(), xff.map(str::as_bytes), real.map(str::as_bytes), &trusted);
+        let got = client_ip(
+            peer.parse().unwrap(),
+            xff.map(str::as_bytes),
+            real.map(str::as_bytes),
+            &trusted,
+        );
         assert_eq!(got, want.parse::<IpAddr>().unwrap(), "{peer} {xff:?} {real:?}");
     }
 
@@ -454,7 +488,13 @@ mod tests {
         check("1.2.3.4:5", Some("9.9.9.9"), None, &[], "1.2.3.4");
         check("1.2.3.4:5", None, Some("9.9.9.9"), &[], "1.2.3.4");
         check("10.0.0.1:5", Some("9.9.9.9"), None, &["10.0.0.0/8"], "9.9.9.9");
-        check("10.0.0.1:5", Some("6.6.6.6, 9.9.9.9, 10.0.0.2"), None, &["10.0.0.0/8"], "9.9.9.9");
+        check(
+            "10.0.0.1:5",
+            Some("6.6.6.6, 9.9.9.9, 10.0.0.2"),
+            None,
+            &["10.0.0.0/8"],
+            "9.9.9.9",
+        );
         check("10.0.0.1:5", None, Some("8.8.8.8"), &["10.0.0.0/8"], "8.8.8.8");
         check("10.0.0.1:5", Some("garbage"), None, &["10.0.0.0/8"], "10.0.0.1");
         check("[::ffff:1.2.3.4]:5", None, None, &[], "1.2.3.4");

@@ -66,12 +66,23 @@ pub struct RedisLink {
 
 impl RedisLink {
     pub fn new(shared: Arc<RedisShared>) -> RedisLink {
-        RedisLink { shared, conn: RefCell::new(None), leases: RefCell::new(HashMap::new()) }
+        RedisLink {
+            shared,
+            conn: RefCell::new(None),
+            leases: RefCell::new(HashMap::new()),
+        }
     }
 
     /// Takes a token for `key` (e.g. `user:alice`). `None`: Redis is not usable now; the
     /// caller relies on its local buckets.
-    pub async fn take(&self, key: &str, rate: &Rate, lease_tokens: u32, lease_ttl_ms: u64, now_ms: i64) -> Option<bool> {
+    pub async fn take(
+        &self,
+        key: &str,
+        rate: &Rate,
+        lease_tokens: u32,
+        lease_ttl_ms: u64,
+        now_ms: i64,
+    ) -> Option<bool> {
         if let Some(lease) = self.leases.borrow_mut().get_mut(key) {
             if lease.tokens > 0 && lease.expires_ms > now_ms {
                 lease.tokens -= 1;
@@ -82,7 +93,10 @@ impl RedisLink {
             return None;
         }
         let started = Instant::now();
-        let granted = match self.call(key, rate, lease_tokens.clamp(1, rate.burst), lease_ttl_ms, now_ms).await {
+        let granted = match self
+            .call(key, rate, lease_tokens.clamp(1, rate.burst), lease_ttl_ms, now_ms)
+            .await
+        {
             Ok(g) => {
                 self.shared.breaker.record(Call::Ok, started.elapsed());
                 g
@@ -103,7 +117,13 @@ impl RedisLink {
             leases.remove(key);
             return Some(false);
         }
-        leases.insert(key.to_string(), Lease { tokens: granted - 1, expires_ms: now_ms + lease_ttl_ms as i64 });
+        leases.insert(
+            key.to_string(),
+            Lease {
+                tokens: granted - 1,
+                expires_ms: now_ms + lease_ttl_ms as i64,
+            },
+        );
         Some(true)
     }
 
@@ -111,7 +131,10 @@ impl RedisLink {
     pub fn note_fallback(&self) {
         let n = self.shared.fallbacks.fetch_add(1, Ordering::Relaxed);
         if n % 10_000 == 0 {
-            tracing::warn!(fallbacks = n + 1, "Redis unavailable: cross-node limits fall back to local buckets");
+            tracing::warn!(
+                fallbacks = n + 1,
+                "Redis unavailable: cross-node limits fall back to local buckets"
+            );
         }
     }
 
@@ -138,7 +161,12 @@ impl RedisLink {
         // The key may expire only once an idle bucket would be full again anyway: an
         // earlier expiry would hand back a full burst too soon.
         let key_ttl_ms = ttl_ms.max(rate.fill_ms().ceil() as u64 + KEY_TTL_SLACK_MS);
-        invocation.arg(rate.per_sec).arg(rate.burst).arg(now_ms).arg(n).arg(key_ttl_ms);
+        invocation
+            .arg(rate.per_sec)
+            .arg(rate.burst)
+            .arg(now_ms)
+            .arg(n)
+            .arg(key_ttl_ms);
         // `invoke_async` runs EVALSHA and, on NOSCRIPT (a restart or failover emptied the
         // script cache), loads the script and retries.
         let call = invocation.invoke_async::<(u32, i64, i64)>(&mut conn);

@@ -70,7 +70,12 @@ impl Auth {
         let token = token.trim();
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
         let c = data.claims;
-        Some(Caller { id: StudentId::parse(&c.sub)?, role: c.role, exp: c.exp, tier: c.tier })
+        Some(Caller {
+            id: StudentId::parse(&c.sub)?,
+            role: c.role,
+            exp: c.exp,
+            tier: c.tier,
+        })
     }
 
     /// Like [`Auth::verify`], but remembers the last good token of a connection: a client
@@ -96,7 +101,12 @@ impl Auth {
     /// Mints a token naming a rate-limit profile.
     pub fn mint_tier(&self, sub: &StudentId, role: Role, ttl_secs: u64, tier: Option<&str>) -> String {
         let exp = crate::ids::now_ms() as u64 / 1000 + ttl_secs;
-        let claims = Claims { sub: sub.to_string(), role, exp, tier: tier.map(str::to_owned) };
+        let claims = Claims {
+            sub: sub.to_string(),
+            role,
+            exp,
+            tier: tier.map(str::to_owned),
+        };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 encoding of plain claims cannot fail")
     }
@@ -110,21 +120,40 @@ mod tests {
     fn the_connection_cache_never_trusts_a_different_or_expired_token() {
         let auth = Auth::new(b"secret");
         let cache = TokenCache::default();
-        let good = format!("Bearer {}", auth.mint(&StudentId::parse("ann").unwrap(), Role::Student, 60));
+        let good = format!(
+            "Bearer {}",
+            auth.mint(&StudentId::parse("ann").unwrap(), Role::Student, 60)
+        );
         assert_eq!(auth.verify_cached(good.as_bytes(), &cache).unwrap().id.as_str(), "ann");
         assert_eq!(auth.verify_cached(good.as_bytes(), &cache).unwrap().id.as_str(), "ann");
-        let forged = format!("Bearer {}", Auth::new(b"other").mint(&StudentId::parse("ann").unwrap(), Role::Admin, 60));
+        let forged = format!(
+            "Bearer {}",
+            Auth::new(b"other").mint(&StudentId::parse("ann").unwrap(), Role::Admin, 60)
+        );
         assert!(auth.verify_cached(forged.as_bytes(), &cache).is_none());
         // An entry past its exp is not used, even for the same bytes.
-        let expired_claims = Claims { sub: "ann".into(), role: Role::Student, exp: 1, tier: None };
+        let expired_claims = Claims {
+            sub: "ann".into(),
+            role: Role::Student,
+            exp: 1,
+            tier: None,
+        };
         let expired = format!(
             "Bearer {}",
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired_claims, &EncodingKey::from_secret(b"secret")).unwrap()
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &expired_claims,
+                &EncodingKey::from_secret(b"secret")
+            )
+            .unwrap()
         );
         let mut stale = auth.verify(good.as_bytes()).unwrap();
         stale.exp = 1;
         *cache.0.borrow_mut() = Some((bytes::Bytes::from(expired.clone()), stale));
-        assert!(auth.verify_cached(expired.as_bytes(), &cache).is_none(), "expired tokens are refused");
+        assert!(
+            auth.verify_cached(expired.as_bytes(), &cache).is_none(),
+            "expired tokens are refused"
+        );
     }
 
     fn b64(b: &[u8]) -> String {
@@ -159,14 +188,24 @@ mod tests {
         check(&auth, &format!("Bearer {unsigned}.{sig}"), false);
         let hs384 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS384),
-            &Claims { sub: "alice".into(), role: Role::Student, exp: exp as u64, tier: None },
+            &Claims {
+                sub: "alice".into(),
+                role: Role::Student,
+                exp: exp as u64,
+                tier: None,
+            },
             &enc,
         )
         .unwrap();
         check(&auth, &format!("Bearer {hs384}"), false);
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims { sub: "alice".into(), role: Role::Student, exp: exp as u64 - 3600, tier: None },
+            &Claims {
+                sub: "alice".into(),
+                role: Role::Student,
+                exp: exp as u64 - 3600,
+                tier: None,
+            },
             &enc,
         )
         .unwrap();

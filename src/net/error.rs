@@ -79,9 +79,15 @@ impl ApiError {
             error: &'a str,
             message: &'a str,
         }
-        let body = Body { error: self.code(), message: &self.to_string() };
+        let body = Body {
+            error: self.code(),
+            message: &self.to_string(),
+        };
         let mut resp = super::http::json(self.status(), serde_json::to_vec(&body).expect("plain struct"));
-        if matches!(self.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+        if matches!(
+            self.status(),
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
             resp.headers_mut().insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
         }
         resp

@@ -69,7 +69,17 @@ impl Ctx {
         metrics_on: bool,
     ) -> Ctx {
         let request_prefix = format!("{:06x}{}", std::process::id() & 0xff_ffff, router.me.id.0);
-        Ctx { router, auth, limits, ready, metrics, access_log, metrics_on, request_seq: Cell::new(0), request_prefix }
+        Ctx {
+            router,
+            auth,
+            limits,
+            ready,
+            metrics,
+            access_log,
+            metrics_on,
+            request_seq: Cell::new(0),
+            request_prefix,
+        }
     }
 
     /// The client's request id when it is 1-64 printable ASCII chars, else a fresh one.
@@ -89,7 +99,10 @@ impl Ctx {
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
     resp
 }
 
@@ -203,7 +216,10 @@ async fn route(
     };
     let me = &ctx.router.me;
     let is_admin = caller.role == Role::Admin;
-    let admitted = me.limiter.admit_request(group, &caller.id, caller.tier.as_deref(), is_admin, client).await;
+    let admitted = me
+        .limiter
+        .admit_request(group, &caller.id, caller.tier.as_deref(), is_admin, client)
+        .await;
     let (admission, _in_flight) = admitted.map_err(|refusal| refuse(&me.metrics, group, refusal))?;
     match (&method, &segments[1..]) {
         (&Method::GET, ["courses"]) => list_courses(ctx, query.as_deref()).await,
@@ -213,7 +229,11 @@ async fn route(
         }
         (&Method::POST, ["courses", id, "enrollment"]) => {
             let course = course_id(id)?;
-            let cmd = Command::Enroll { course: course.clone(), student: caller.id.clone(), admission };
+            let cmd = Command::Enroll {
+                course: course.clone(),
+                student: caller.id.clone(),
+                admission,
+            };
             let answer = ctx.router.call(&course, cmd).await;
             if ctx.metrics_on {
                 count_attempt(&me.metrics, me.persist().store_ok(), &answer);
@@ -222,7 +242,10 @@ async fn route(
         }
         (&Method::DELETE, ["courses", id, "enrollment"]) => {
             let course = course_id(id)?;
-            let cmd = Command::Drop { course: course.clone(), student: caller.id.clone() };
+            let cmd = Command::Drop {
+                course: course.clone(),
+                student: caller.id.clone(),
+            };
             match ctx.router.call(&course, cmd).await {
                 Reply::Dropped => Ok(json_of(
                     StatusCode::OK,
@@ -236,15 +259,26 @@ async fn route(
             admin(&caller)?;
             let course = course_id(id)?;
             let spec = course_spec(&read_body(req, &ctx.limits).await?)?;
-            reply(ctx.router.call(&course, Command::Put { course: course.clone(), spec }).await)
+            reply(
+                ctx.router
+                    .call(
+                        &course,
+                        Command::Put {
+                            course: course.clone(),
+                            spec,
+                        },
+                    )
+                    .await,
+            )
         }
         (&Method::GET, ["admin", "courses", id, "roster"]) => {
             admin(&caller)?;
             let course = course_id(id)?;
             match ctx.router.call(&course, Command::Roster(course.clone())).await {
-                Reply::Roster(students) => {
-                    Ok(json_of(StatusCode::OK, &serde_json::json!({"course_id": course, "students": students})))
-                }
+                Reply::Roster(students) => Ok(json_of(
+                    StatusCode::OK,
+                    &serde_json::json!({"course_id": course, "students": students}),
+                )),
                 other => reply(other),
             }
         }
@@ -263,7 +297,11 @@ fn refuse(m: &ShardMetrics, group: RouteGroup, refusal: Refusal) -> ApiError {
     };
     if group == RouteGroup::Enroll {
         m.reject(reason);
-        m.attempt(if refusal == Refusal::Shed { Attempt::Unavailable } else { Attempt::RateLimited });
+        m.attempt(if refusal == Refusal::Shed {
+            Attempt::Unavailable
+        } else {
+            Attempt::RateLimited
+        });
     }
     err
 }
@@ -324,7 +362,9 @@ fn course_id(s: &str) -> Result<CourseId, ApiError> {
 }
 
 fn declared_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    req.headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
 /// Reads the whole body of a route that takes one, refusing (413) past `body_bytes_max`
@@ -336,9 +376,7 @@ async fn read_body(req: Request<Incoming>, limits: &HttpLimits) -> Result<Bytes,
     match tokio::time::timeout(std::time::Duration::from_millis(limits.body_read_timeout_ms), reading).await {
         Err(_elapsed) => Err(ApiError::BodyTimeout),
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge)
-        }
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge),
         Ok(Err(_)) => Err(ApiError::BadRequest("could not read the request body".into())),
     }
 }
@@ -359,7 +397,9 @@ fn course_spec(body: &[u8]) -> Result<CourseSpec, ApiError> {
         serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad course body: {e}")))?;
     let title_chars = b.title.chars().count();
     if title_chars == 0 || title_chars > TITLE_CHARS_MAX || b.title.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest(format!("title must be 1-{TITLE_CHARS_MAX} printable chars")));
+        return Err(ApiError::BadRequest(format!(
+            "title must be 1-{TITLE_CHARS_MAX} printable chars"
+        )));
     }
     let capacity = u32::try_from(b.capacity)
         .ok()
@@ -376,7 +416,12 @@ fn course_spec(body: &[u8]) -> Result<CourseSpec, ApiError> {
             return Err(ApiError::BadRequest("closes_at must be after opens_at".into()));
         }
     }
-    Ok(CourseSpec { title: b.title, capacity, opens_at, closes_at })
+    Ok(CourseSpec {
+        title: b.title,
+        capacity,
+        opens_at,
+        closes_at,
+    })
 }
 
 async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -396,7 +441,13 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
         }
     }
     // Each shard gives one more than a page, so we know whether another page follows.
-    let replies = ctx.router.gather(|| Command::List { after: after.clone(), limit: limit + 1 }).await;
+    let replies = ctx
+        .router
+        .gather(|| Command::List {
+            after: after.clone(),
+            limit: limit + 1,
+        })
+        .await;
     let mut courses: Vec<CourseView> = Vec::new();
     for r in replies {
         match r {
@@ -408,11 +459,17 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
     let next = (courses.len() > limit).then(|| courses[limit - 1].id.clone());
     courses.truncate(limit);
     let page: Vec<CourseJson> = courses.iter().map(CourseJson::from).collect();
-    Ok(json_of(StatusCode::OK, &serde_json::json!({"courses": page, "next": next})))
+    Ok(json_of(
+        StatusCode::OK,
+        &serde_json::json!({"courses": page, "next": next}),
+    ))
 }
 
 async fn my_enrollments(ctx: &Ctx, caller: &Caller) -> Result<Response<Full<Bytes>>, ApiError> {
-    let replies = ctx.router.gather(|| Command::StudentEnrollments(caller.id.clone())).await;
+    let replies = ctx
+        .router
+        .gather(|| Command::StudentEnrollments(caller.id.clone()))
+        .await;
     let mut all: Vec<EnrollmentView> = Vec::new();
     for r in replies {
         match r {
@@ -437,8 +494,10 @@ fn readyz(ctx: &Ctx) -> Response<Full<Bytes>> {
 /// The Prometheus text exposition.
 fn metrics(ctx: &Ctx) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(ctx.metrics.render())));
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }
 

@@ -109,7 +109,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_millis(limits.drain_timeout_ms), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(Duration::from_millis(limits.drain_timeout_ms), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timed out; closing the remaining connections");
     }
     Ok(())

@@ -135,8 +135,14 @@ const PING_INTERVAL_MS: u64 = 250;
 /// then serves the queue until every handle is dropped, and exits after the queue is empty.
 pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> anyhow::Result<Persist> {
     let (tx, rx) = flume::bounded::<Job>(cfg.queue_rows_max);
-    let handle = PersistHandle { tx, breaker: cfg.breaker.clone() };
-    let gauges = PersistGauges { rx: rx.clone(), breaker: cfg.breaker.clone() };
+    let handle = PersistHandle {
+        tx,
+        breaker: cfg.breaker.clone(),
+    };
+    let gauges = PersistGauges {
+        rx: rx.clone(),
+        breaker: cfg.breaker.clone(),
+    };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let thread = std::thread::Builder::new()
         .name("persist".into())
@@ -194,7 +200,12 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
     ];
     for (id, title, capacity, opens_at) in courses {
         let id = CourseId::parse(id).expect("demo ids are valid");
-        let spec = CourseSpec { title: title.to_string(), capacity: *capacity, opens_at: *opens_at, closes_at: None };
+        let spec = CourseSpec {
+            title: title.to_string(),
+            capacity: *capacity,
+            opens_at: *opens_at,
+            closes_at: None,
+        };
         store.put_course(&id, &spec).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     tracing::info!(courses = courses.len(), "seeded the demo catalog");
@@ -217,7 +228,11 @@ async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>)
                 // Idle: check the store, and probe it when the breaker is due to.
                 if cfg.breaker.allow() {
                     let started = std::time::Instant::now();
-                    let call = if store.ping().await.is_ok() { Call::Ok } else { Call::Unreachable };
+                    let call = if store.ping().await.is_ok() {
+                        Call::Ok
+                    } else {
+                        Call::Unreachable
+                    };
                     cfg.breaker.record(call, started.elapsed());
                 }
                 continue;
@@ -301,19 +316,21 @@ async fn commit_seats(store: &Store, seats: &mut Vec<(SeatOp, oneshot::Sender<Ou
     let result = store.commit_seats(&ops).await;
     let elapsed = started.elapsed();
     cfg.breaker.record(call_of(&result), elapsed);
-    tracing::debug!(rows = ops.len(), elapsed_us = elapsed.as_micros() as u64, "group commit");
+    tracing::debug!(
+        rows = ops.len(),
+        elapsed_us = elapsed.as_micros() as u64,
+        "group commit"
+    );
     metrics.batch_rows.observe(ops.len() as f64);
     metrics.commit_seconds.observe(elapsed.as_secs_f64());
     let outcomes: Vec<Outcome> = match result {
-        Ok(results) => {
-            results
-                .into_iter()
-                .map(|r| match r {
-                    SeatResult::Applied => Outcome::Committed,
-                    SeatResult::Full => Outcome::Full,
-                })
-                .collect()
-        }
+        Ok(results) => results
+            .into_iter()
+            .map(|r| match r {
+                SeatResult::Applied => Outcome::Committed,
+                SeatResult::Full => Outcome::Full,
+            })
+            .collect(),
         Err(e) => {
             tracing::error!(error = %e, rows = ops.len(), "seat batch not committed; seats released");
             if let CommitError::Unknown(_) = e {

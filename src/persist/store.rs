@@ -54,16 +54,21 @@ pub struct StoreOptions {
 /// One seat change inside a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SeatOp {
-    Enroll { course: CourseId, student: StudentId, at: UnixMs },
-    Drop { course: CourseId, student: StudentId },
+    Enroll {
+        course: CourseId,
+        student: StudentId,
+        at: UnixMs,
+    },
+    Drop {
+        course: CourseId,
+        student: StudentId,
+    },
 }
 
 impl SeatOp {
     pub fn key(&self) -> (&CourseId, &StudentId) {
         match self {
-            SeatOp::Enroll { course, student, .. } | SeatOp::Drop { course, student } => {
-                (course, student)
-            }
+            SeatOp::Enroll { course, student, .. } | SeatOp::Drop { course, student } => (course, student),
         }
     }
 }
@@ -97,8 +102,16 @@ pub enum PutResult {
 
 /// A row streamed out of the store at start.
 pub enum LoadRow {
-    Course { id: CourseId, spec: CourseSpec, version: u64 },
-    Enrollment { course: CourseId, student: StudentId, at: UnixMs },
+    Course {
+        id: CourseId,
+        spec: CourseSpec,
+        version: u64,
+    },
+    Enrollment {
+        course: CourseId,
+        student: StudentId,
+        at: UnixMs,
+    },
 }
 
 /// How to tell, after an unknown commit, whether it applied: one row it changed.
@@ -166,7 +179,9 @@ impl Store {
     }
 
     pub async fn course_count(&self) -> anyhow::Result<i64> {
-        let row = sqlx::query("SELECT COUNT(*) FROM courses").fetch_one(&self.pool).await?;
+        let row = sqlx::query("SELECT COUNT(*) FROM courses")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.try_get::<i64, _>(0)?)
     }
 
@@ -186,10 +201,8 @@ impl Store {
         if fixed > 0 {
             tracing::warn!(courses = fixed, "seat counters disagreed with rosters; recomputed");
         }
-        let mut rows = sqlx::query(
-            "SELECT id, title, capacity, opens_at_ms, closes_at_ms, version FROM courses",
-        )
-        .fetch(&self.pool);
+        let mut rows = sqlx::query("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version FROM courses")
+            .fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             let id: String = row.try_get(0)?;
             let id = CourseId::parse(&id).with_context(|| format!("bad course id in store: {id:?}"))?;
@@ -201,19 +214,25 @@ impl Store {
                 closes_at: row.try_get(4)?,
             };
             let version: i64 = row.try_get(5)?;
-            sink(LoadRow::Course { id, spec, version: version as u64 });
+            sink(LoadRow::Course {
+                id,
+                spec,
+                version: version as u64,
+            });
         }
         drop(rows);
-        let mut rows =
-            sqlx::query("SELECT course_id, student_id, enrolled_at_ms FROM enrollments").fetch(&self.pool);
+        let mut rows = sqlx::query("SELECT course_id, student_id, enrolled_at_ms FROM enrollments").fetch(&self.pool);
         while let Some(row) = rows.try_next().await? {
             let course: String = row.try_get(0)?;
             let student: String = row.try_get(1)?;
-            let (Some(course), Some(student)) = (CourseId::parse(&course), StudentId::parse(&student))
-            else {
+            let (Some(course), Some(student)) = (CourseId::parse(&course), StudentId::parse(&student)) else {
                 bail!("bad enrollment ids in store: {course:?} {student:?}");
             };
-            sink(LoadRow::Enrollment { course, student, at: row.try_get(2)? });
+            sink(LoadRow::Enrollment {
+                course,
+                student,
+                at: row.try_get(2)?,
+            });
         }
         Ok(())
     }
@@ -221,13 +240,19 @@ impl Store {
     /// Commits one batch of seat ops in one transaction. Within a batch every (course,
     /// student) key appears at most once; the caller splits batches where a key repeats.
     pub async fn commit_seats(&self, ops: &[SeatOp]) -> Result<Vec<SeatResult>, CommitError> {
-        assert!(!ops.is_empty() && ops.len() <= BATCH_ROWS_LIMIT, "batch of {} rows", ops.len());
+        assert!(
+            !ops.is_empty() && ops.len() <= BATCH_ROWS_LIMIT,
+            "batch of {} rows",
+            ops.len()
+        );
         match self.try_fast(ops).await {
             Ok(Some(())) => return Ok(vec![SeatResult::Applied; ops.len()]),
             Ok(None) => {}
             Err(e @ CommitError::Unknown(_)) => {
                 let probe = ops.iter().map(probe_of).next().expect("non-empty batch");
-                return self.settle_unknown(e, probe, vec![SeatResult::Applied; ops.len()]).await;
+                return self
+                    .settle_unknown(e, probe, vec![SeatResult::Applied; ops.len()])
+                    .await;
             }
             Err(CommitError::NotCommitted(e)) if is_connection_error(&e) => {
                 return Err(CommitError::NotCommitted(e));
@@ -439,7 +464,9 @@ impl Store {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(not_committed)?;
-            PutResult::Updated { version: row.try_get::<i64, _>(0).map_err(not_committed)? as u64 }
+            PutResult::Updated {
+                version: row.try_get::<i64, _>(0).map_err(not_committed)? as u64,
+            }
         } else {
             let exists = sqlx::query("SELECT 1 FROM courses WHERE id = ?")
                 .bind(id.as_str())

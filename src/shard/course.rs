@@ -182,7 +182,9 @@ impl Course {
         let Some(seat @ Seat::EnrollPending { .. }) = seat else {
             panic!("confirm_enroll without a pending seat: {:?} {student:?}", self.id);
         };
-        let Seat::EnrollPending { at } = *seat else { unreachable!() };
+        let Seat::EnrollPending { at } = *seat else {
+            unreachable!()
+        };
         *seat = Seat::Enrolled { at };
         self.committed += 1;
         self.check();
@@ -231,7 +233,9 @@ impl Course {
         let Some(seat @ Seat::DropPending { .. }) = seat else {
             panic!("cancel_drop without a pending drop: {:?} {student:?}", self.id);
         };
-        let Seat::DropPending { at } = *seat else { unreachable!() };
+        let Seat::DropPending { at } = *seat else {
+            unreachable!()
+        };
         *seat = Seat::Enrolled { at };
         self.check();
     }
@@ -252,7 +256,11 @@ impl Course {
 
     /// The admin change begun with [`Course::begin_spec`] committed with `version`.
     pub fn apply_spec(&mut self, spec: CourseSpec, version: u64) {
-        assert!(self.capacity_in_flight.is_some(), "apply_spec without begin_spec on {:?}", self.id);
+        assert!(
+            self.capacity_in_flight.is_some(),
+            "apply_spec without begin_spec on {:?}",
+            self.id
+        );
         self.capacity_in_flight = None;
         if version > self.version {
             self.spec = spec;

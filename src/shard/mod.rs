@@ -50,20 +50,39 @@ pub fn owner_of(course: &CourseId, shards: usize) -> ShardId {
 #[derive(Debug)]
 pub enum Command {
     Course(CourseId),
-    Enroll { course: CourseId, student: StudentId, admission: Admission },
-    Drop { course: CourseId, student: StudentId },
+    Enroll {
+        course: CourseId,
+        student: StudentId,
+        admission: Admission,
+    },
+    Drop {
+        course: CourseId,
+        student: StudentId,
+    },
     Roster(CourseId),
-    Put { course: CourseId, spec: CourseSpec },
-    List { after: Option<CourseId>, limit: usize },
+    Put {
+        course: CourseId,
+        spec: CourseSpec,
+    },
+    List {
+        after: Option<CourseId>,
+        limit: usize,
+    },
     StudentEnrollments(StudentId),
 }
 
 impl Command {
     /// Commands that may wait on the store run in their own task.
     fn awaits_store(&self) -> bool {
-        matches!(self, Command::Enroll { .. } | Command::Drop { .. } | Command::Put { .. })
+        matches!(
+            self,
+            Command::Enroll { .. } | Command::Drop { .. } | Command::Put { .. }
+        )
     }
 }
+
+/// One seat: a (course, student) pair.
+type SeatKey = (CourseId, StudentId);
 
 /// A shard's answer. Plain data: it crosses threads.
 #[derive(Debug, PartialEq, Eq)]
@@ -71,7 +90,10 @@ pub enum Reply {
     Course(CourseView),
     NotFound,
     /// `created`: this call took the seat (201) rather than finding it held (200).
-    Enrolled { enrollment: EnrollmentView, created: bool },
+    Enrolled {
+        enrollment: EnrollmentView,
+        created: bool,
+    },
     Full,
     Closed,
     NotEnrolled,
@@ -81,7 +103,10 @@ pub enum Reply {
     /// A rate limit refused a request that could take a seat.
     RateLimited(Dimension),
     BelowEnrolled,
-    Put { course: CourseView, created: bool },
+    Put {
+        course: CourseView,
+        created: bool,
+    },
     Roster(Vec<StudentId>),
     Courses(Vec<CourseView>),
     Enrollments(Vec<EnrollmentView>),
@@ -98,7 +123,7 @@ pub struct Shard {
     table: RefCell<CourseTable>,
     persist: PersistHandle,
     /// Seats with a change in flight, and how many requests wait on each.
-    in_flight: RefCell<HashMap<(CourseId, StudentId), (Rc<Notify>, usize)>>,
+    in_flight: RefCell<HashMap<SeatKey, (Rc<Notify>, usize)>>,
     /// Courses whose creation is in flight: one at a time, so a second PUT cannot apply a
     /// spec that skipped `begin_spec`.
     creating: RefCell<HashSet<CourseId>>,
@@ -151,9 +176,13 @@ impl Shard {
     /// The enrollment answers that take no seat: unknown course, already held, closed,
     /// full. `None` when the request may take a seat (or must wait on one in flight).
     fn answer_from_memory(&self, cmd: &Command) -> Option<Reply> {
-        let Command::Enroll { course, student, .. } = cmd else { return None };
+        let Command::Enroll { course, student, .. } = cmd else {
+            return None;
+        };
         let table = self.table.borrow();
-        let Some(c) = table.get(course) else { return Some(Reply::NotFound) };
+        let Some(c) = table.get(course) else {
+            return Some(Reply::NotFound);
+        };
         c.note_request();
         match c.peek_enroll(student, now_ms()) {
             EnrollDecision::Already { at } => Some(enrolled(course.clone(), student.clone(), at, false)),
@@ -167,7 +196,9 @@ impl Shard {
         match cmd {
             Command::Course(id) => {
                 let table = self.table.borrow();
-                table.get(&id).map(|c| c.note_request());
+                if let Some(c) = table.get(&id) {
+                    c.note_request();
+                }
                 table.view(&id).map_or(Reply::NotFound, Reply::Course)
             }
             Command::Roster(id) => match self.table.borrow().get(&id) {
@@ -176,7 +207,11 @@ impl Shard {
             },
             Command::List { after, limit } => Reply::Courses(self.table.borrow().list(after.as_ref(), limit)),
             Command::StudentEnrollments(s) => Reply::Enrollments(self.table.borrow().enrollments_of(&s)),
-            Command::Enroll { course, student, admission } => self.enroll(course, student, admission).await,
+            Command::Enroll {
+                course,
+                student,
+                admission,
+            } => self.enroll(course, student, admission).await,
             Command::Drop { course, student } => self.drop_seat(course, student).await,
             Command::Put { course, spec } => self.put(course, spec).await,
         }
@@ -218,7 +253,11 @@ impl Shard {
             let EnrollDecision::Reserved { at } = decision else {
                 unreachable!("no await since the peek said Reserved")
             };
-            let op = SeatOp::Enroll { course: course.clone(), student: student.clone(), at };
+            let op = SeatOp::Enroll {
+                course: course.clone(),
+                student: student.clone(),
+                at,
+            };
             let outcome = self.commit(&course, &student, op).await;
             let mut table = self.table.borrow_mut();
             let c = table.get_mut(&course).expect("courses are never removed");
@@ -257,7 +296,10 @@ impl Shard {
                 }
                 DropDecision::Dropping => {}
             }
-            let op = SeatOp::Drop { course: course.clone(), student: student.clone() };
+            let op = SeatOp::Drop {
+                course: course.clone(),
+                student: student.clone(),
+            };
             let outcome = self.commit(&course, &student, op).await;
             let mut table = self.table.borrow_mut();
             let c = table.get_mut(&course).expect("courses are never removed");
@@ -283,7 +325,10 @@ impl Shard {
         let key = (course.clone(), student.clone());
         // At most one change per seat is in flight: the persist thread relies on it to run
         // batches concurrently without reordering a seat's changes.
-        let earlier = self.in_flight.borrow_mut().insert(key.clone(), (Rc::new(Notify::new()), 0));
+        let earlier = self
+            .in_flight
+            .borrow_mut()
+            .insert(key.clone(), (Rc::new(Notify::new()), 0));
         assert!(earlier.is_none(), "two changes in flight for {course:?} {student:?}");
         // A dropped sender means the persist thread died; nothing it had not answered was
         // committed after that, and the process is going down.
@@ -325,7 +370,10 @@ impl Shard {
                 SpecDecision::Begun => true,
             },
         };
-        let outcome = match self.persist.submit(Change::PutCourse { course: course.clone(), spec: spec.clone() }) {
+        let outcome = match self.persist.submit(Change::PutCourse {
+            course: course.clone(),
+            spec: spec.clone(),
+        }) {
             Ok(rx) => rx.await.unwrap_or(Outcome::Failed),
             Err(_) => Outcome::Failed,
         };
@@ -348,12 +396,22 @@ impl Shard {
         };
         let created = matches!(outcome, Outcome::CoursePut(PutResult::Created { .. }));
         table.upsert(&course, spec, version);
-        Reply::Put { course: table.view(&course).expect("just upserted"), created }
+        Reply::Put {
+            course: table.view(&course).expect("just upserted"),
+            created,
+        }
     }
 }
 
 fn enrolled(course: CourseId, student: StudentId, at: UnixMs, created: bool) -> Reply {
-    Reply::Enrolled { enrollment: EnrollmentView { course, student, enrolled_at: at }, created }
+    Reply::Enrolled {
+        enrollment: EnrollmentView {
+            course,
+            student,
+            enrolled_at: at,
+        },
+        created,
+    }
 }
 
 /// A shard's way to every course: its own shard directly, the others over their inboxes.

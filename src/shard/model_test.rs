@@ -104,8 +104,7 @@ impl Model {
     }
 
     fn is_open(&self, now: UnixMs) -> bool {
-        self.spec.opens_at.map_or(true, |t| now >= t)
-            && self.spec.closes_at.map_or(true, |t| now < t)
+        self.spec.opens_at.map_or(true, |t| now >= t) && self.spec.closes_at.map_or(true, |t| now < t)
     }
 
     /// The enroll decision without taking the seat (what `peek_enroll` must answer).
@@ -164,11 +163,7 @@ impl Model {
 
     /// Students in a given state, in index order (for picking one at random).
     fn students_in(&self, want: fn(&ModelSeat) -> bool) -> Vec<usize> {
-        self.seats
-            .iter()
-            .filter(|(_, s)| want(s))
-            .map(|(k, _)| *k)
-            .collect()
+        self.seats.iter().filter(|(_, s)| want(s)).map(|(k, _)| *k).collect()
     }
 }
 
@@ -353,28 +348,16 @@ impl Sim {
         self.note(format!("enroll s{s:02} now={now}"));
         let peeked = self.course.peek_enroll(&self.students[s], now);
         let want = self.model.enroll(s, now);
-        assert_eq!(
-            peeked,
-            want,
-            "peek_enroll differs from the model; {}",
-            self.ctx()
-        );
+        assert_eq!(peeked, want, "peek_enroll differs from the model; {}", self.ctx());
         let got = self.course.enroll(&self.students[s], now);
-        assert_eq!(
-            got,
-            want,
-            "enroll decision differs from the model; {}",
-            self.ctx()
-        );
+        assert_eq!(got, want, "enroll decision differs from the model; {}", self.ctx());
         self.coverage.hit(match want {
             EnrollDecision::Already { .. } => "enroll Already",
             EnrollDecision::InFlight => "enroll InFlight",
             EnrollDecision::Closed => "enroll Closed",
             // Full only because an admin change in flight sells min(old, new).
             EnrollDecision::Full if self.model.sellable() == 0 => "enroll Full at capacity 0",
-            EnrollDecision::Full if self.model.held() < self.model.spec.capacity => {
-                "enroll Full by in-flight min"
-            }
+            EnrollDecision::Full if self.model.held() < self.model.spec.capacity => "enroll Full by in-flight min",
             EnrollDecision::Full => "enroll Full",
             EnrollDecision::Reserved { .. } => "enroll Reserved",
         });
@@ -393,9 +376,7 @@ impl Sim {
     }
 
     fn confirm_enroll(&mut self) {
-        let Some(s) = self.pick("confirm_enroll", |x| {
-            matches!(x, ModelSeat::EnrollPending(_))
-        }) else {
+        let Some(s) = self.pick("confirm_enroll", |x| matches!(x, ModelSeat::EnrollPending(_))) else {
             return;
         };
         let Some(ModelSeat::EnrollPending(at)) = self.model.seats.get(&s).copied() else {
@@ -407,9 +388,7 @@ impl Sim {
     }
 
     fn release_enroll(&mut self) {
-        let Some(s) = self.pick("release_enroll", |x| {
-            matches!(x, ModelSeat::EnrollPending(_))
-        }) else {
+        let Some(s) = self.pick("release_enroll", |x| matches!(x, ModelSeat::EnrollPending(_))) else {
             return;
         };
         self.model.seats.remove(&s);
@@ -419,9 +398,7 @@ impl Sim {
 
     fn drop_seat(&mut self) {
         // Half the time a student with a committed seat, so courses also drain to empty.
-        let enrolled = self
-            .model
-            .students_in(|x| matches!(x, ModelSeat::Enrolled(_)));
+        let enrolled = self.model.students_in(|x| matches!(x, ModelSeat::Enrolled(_)));
         let s = if !enrolled.is_empty() && self.rng.gen_bool(0.5) {
             enrolled[self.rng.gen_range(0..enrolled.len())]
         } else {
@@ -430,12 +407,7 @@ impl Sim {
         self.note(format!("drop_seat s{s:02}"));
         let want = self.model.drop_seat(s);
         let got = self.course.drop_seat(&self.students[s]);
-        assert_eq!(
-            got,
-            want,
-            "drop decision differs from the model; {}",
-            self.ctx()
-        );
+        assert_eq!(got, want, "drop decision differs from the model; {}", self.ctx());
         self.coverage.hit(match want {
             DropDecision::NotEnrolled => "drop NotEnrolled",
             DropDecision::InFlight => "drop InFlight",
@@ -486,12 +458,7 @@ impl Sim {
         ));
         let want = self.model.begin_spec(&spec);
         let got = self.course.begin_spec(&spec);
-        assert_eq!(
-            got,
-            want,
-            "begin_spec decision differs from the model; {}",
-            self.ctx()
-        );
+        assert_eq!(got, want, "begin_spec decision differs from the model; {}", self.ctx());
         self.coverage.hit(match want {
             SpecDecision::BelowHeld => "begin_spec BelowHeld",
             SpecDecision::InFlight => "begin_spec InFlight",
@@ -546,12 +513,7 @@ impl Sim {
         self.note(format!("load_enrolled s{s:02} at={at}"));
         let want = self.model.load_enrolled(s, at);
         let got = self.course.load_enrolled(self.students[s].clone(), at);
-        assert_eq!(
-            got,
-            want,
-            "load_enrolled differs from the model; {}",
-            self.ctx()
-        );
+        assert_eq!(got, want, "load_enrolled differs from the model; {}", self.ctx());
         self.coverage.hit(if want {
             "load_enrolled added"
         } else {
@@ -573,18 +535,8 @@ impl Sim {
         assert_eq!(c.capacity(), m.spec.capacity, "capacity; {}", self.ctx());
         assert_eq!(c.spec, m.spec, "spec; {}", self.ctx());
         assert_eq!(c.version, m.version, "version; {}", self.ctx());
-        assert_eq!(
-            c.enrolled(),
-            m.committed(),
-            "enrolled (committed); {}",
-            self.ctx()
-        );
-        assert_eq!(
-            c.seats_left(),
-            m.sellable() - m.held(),
-            "seats_left; {}",
-            self.ctx()
-        );
+        assert_eq!(c.enrolled(), m.committed(), "enrolled (committed); {}", self.ctx());
+        assert_eq!(c.seats_left(), m.sellable() - m.held(), "seats_left; {}", self.ctx());
         let mut roster: Vec<StudentId> = m
             .seats
             .iter()
@@ -648,11 +600,7 @@ fn run_seed(seed: u64, ops: usize) -> Coverage {
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
-    Some(
-        v.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a u64")),
-    )
+    Some(v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a u64")))
 }
 
 #[test]
@@ -695,10 +643,6 @@ fn course_matches_model() {
     ];
     for what in expected {
         let n = coverage.0.get(what).copied().unwrap_or(0);
-        assert!(
-            n >= 10,
-            "path {what:?} reached only {n} times: {:?}",
-            coverage.0
-        );
+        assert!(n >= 10, "path {what:?} reached only {n} times: {:?}", coverage.0);
     }
 }

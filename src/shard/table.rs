@@ -63,7 +63,9 @@ impl CourseTable {
 
     /// Adds a committed seat read from the store at start.
     pub fn load_enrollment(&mut self, course: &CourseId, student: StudentId, at: UnixMs) -> bool {
-        let Some(c) = self.courses.get_mut(course) else { return false };
+        let Some(c) = self.courses.get_mut(course) else {
+            return false;
+        };
         if !c.load_enrolled(student.clone(), at) {
             return false;
         }
@@ -90,18 +92,28 @@ impl CourseTable {
     pub fn list(&self, after: Option<&CourseId>, limit: usize) -> Vec<CourseView> {
         use std::ops::Bound;
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-        self.courses.range((lower, Bound::Unbounded)).take(limit).map(|(_, c)| view_of(c)).collect()
+        self.courses
+            .range((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, c)| view_of(c))
+            .collect()
     }
 
     pub fn enrollments_of(&self, student: &StudentId) -> Vec<EnrollmentView> {
-        let Some(list) = self.by_student.get(student) else { return Vec::new() };
+        let Some(list) = self.by_student.get(student) else {
+            return Vec::new();
+        };
         list.iter()
             .filter_map(|cid| {
                 let at = match self.courses.get(cid)?.seat(student)? {
                     super::course::Seat::Enrolled { at } | super::course::Seat::DropPending { at } => at,
                     super::course::Seat::EnrollPending { .. } => return None,
                 };
-                Some(EnrollmentView { course: cid.clone(), student: student.clone(), enrolled_at: at })
+                Some(EnrollmentView {
+                    course: cid.clone(),
+                    student: student.clone(),
+                    enrolled_at: at,
+                })
             })
             .collect()
     }
@@ -109,9 +121,13 @@ impl CourseTable {
     /// The `limit` courses with the most requests since the last call, as requests per
     /// second over `window_secs`; starts a new window for every course.
     pub fn take_hottest(&self, limit: usize, window_secs: f64) -> Vec<crate::metrics::HotCourse> {
-        let mut all: Vec<(u32, &Course)> =
-            self.courses.values().map(|c| (c.take_window_requests(), c)).filter(|(n, _)| *n > 0).collect();
-        all.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut all: Vec<(u32, &Course)> = self
+            .courses
+            .values()
+            .map(|c| (c.take_window_requests(), c))
+            .filter(|(n, _)| *n > 0)
+            .collect();
+        all.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
         all.truncate(limit);
         all.into_iter()
             .map(|(n, c)| crate::metrics::HotCourse {

@@ -18,16 +18,11 @@ pub const SECRET: &str = "test-secret-0123456789";
 
 /// Base URL of the MariaDB the suite uses (without a database name).
 pub fn mysql_base() -> String {
-    std::env::var("ENROLLD_TEST_MYSQL")
-        .unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into())
+    std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into())
 }
 
 fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}_{}_{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
+    format!("{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>())
 }
 
 /// A fresh MariaDB database, dropped when the value is dropped.
@@ -61,9 +56,7 @@ fn mysql_cli_args() -> Vec<String> {
     // mysql://user:pass@host:port
     let base = mysql_base();
     let rest = base.trim_start_matches("mysql://");
-    let (creds, hostport) = rest
-        .split_once('@')
-        .expect("user@host in ENROLLD_TEST_MYSQL");
+    let (creds, hostport) = rest.split_once('@').expect("user@host in ENROLLD_TEST_MYSQL");
     let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
     let (host, port) = hostport.split_once(':').unwrap_or((hostport, "3306"));
     vec![
@@ -81,11 +74,7 @@ pub fn mysql_exec(sql: &str) {
         .arg(sql)
         .output()
         .expect("mariadb client");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 pub fn mysql_query(db: &str, sql: &str) -> Vec<Vec<String>> {
@@ -94,11 +83,7 @@ pub fn mysql_query(db: &str, sql: &str) -> Vec<Vec<String>> {
         .args(["-N", "-B", db, "-e", sql])
         .output()
         .expect("mariadb client");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| l.split('\t').map(str::to_owned).collect())
@@ -163,10 +148,7 @@ impl Server {
                     }
                     seen.push(line);
                 }
-                Err(_) => panic!(
-                    "enrolld did not become ready; its log:\n{}",
-                    seen.join("\n")
-                ),
+                Err(_) => panic!("enrolld did not become ready; its log:\n{}", seen.join("\n")),
             }
         };
         Server {
@@ -273,13 +255,7 @@ impl Conn {
         self.stream.write_all(bytes).await
     }
 
-    pub async fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&str>,
-    ) -> Resp {
+    pub async fn request(&mut self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Resp {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
         if let Some(t) = token {
             req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -325,11 +301,7 @@ impl Conn {
         }
         let body = self.buf[head_end + 4..total].to_vec();
         self.buf.drain(..total);
-        Some(Resp {
-            status,
-            headers,
-            body,
-        })
+        Some(Resp { status, headers, body })
     }
 
     async fn fill(&mut self) -> bool {
@@ -414,12 +386,7 @@ pub type Outcomes = Vec<(u16, String, String)>;
 /// Every student in `students` tries every course in `courses`, in a per-student random
 /// order, over `connections` keep-alive connections. Stops early (without failing) when a
 /// connection is cut, so it can run across a `kill -9`.
-pub async fn rush(
-    addr: SocketAddr,
-    courses: &[String],
-    students: &[String],
-    connections: usize,
-) -> Outcomes {
+pub async fn rush(addr: SocketAddr, courses: &[String], students: &[String], connections: usize) -> Outcomes {
     use rand::seq::SliceRandom;
     let mut tasks = Vec::new();
     for chunk in students.chunks(students.len().div_ceil(connections)) {
@@ -459,11 +426,8 @@ pub async fn rush(
 }
 
 /// Seats acknowledged (201 or 200) per course, from a rush's answers.
-pub fn acknowledged(
-    outcomes: &Outcomes,
-) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
-    let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
-        Default::default();
+pub fn acknowledged(outcomes: &Outcomes) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> = Default::default();
     for (status, c, s) in outcomes {
         if *status == 201 || *status == 200 {
             m.entry(c.clone()).or_default().insert(s.clone());
@@ -477,11 +441,15 @@ pub async fn metric(conn: &mut Conn, sample: &str) -> Option<f64> {
     let r = conn.request("GET", "/metrics", None, None).await;
     assert_eq!(r.status, 200);
     let text = String::from_utf8_lossy(&r.body).into_owned();
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A loopback port nothing listens on right now (for private servers in fault tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
