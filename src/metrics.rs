@@ -94,6 +94,25 @@ pub struct HotCourse {
     pub course: String,
     pub requests_per_sec: f64,
     pub seats_left: u32,
+    /// Enrollment answers by outcome since start (indexed like [`ATTEMPTS`]).
+    pub outcomes: [u64; ATTEMPTS.len()],
+}
+
+impl Attempt {
+    /// The outcome an owner shard's reply stands for, if it is an enrollment answer.
+    pub fn of_reply(r: &crate::shard::Reply) -> Option<Attempt> {
+        use crate::shard::Reply;
+        Some(match r {
+            Reply::Enrolled { created: true, .. } => Attempt::Enrolled,
+            Reply::Enrolled { created: false, .. } => Attempt::Already,
+            Reply::Full => Attempt::Full,
+            Reply::Closed => Attempt::Closed,
+            Reply::NotFound => Attempt::NotFound,
+            Reply::RateLimited(_) => Attempt::RateLimited,
+            Reply::Unavailable => Attempt::Unavailable,
+            _ => return None,
+        })
+    }
 }
 
 /// One shard's counters. Written only by that shard's thread.
@@ -399,6 +418,16 @@ impl Collector {
             .iter()
             .map(|h| gauge(vec![label("course", &h.course)], h.requests_per_sec))
             .collect();
+        let by_outcome = hot
+            .iter()
+            .flat_map(|h| {
+                let course = h.course.clone();
+                ATTEMPTS
+                    .iter()
+                    .zip(h.outcomes)
+                    .map(move |(o, n)| counter(vec![label("course", &course), label("outcome", o)], n))
+            })
+            .collect();
         vec![
             family(
                 "enrolld_course_seats_left",
@@ -411,6 +440,12 @@ impl Collector {
                 "1 when a course had at least 5 requests/s over the last window.",
                 MetricType::GAUGE,
                 is_hot,
+            ),
+            family(
+                "enrolld_course_requests_total",
+                "Enrollment answers by outcome since start, hottest courses.",
+                MetricType::COUNTER,
+                by_outcome,
             ),
             family(
                 "enrolld_course_requests_per_second",

@@ -113,3 +113,57 @@ fn token_subcommand_uses_the_configured_secret() {
     let (code, _) = exit_of(&["token", "--sub", "bad sub", "--jwt-secret", SECRET]);
     assert_eq!(code, Some(2));
 }
+
+/// The hottest courses get per-course series: heat over the last window and answers by
+/// outcome (what the "top-3 limited courses" recording rule reads).
+#[tokio::test]
+async fn hot_course_series() {
+    let dir = TempDir::new("enrolld-hot");
+    let server = Server::start(&[
+        "--store",
+        &format!("sqlite://{}", dir.path("e.db")),
+        "--limits-enabled",
+        "false",
+    ]);
+    let mut c = server.conn().await;
+    put_course(&mut c, "HOT-1", 1).await;
+    put_course(&mut c, "COLD-1", 5).await;
+    for i in 0..40 {
+        let r = c
+            .request(
+                "POST",
+                "/v1/courses/HOT-1/enrollment",
+                Some(&token(&format!("h{i}"))),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, if i == 0 { 201 } else { 409 });
+    }
+    // One heat window (5 s) must pass before the shards publish it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if metric(&mut c, r#"enrolld_course_hot{course="HOT-1"}"#).await.is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no heat series published");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        metric(&mut c, r#"enrolld_course_hot{course="HOT-1"}"#).await,
+        Some(1.0),
+        "40 requests in 5 s is hot"
+    );
+    let full = r#"enrolld_course_requests_total{course="HOT-1",outcome="full"}"#;
+    assert_eq!(metric(&mut c, full).await, Some(39.0));
+    let enrolled = r#"enrolld_course_requests_total{course="HOT-1",outcome="enrolled"}"#;
+    assert_eq!(metric(&mut c, enrolled).await, Some(1.0));
+    assert_eq!(
+        metric(&mut c, r#"enrolld_course_seats_left{course="HOT-1"}"#).await,
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&mut c, r#"enrolld_course_hot{course="COLD-1"}"#).await,
+        None,
+        "an idle course has no series"
+    );
+}

@@ -48,6 +48,8 @@ pub struct Course {
     capacity_in_flight: Option<u32>,
     /// Requests seen in the current heat window (metrics only).
     window_requests: std::cell::Cell<u32>,
+    /// Enrollment answers by outcome since start, indexed like `metrics::ATTEMPTS`.
+    outcomes: [std::cell::Cell<u64>; crate::metrics::ATTEMPTS.len()],
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -93,6 +95,7 @@ impl Course {
             committed: 0,
             capacity_in_flight: None,
             window_requests: std::cell::Cell::new(0),
+            outcomes: Default::default(),
         }
     }
 
@@ -113,6 +116,16 @@ impl Course {
     pub fn note_request(&self) {
         self.window_requests.set(self.window_requests.get().saturating_add(1));
     }
+    /// Counts an enrollment answer given for this course.
+    pub fn note_outcome(&self, outcome: crate::metrics::Attempt) {
+        let c = &self.outcomes[outcome as usize];
+        c.set(c.get() + 1);
+    }
+    /// Enrollment answers by outcome since start.
+    pub fn outcomes(&self) -> [u64; crate::metrics::ATTEMPTS.len()] {
+        std::array::from_fn(|i| self.outcomes[i].get())
+    }
+
     /// Requests since the last call, and starts a new window.
     pub fn take_window_requests(&self) -> u32 {
         self.window_requests.replace(0)

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::ids::{now_ms, CourseId, ShardId, StudentId, UnixMs};
 use crate::limit::{Admission, Dimension, ShardLimiter};
-use crate::metrics::{ShardMetrics, HOT_COURSES_MAX, HOT_WINDOW_MS};
+use crate::metrics::{Attempt, ShardMetrics, HOT_COURSES_MAX, HOT_WINDOW_MS};
 use crate::persist::store::{PutResult, SeatOp};
 use crate::persist::{Change, Outcome, PersistHandle};
 use course::{CourseSpec, DropDecision, EnrollDecision, SpecDecision};
@@ -184,12 +184,16 @@ impl Shard {
             return Some(Reply::NotFound);
         };
         c.note_request();
-        match c.peek_enroll(student, now_ms()) {
-            EnrollDecision::Already { at } => Some(enrolled(course.clone(), student.clone(), at, false)),
-            EnrollDecision::Closed => Some(Reply::Closed),
-            EnrollDecision::Full => Some(Reply::Full),
-            EnrollDecision::InFlight | EnrollDecision::Reserved { .. } => None,
+        let reply = match c.peek_enroll(student, now_ms()) {
+            EnrollDecision::Already { at } => enrolled(course.clone(), student.clone(), at, false),
+            EnrollDecision::Closed => Reply::Closed,
+            EnrollDecision::Full => Reply::Full,
+            EnrollDecision::InFlight | EnrollDecision::Reserved { .. } => return None,
+        };
+        if let Some(a) = Attempt::of_reply(&reply) {
+            c.note_outcome(a);
         }
+        Some(reply)
     }
 
     async fn execute(&self, cmd: Command) -> Reply {
@@ -211,7 +215,13 @@ impl Shard {
                 course,
                 student,
                 admission,
-            } => self.enroll(course, student, admission).await,
+            } => {
+                let reply = self.enroll(course.clone(), student, admission).await;
+                if let (Some(c), Some(a)) = (self.table.borrow().get(&course), Attempt::of_reply(&reply)) {
+                    c.note_outcome(a);
+                }
+                reply
+            }
             Command::Drop { course, student } => self.drop_seat(course, student).await,
             Command::Put { course, spec } => self.put(course, spec).await,
         }

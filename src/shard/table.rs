@@ -134,6 +134,7 @@ impl CourseTable {
                 course: c.id.to_string(),
                 requests_per_sec: f64::from(n) / window_secs,
                 seats_left: c.seats_left(),
+                outcomes: c.outcomes(),
             })
             .collect()
     }
