@@ -37,6 +37,16 @@ fn local(c: &mut Criterion) {
             black_box(keyed.take(keys[i].as_str(), &rate, 1))
         })
     });
+    // The alternative the choice was made against: governor's keyed limiter (DashMap).
+    let quota = governor::Quota::per_second(std::num::NonZeroU32::new(1_000_000_000).unwrap());
+    let gov: governor::DefaultKeyedRateLimiter<String> = governor::RateLimiter::keyed(quota);
+    let mut j = 0usize;
+    c.bench_function("governor_keyed_check_100k_students", |b| {
+        b.iter(|| {
+            j = (j + 1) % keys.len();
+            black_box(gov.check_key(&keys[j]).is_ok())
+        })
+    });
     let pacer = Pacer::default();
     let rule = FlowRule {
         qps: 1e9,
