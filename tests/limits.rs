@@ -1038,6 +1038,62 @@ async fn in_flight_bound_sheds_with_503() {
     assert_eq!(unavailable, shed as f64);
 }
 
+/// Latency shedding: once a shard's moving average of request time passes
+/// `latency_max_ms`, new requests get 503 (here the time comes from a queueing flow rule
+/// that holds the second request ~200 ms), and the shard admits again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_turn_on_latency_shedding() {
+    let dir = TempDir::new("lim_lat");
+    let tables = "[limits.adaptive]\nlatency_max_ms = 1\n\n\
+                  [limits.flow.enroll]\nqps = 5.0\nbehaviour = \"queue\"\nmax_queue_ms = 2000\n";
+    let server = start_node(
+        &dir,
+        "n",
+        &limits_toml("", HUGE, HUGE, HUGE, tables),
+        &["--shards", "1"],
+    );
+    let t = tag();
+    let course = format!("L{t}");
+    put(&mut server.conn().await, &course, 100).await;
+    let mut c = server.conn().await;
+    let mut statuses = Vec::new();
+    for i in 0..3 {
+        let r = c
+            .request(
+                "POST",
+                &format!("/v1/courses/{course}/enrollment"),
+                Some(&token(&format!("l{t}-{i}"))),
+                None,
+            )
+            .await;
+        statuses.push(r.status);
+    }
+    assert_eq!(
+        statuses[..2],
+        [201, 201],
+        "the first two pass (the second after ~200 ms in the queue)"
+    );
+    assert_eq!(statuses[2], 503, "the slow second request pushed the average past 1 ms");
+    // Shedding decays: the shard admits again after a while of shed requests.
+    let mut admitted_again = false;
+    for i in 0..500 {
+        let r = c
+            .request(
+                "GET",
+                &format!("/v1/courses/{course}"),
+                Some(&token(&format!("g{t}-{i}"))),
+                None,
+            )
+            .await;
+        if r.status == 200 {
+            admitted_again = true;
+            break;
+        }
+        assert_eq!(r.status, 503);
+    }
+    assert!(admitted_again, "latency shedding must not last forever");
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. Limits off.
 

@@ -63,13 +63,24 @@ pub struct FlowRules {
 pub struct Adaptive {
     /// `/v1` requests in flight on this node at most (split over the shards).
     pub in_flight_max: usize,
+    /// Shed while a shard's moving average of `/v1` request time is above this (0: off).
+    pub latency_max_ms: u64,
 }
 
 impl Default for Adaptive {
     fn default() -> Self {
-        Adaptive { in_flight_max: 50_000 }
+        Adaptive {
+            in_flight_max: 50_000,
+            latency_max_ms: 0,
+        }
     }
 }
+
+/// Weight of the newest request in the moving average of request time.
+const LATENCY_EWMA_WEIGHT: f64 = 0.05;
+/// While shedding on latency, each shed request lowers the average by this share, so the
+/// shard probes again once the slow requests have drained instead of shedding forever.
+const LATENCY_SHED_DECAY: f64 = 0.02;
 
 /// The `[limits]` table: every key optional, defaults documented in config/enrolld.toml.
 /// Reloadable on SIGHUP or when the file changes, except `keys_max`.
@@ -332,16 +343,22 @@ pub struct ShardLimiter {
     updates: RefCell<watch::Receiver<Arc<LimitsConfig>>>,
     pacers: [Pacer; 3],
     in_flight: Cell<usize>,
+    /// Moving average of `/v1` request time on this shard, microseconds.
+    latency_ewma_us: Cell<f64>,
     courses: RefCell<HashMap<CourseId, TokenBucket>>,
     redis: Option<redis::RedisLink>,
 }
 
 /// Counts a request in flight until dropped.
-pub struct InFlight(Rc<ShardLimiter>);
+pub struct InFlight(Rc<ShardLimiter>, std::time::Instant);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.set(self.0.in_flight.get() - 1);
+        let l = &self.0;
+        l.in_flight.set(l.in_flight.get() - 1);
+        let us = self.1.elapsed().as_secs_f64() * 1e6;
+        l.latency_ewma_us
+            .set(l.latency_ewma_us.get() * (1.0 - LATENCY_EWMA_WEIGHT) + us * LATENCY_EWMA_WEIGHT);
     }
 }
 
@@ -357,6 +374,7 @@ impl ShardLimiter {
             updates: RefCell::new(updates),
             pacers: Default::default(),
             in_flight: Cell::new(0),
+            latency_ewma_us: Cell::new(0.0),
             courses: RefCell::new(HashMap::new()),
             redis,
         }
@@ -397,6 +415,12 @@ impl ShardLimiter {
         if self.in_flight.get() >= cfg.adaptive.in_flight_max.div_ceil(self.shards) {
             return Err(Refusal::Shed);
         }
+        let latency_max_us = cfg.adaptive.latency_max_ms as f64 * 1000.0;
+        if latency_max_us > 0.0 && self.latency_ewma_us.get() > latency_max_us {
+            self.latency_ewma_us
+                .set(self.latency_ewma_us.get() * (1.0 - LATENCY_SHED_DECAY));
+            return Err(Refusal::Shed);
+        }
         let guard = self.enter();
         let rule = match group {
             RouteGroup::Enroll => &cfg.flow.enroll,
@@ -423,7 +447,7 @@ impl ShardLimiter {
 
     fn enter(self: &Rc<Self>) -> InFlight {
         self.in_flight.set(self.in_flight.get() + 1);
-        InFlight(self.clone())
+        InFlight(self.clone(), std::time::Instant::now())
     }
 
     /// Checks an enrollment that could take a seat, on the course's owner shard: the
