@@ -41,7 +41,30 @@ pub enum ApiError {
     RateLimited,
 }
 
+/// One rendered body per error whose text never varies.
+static FIXED_BODIES: [std::sync::OnceLock<&'static [u8]>; FIXED_ERRORS] =
+    [const { std::sync::OnceLock::new() }; FIXED_ERRORS];
+const FIXED_ERRORS: usize = 11;
+
 impl ApiError {
+    /// An index into [`FIXED_BODIES`] for errors whose body never varies.
+    fn fixed_index(&self) -> Option<usize> {
+        Some(match self {
+            ApiError::BadRequest(_) | ApiError::NotFound(_) => return None,
+            ApiError::Unauthorized => 0,
+            ApiError::Forbidden => 1,
+            ApiError::MethodNotAllowed => 2,
+            ApiError::CourseFull => 3,
+            ApiError::RegistrationClosed => 4,
+            ApiError::NotEnrolled => 5,
+            ApiError::CapacityBelowEnrolled => 6,
+            ApiError::PayloadTooLarge => 7,
+            ApiError::BodyTimeout => 8,
+            ApiError::Unavailable => 9,
+            ApiError::RateLimited => 10,
+        })
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -79,11 +102,19 @@ impl ApiError {
             error: &'a str,
             message: &'a str,
         }
-        let body = Body {
-            error: self.code(),
-            message: &self.to_string(),
+        let render = || {
+            let body = Body {
+                error: self.code(),
+                message: &self.to_string(),
+            };
+            serde_json::to_vec(&body).expect("plain struct")
         };
-        let mut resp = super::http::json(self.status(), serde_json::to_vec(&body).expect("plain struct"));
+        // Bodies that never vary are rendered once (the 409 of a rush is the hot one).
+        let bytes = match self.fixed_index() {
+            Some(i) => Bytes::from_static(FIXED_BODIES[i].get_or_init(|| Box::leak(render().into_boxed_slice()))),
+            None => Bytes::from(render()),
+        };
+        let mut resp = super::http::json(self.status(), bytes);
         if matches!(
             self.status(),
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE

@@ -121,8 +121,9 @@ pub async fn handle(
     let rid = ctx.request_id(&req);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let route_label = route_label(&method, &path);
-    let mut resp = match route(&ctx, &tokens, peer, req).await {
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
+    let route_label = route_label(&method, &segments);
+    let mut resp = match route(&ctx, &tokens, peer, &segments, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let rid = rid.to_str().unwrap_or("-");
@@ -159,9 +160,8 @@ const ROUTE_UNAUTHORIZED: usize = 10;
 const _: () = assert!(ROUTE_UNAUTHORIZED == crate::metrics::ROUTES.len() - 1);
 
 /// The metrics label of a request: an index into [`crate::metrics::ROUTES`].
-fn route_label(method: &Method, path: &str) -> usize {
-    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
-    match (method, segments.as_slice()) {
+fn route_label(method: &Method, segments: &[&str]) -> usize {
+    match (method, segments) {
         (&Method::POST, ["v1", "courses", _, "enrollment"]) => 0,
         (&Method::DELETE, ["v1", "courses", _, "enrollment"]) => 1,
         (&Method::GET, ["v1", "courses", _]) => 2,
@@ -179,12 +179,11 @@ async fn route(
     ctx: &Ctx,
     tokens: &TokenCache,
     peer: SocketAddr,
+    segments: &[&str],
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
     let method = req.method().clone();
-    match (&method, segments.as_slice()) {
+    match (&method, segments) {
         (&Method::GET, ["healthz"]) => return Ok(json(StatusCode::OK, &br#"{"status":"ok"}"#[..])),
         (&Method::GET, ["readyz"]) => return Ok(readyz(ctx)),
         (&Method::GET, ["metrics"]) => return Ok(metrics(ctx)),
