@@ -117,7 +117,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             let set = tokio::task::LocalSet::new();
             set.block_on(&rt, async move {
                 let limiter = Rc::new(ShardLimiter::new(limiter, shards));
-                let shard = Rc::new(Shard::new(ShardId(i), table, persist, own_metrics, limiter));
+                let render = crate::net::http::render_course;
+                let shard = Rc::new(Shard::new(ShardId(i), table, persist, own_metrics, limiter, render));
                 tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
                 tokio::task::spawn_local(publish_heat(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));

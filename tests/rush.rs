@@ -114,6 +114,16 @@ async fn drop_frees_the_seat_at_once() {
     let server = Server::start(&["--store", &db.url]);
     let mut c = server.conn().await;
     put_course(&mut c, "DROP-1", 1).await;
+    // GET answers are rendered once per change of the course: each must show the change.
+    let get = "/v1/courses/DROP-1";
+    let seats = |r: Resp| {
+        let j = r.json();
+        (j["enrolled"].as_u64(), j["seats_left"].as_u64(), j["capacity"].as_u64())
+    };
+    assert_eq!(
+        seats(c.request("GET", get, Some(&token("reader")), None).await),
+        (Some(0), Some(1), Some(1))
+    );
     let r = c
         .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None)
         .await;
@@ -122,6 +132,10 @@ async fn drop_frees_the_seat_at_once() {
         .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("first")), None)
         .await;
     assert_eq!(r.status, 200, "repeat is idempotent");
+    assert_eq!(
+        seats(c.request("GET", get, Some(&token("reader")), None).await),
+        (Some(1), Some(0), Some(1))
+    );
     let r = c
         .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("second")), None)
         .await;
@@ -131,6 +145,16 @@ async fn drop_frees_the_seat_at_once() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "dropped");
+    assert_eq!(
+        seats(c.request("GET", get, Some(&token("reader")), None).await),
+        (Some(0), Some(1), Some(1))
+    );
+    put_course(&mut c, "DROP-1", 3).await;
+    assert_eq!(
+        seats(c.request("GET", get, Some(&token("reader")), None).await),
+        (Some(0), Some(3), Some(3))
+    );
+    put_course(&mut c, "DROP-1", 1).await;
     let r = c
         .request("POST", "/v1/courses/DROP-1/enrollment", Some(&token("second")), None)
         .await;

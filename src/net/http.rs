@@ -500,10 +500,15 @@ fn metrics(ctx: &Ctx) -> Response<Full<Bytes>> {
     resp
 }
 
+/// The body of `GET /v1/courses/{id}` (the owner shard caches it until the course changes).
+pub fn render_course(c: &CourseView) -> Bytes {
+    Bytes::from(serde_json::to_vec(&CourseJson::from(c)).expect("plain struct"))
+}
+
 /// Maps a shard's answer to the contract.
 fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
     match r {
-        Reply::Course(c) => Ok(json_of(StatusCode::OK, &CourseJson::from(&c))),
+        Reply::CourseBody(bytes) => Ok(json(StatusCode::OK, bytes)),
         Reply::Put { course, created } => {
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(json_of(status, &CourseJson::from(&course)))

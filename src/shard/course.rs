@@ -48,6 +48,9 @@ pub struct Course {
     capacity_in_flight: Option<u32>,
     /// Requests seen in the current heat window (metrics only).
     window_requests: std::cell::Cell<u32>,
+    /// The course's answer to `GET /v1/courses/{id}`, rendered once until the course
+    /// changes (polling bots are answered from these bytes). Opaque here.
+    rendered: std::cell::RefCell<Option<bytes::Bytes>>,
     /// Enrollment answers by outcome since start, indexed like `metrics::ATTEMPTS`.
     outcomes: [std::cell::Cell<u64>; crate::metrics::ATTEMPTS.len()],
 }
@@ -96,6 +99,7 @@ impl Course {
             capacity_in_flight: None,
             window_requests: std::cell::Cell::new(0),
             outcomes: Default::default(),
+            rendered: Default::default(),
         }
     }
 
@@ -264,6 +268,7 @@ impl Course {
             return SpecDecision::BelowHeld;
         }
         self.capacity_in_flight = Some(spec.capacity.min(self.spec.capacity));
+        self.rendered.take();
         SpecDecision::Begun
     }
 
@@ -285,10 +290,21 @@ impl Course {
     /// The admin change did not commit.
     pub fn abort_spec(&mut self) {
         self.capacity_in_flight = None;
+        self.rendered.take();
     }
 
-    /// The invariant, checked after every change (release builds too).
+    /// The rendered answer, if nothing changed since it was made.
+    pub fn rendered(&self) -> Option<bytes::Bytes> {
+        self.rendered.borrow().clone()
+    }
+    pub fn set_rendered(&self, bytes: bytes::Bytes) {
+        *self.rendered.borrow_mut() = Some(bytes);
+    }
+
+    /// The invariant, checked after every change (release builds too); a change also
+    /// drops the rendered answer.
     fn check(&self) {
+        self.rendered.take();
         assert!(
             self.held <= self.sellable_capacity(),
             "oversold {:?}: held {} > capacity {}",

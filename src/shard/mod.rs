@@ -87,7 +87,8 @@ type SeatKey = (CourseId, StudentId);
 /// A shard's answer. Plain data: it crosses threads.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
-    Course(CourseView),
+    /// `GET /v1/courses/{id}`, already rendered by net/'s renderer.
+    CourseBody(bytes::Bytes),
     NotFound,
     /// `created`: this call took the seat (201) rather than finding it held (200).
     Enrolled {
@@ -131,7 +132,12 @@ pub struct Shard {
     pub metrics: Arc<ShardMetrics>,
     /// This shard's rate limits and flow rules.
     pub limiter: Rc<ShardLimiter>,
+    /// Renders a course for `GET /v1/courses/{id}` (net/'s JSON; shard/ keeps the bytes).
+    render_course: RenderCourse,
 }
+
+/// How net/ renders a course; the shard caches the bytes until the course changes.
+pub type RenderCourse = fn(&CourseView) -> bytes::Bytes;
 
 impl Shard {
     pub fn new(
@@ -140,6 +146,7 @@ impl Shard {
         persist: PersistHandle,
         metrics: Arc<ShardMetrics>,
         limiter: Rc<ShardLimiter>,
+        render_course: RenderCourse,
     ) -> Shard {
         Shard {
             id,
@@ -149,6 +156,7 @@ impl Shard {
             creating: RefCell::new(HashSet::new()),
             metrics,
             limiter,
+            render_course,
         }
     }
 
@@ -203,7 +211,15 @@ impl Shard {
                 if let Some(c) = table.get(&id) {
                     c.note_request();
                 }
-                table.view(&id).map_or(Reply::NotFound, Reply::Course)
+                let Some(c) = table.get(&id) else {
+                    return Reply::NotFound;
+                };
+                if let Some(bytes) = c.rendered() {
+                    return Reply::CourseBody(bytes);
+                }
+                let bytes = (self.render_course)(&table.view(&id).expect("just found"));
+                c.set_rendered(bytes.clone());
+                Reply::CourseBody(bytes)
             }
             Command::Roster(id) => match self.table.borrow().get(&id) {
                 Some(c) => Reply::Roster(c.roster()),
