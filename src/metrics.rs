@@ -108,7 +108,7 @@ impl Attempt {
             Reply::Full => Attempt::Full,
             Reply::Closed => Attempt::Closed,
             Reply::NotFound => Attempt::NotFound,
-            Reply::RateLimited(_) => Attempt::RateLimited,
+            Reply::RateLimited(..) => Attempt::RateLimited,
             Reply::Unavailable => Attempt::Unavailable,
             _ => return None,
         })

@@ -1094,6 +1094,27 @@ async fn slow_requests_turn_on_latency_shedding() {
     assert!(admitted_again, "latency shedding must not last forever");
 }
 
+/// A 429's `Retry-After` says when the bucket has a token again, not a fixed second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_tells_when_a_token_is_due() {
+    let dir = TempDir::new("lim_retry");
+    let server = start_node(&dir, "n", &limits_toml("", &rate(0.2, 1), HUGE, HUGE, ""), &[]);
+    let t = tag();
+    let course = format!("R{t}");
+    put(&mut server.conn().await, &course, 100).await;
+    let mut c = server.conn().await;
+    let who = token(&format!("r{t}"));
+    let first = c
+        .request("GET", &format!("/v1/courses/{course}"), Some(&who), None)
+        .await;
+    assert_eq!(first.status, 200);
+    let second = c
+        .request("GET", &format!("/v1/courses/{course}"), Some(&who), None)
+        .await;
+    assert_eq!(second.status, 429);
+    assert_eq!(second.header("retry-after"), Some("5"), "one token every 5 s at 0.2/s");
+}
+
 // ---------------------------------------------------------------------------------------
 // 9. Limits off.
 

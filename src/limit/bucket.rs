@@ -66,6 +66,16 @@ impl TokenBucket {
         }
     }
 
+    /// Milliseconds until `n` tokens are there (as of the last refill).
+    pub fn wait_ms(&self, rate: &Rate, n: u32) -> u64 {
+        let missing = f64::from(n) - self.tokens;
+        if missing <= 0.0 {
+            0
+        } else {
+            (missing * 1000.0 / rate.per_sec).ceil() as u64
+        }
+    }
+
     /// Whether the bucket would be full by `now_ms`: forgetting it then loses nothing.
     pub fn is_full_by(&self, rate: &Rate, now_ms: i64) -> bool {
         let missing = f64::from(rate.burst) - self.tokens;

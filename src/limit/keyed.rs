@@ -43,11 +43,20 @@ impl KeyedBuckets {
 
     /// Takes one token from `key`'s bucket (made full on first sight).
     pub fn take(&self, key: impl Hash, rate: &Rate, now_ms: i64) -> bool {
+        self.take_or_wait(key, rate, now_ms).is_ok()
+    }
+
+    /// Takes one token, or says how many milliseconds until one is there.
+    pub fn take_or_wait(&self, key: impl Hash, rate: &Rate, now_ms: i64) -> Result<(), u64> {
         let h = self.hasher.hash_one(key);
         let mut stripe = self.stripes[(h >> 58) as usize % STRIPES].lock();
         if let Some((bucket, r)) = stripe.get_mut(&h) {
             *r = *rate;
-            return bucket.take(rate, now_ms, 1);
+            return if bucket.take(rate, now_ms, 1) {
+                Ok(())
+            } else {
+                Err(bucket.wait_ms(rate, 1))
+            };
         }
         if stripe.len() >= self.stripe_keys_max {
             self.evict(&mut stripe, now_ms);
@@ -55,7 +64,11 @@ impl KeyedBuckets {
         let mut bucket = TokenBucket::full(rate, now_ms);
         let ok = bucket.take(rate, now_ms, 1);
         stripe.insert(h, (bucket, *rate));
-        ok
+        if ok {
+            Ok(())
+        } else {
+            Err(bucket.wait_ms(rate, 1))
+        }
     }
 
     fn evict(&self, stripe: &mut Stripe, now_ms: i64) {

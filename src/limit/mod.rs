@@ -242,6 +242,14 @@ pub fn segment(ip: IpAddr) -> u128 {
     }
 }
 
+/// `Retry-After` for a token due in `ms` (whole seconds, at least 1).
+fn retry_after_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+/// `Retry-After` when a Redis bucket refused (its lease is per shard, its refill unknown here).
+const REDIS_RETRY_AFTER_SECS: u64 = 1;
+
 /// What net/ knows of where a request came from.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr<'a> {
@@ -326,8 +334,8 @@ pub enum RouteGroup {
 /// Why net/ refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// 429: a bucket is empty.
-    Limited(Dimension),
+    /// 429: a bucket is empty; a token is due in this many seconds.
+    Limited(Dimension, u64),
     /// 429: the flow rule would make it wait too long.
     Flow,
     /// 503: shed, too much in flight.
@@ -436,11 +444,11 @@ impl ShardLimiter {
             return Ok((Admission { profile, ipseg }, guard));
         }
         let now = crate::ids::now_ms();
-        if !self.shared.users.take(student.as_str(), &profile.user, now) {
-            return Err(Refusal::Limited(Dimension::User));
+        if let Err(ms) = self.shared.users.take_or_wait(student.as_str(), &profile.user, now) {
+            return Err(Refusal::Limited(Dimension::User, retry_after_secs(ms)));
         }
-        if !self.shared.ipsegs.take(ipseg, &profile.ipseg, now) {
-            return Err(Refusal::Limited(Dimension::Ipseg));
+        if let Err(ms) = self.shared.ipsegs.take_or_wait(ipseg, &profile.ipseg, now) {
+            return Err(Refusal::Limited(Dimension::Ipseg, retry_after_secs(ms)));
         }
         Ok((Admission { profile, ipseg }, guard))
     }
@@ -451,8 +459,14 @@ impl ShardLimiter {
     }
 
     /// Checks an enrollment that could take a seat, on the course's owner shard: the
-    /// course's bucket, then (with Redis) the cross-node buckets.
-    pub async fn admit_seat(&self, course: &CourseId, student: &StudentId, a: &Admission) -> Result<(), Dimension> {
+    /// course's bucket, then (with Redis) the cross-node buckets. A refusal says which
+    /// dimension and in how many seconds to retry.
+    pub async fn admit_seat(
+        &self,
+        course: &CourseId,
+        student: &StudentId,
+        a: &Admission,
+    ) -> Result<(), (Dimension, u64)> {
         let cfg = self.config();
         if !cfg.enabled {
             return Ok(());
@@ -463,10 +477,14 @@ impl ShardLimiter {
             let b = courses
                 .entry(course.clone())
                 .or_insert_with(|| TokenBucket::full(&a.profile.course, now));
-            b.take(&a.profile.course, now, 1)
+            if b.take(&a.profile.course, now, 1) {
+                Ok(())
+            } else {
+                Err(b.wait_ms(&a.profile.course, 1))
+            }
         };
-        if !local_ok {
-            return Err(Dimension::Course);
+        if let Err(ms) = local_ok {
+            return Err((Dimension::Course, retry_after_secs(ms)));
         }
         let Some(link) = &self.redis else { return Ok(()) };
         let checks = [
@@ -481,7 +499,7 @@ impl ShardLimiter {
                 .await
             {
                 Some(true) => {}
-                Some(false) => return Err(dim),
+                Some(false) => return Err((dim, REDIS_RETRY_AFTER_SECS)),
                 None => fell_back = true,
             }
         }

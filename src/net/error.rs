@@ -8,8 +8,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{header, Response, StatusCode};
 
-/// Seconds a client is told to wait after a 429 or 503.
-pub const RETRY_AFTER_SECS: u32 = 1;
+/// Seconds a client is told to wait after a 503, or a 429 whose wait is not known.
+pub const RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -38,7 +38,7 @@ pub enum ApiError {
     #[error("temporarily unavailable; retry shortly")]
     Unavailable,
     #[error("too many requests; retry shortly")]
-    RateLimited,
+    RateLimited { retry_after_secs: u64 },
 }
 
 /// One rendered body per error whose text never varies.
@@ -61,7 +61,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => 7,
             ApiError::BodyTimeout => 8,
             ApiError::Unavailable => 9,
-            ApiError::RateLimited => 10,
+            ApiError::RateLimited { .. } => 10,
         })
     }
 
@@ -76,7 +76,7 @@ impl ApiError {
             ApiError::CourseFull | ApiError::CapacityBelowEnrolled => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -92,7 +92,7 @@ impl ApiError {
             ApiError::CapacityBelowEnrolled => "capacity_below_enrolled",
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable => "unavailable",
-            ApiError::RateLimited => "rate_limited",
+            ApiError::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -115,11 +115,14 @@ impl ApiError {
             None => Bytes::from(render()),
         };
         let mut resp = super::http::json(self.status(), bytes);
-        if matches!(
-            self.status(),
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-        ) {
-            resp.headers_mut().insert(header::RETRY_AFTER, RETRY_AFTER_SECS.into());
+        let retry_after = match &self {
+            // When the next token is due: a polite client does not come back sooner.
+            ApiError::RateLimited { retry_after_secs } => Some((*retry_after_secs).max(1)),
+            ApiError::Unavailable => Some(RETRY_AFTER_SECS),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
         }
         resp
     }

@@ -19,7 +19,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::auth::{Auth, Caller, Role, TokenCache};
-use super::error::ApiError;
+use super::error::{ApiError, RETRY_AFTER_SECS};
 use crate::ids::{parse_rfc3339, rfc3339, CourseId, UnixMs};
 use crate::limit::{ClientAddr, Dimension, Refusal, RouteGroup};
 use crate::metrics::{Attempt, Metrics, Reject, ShardMetrics};
@@ -290,8 +290,13 @@ async fn route(
 /// Counts and maps a refusal by net/'s limits.
 fn refuse(m: &ShardMetrics, group: RouteGroup, refusal: Refusal) -> ApiError {
     let (reason, err) = match refusal {
-        Refusal::Limited(d) => (reject_of(d), ApiError::RateLimited),
-        Refusal::Flow => (Reject::Flow, ApiError::RateLimited),
+        Refusal::Limited(d, secs) => (reject_of(d), ApiError::RateLimited { retry_after_secs: secs }),
+        Refusal::Flow => (
+            Reject::Flow,
+            ApiError::RateLimited {
+                retry_after_secs: RETRY_AFTER_SECS,
+            },
+        ),
         Refusal::Shed => (Reject::Flow, ApiError::Unavailable),
     };
     if group == RouteGroup::Enroll {
@@ -315,7 +320,7 @@ fn reject_of(d: Dimension) -> Reject {
 
 fn count_attempt(m: &ShardMetrics, store_ok: bool, r: &Reply) {
     let a = match r {
-        Reply::RateLimited(d) => {
+        Reply::RateLimited(d, _) => {
             m.reject(reject_of(*d));
             Attempt::RateLimited
         }
@@ -523,7 +528,7 @@ fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
         Reply::NotEnrolled => Err(ApiError::NotEnrolled),
         Reply::BelowEnrolled => Err(ApiError::CapacityBelowEnrolled),
         Reply::Unavailable => Err(ApiError::Unavailable),
-        Reply::RateLimited(_) => Err(ApiError::RateLimited),
+        Reply::RateLimited(_, secs) => Err(ApiError::RateLimited { retry_after_secs: secs }),
         Reply::Dropped | Reply::Roster(_) | Reply::Courses(_) | Reply::Enrollments(_) => {
             unreachable!("handled by the route that asked")
         }

@@ -101,8 +101,8 @@ pub enum Reply {
     Dropped,
     /// The store is unreachable, a queue is full, or the seat is busy: retry shortly.
     Unavailable,
-    /// A rate limit refused a request that could take a seat.
-    RateLimited(Dimension),
+    /// A rate limit refused a request that could take a seat (retry after these seconds).
+    RateLimited(Dimension, u64),
     BelowEnrolled,
     Put {
         course: CourseView,
@@ -265,7 +265,7 @@ impl Shard {
                 }
                 EnrollDecision::Reserved { .. } if !admitted => {
                     if let Err(dim) = self.limiter.admit_seat(&course, &student, &admission).await {
-                        return Reply::RateLimited(dim);
+                        return Reply::RateLimited(dim.0, dim.1);
                     }
                     admitted = true;
                     continue;
