@@ -14,14 +14,6 @@ bin=${ENROLLD_BIN:-target/release/enrolld}
 [ -n "${ENROLLD_BIN:-}" ] || cargo build --release --quiet
 secret=instr-secret
 port=18420
-cat > "$out/limits.toml" <<'TOML'
-[limits]
-enabled = true
-[limits.profiles.student]
-user = { per_sec = 10000000.0, burst = 10000000 }
-course = { per_sec = 10000000.0, burst = 10000000 }
-ipseg = { per_sec = 10000000.0, burst = 10000000 }
-TOML
 
 count() { # variant-name n args...
   local name=$1 n=$2; shift 2
@@ -51,7 +43,7 @@ PY
   echo "| variant | instructions per 409 request |"
   echo "|---|---|"
   for v in "plain --limits-enabled false --metrics-enabled false" "metrics --limits-enabled false" \
-           "limits --config $out/limits.toml"; do
+           "limits --config benches/limits-unrefusing.toml"; do
     set -- $v
     name=$1; shift
     i1=$(count "$name" "$n1" "$@")
