@@ -39,13 +39,12 @@ fn rate(per_sec: f64, burst: u32) -> String {
 }
 
 /// A configuration file: `[limits]` with the extra `keys`, the default profile `p` with the
-/// given rates, an `ops` profile with huge rates (for the admin that sets courses up, so
-/// set-up never spends a student's budget), and further `tables`.
+/// given rates, and further `tables`. (Courses are set up by an admin token, which skips
+/// the student and segment buckets, so set-up never spends a student's budget.)
 fn limits_toml(keys: &str, user: &str, course: &str, ipseg: &str, tables: &str) -> String {
     format!(
         "[limits]\ndefault_profile = \"p\"\n{keys}\n\n\
-         [limits.profiles.p]\nuser = {user}\ncourse = {course}\nipseg = {ipseg}\n\n\
-         [limits.profiles.ops]\nuser = {HUGE}\ncourse = {HUGE}\nipseg = {HUGE}\n\n{tables}\n"
+         [limits.profiles.p]\nuser = {user}\ncourse = {course}\nipseg = {ipseg}\n\n{tables}\n"
     )
 }
 
@@ -66,29 +65,6 @@ fn tag() -> String {
 
 fn tok(sub: &str, tier: Option<&str>) -> String {
     auth().mint_tier(&StudentId::parse(sub).unwrap(), Role::Student, 3600, tier)
-}
-
-fn ops_admin() -> String {
-    auth().mint_tier(&StudentId::parse("test-admin").unwrap(), Role::Admin, 3600, Some("ops"))
-}
-
-/// Creates or updates a course as the `ops` admin; panics unless 200/201.
-async fn put(conn: &mut Conn, id: &str, capacity: u32) {
-    let body = format!(r#"{{"title":"Course {id}","capacity":{capacity}}}"#);
-    let r = conn
-        .request(
-            "PUT",
-            &format!("/v1/admin/courses/{id}"),
-            Some(&ops_admin()),
-            Some(&body),
-        )
-        .await;
-    assert!(
-        r.status == 201 || r.status == 200,
-        "put {id}: {} {}",
-        r.status,
-        String::from_utf8_lossy(&r.body)
-    );
 }
 
 /// One request as raw bytes (no body), with extra headers.
@@ -194,7 +170,7 @@ async fn user_bucket_limits_one_student_at_its_rate() {
     let t = tag();
     let course = format!("U{t}");
     let mut c = server.conn().await;
-    put(&mut c, &course, 10).await;
+    put_course(&mut c, &course, 10).await;
     let student = tok(&format!("u{t}"), None);
     let path = format!("/v1/courses/{course}");
     let (resps, secs) = hammer(&mut c, RUN, |_| raw("GET", &path, &student, &[])).await;
@@ -217,7 +193,7 @@ async fn ipseg_bucket_limits_one_segment_at_its_rate() {
     let t = tag();
     let course = format!("I{t}");
     let mut c = server.conn().await;
-    put(&mut c, &course, 10).await;
+    put_course(&mut c, &course, 10).await;
     // The admin's PUT came from the same segment: let the segment's bucket fill again.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let path = format!("/v1/courses/{course}");
@@ -246,7 +222,7 @@ async fn course_bucket_limits_seat_taking_requests_at_its_rate() {
     let server = start_node(&dir, "n", &limits_toml("", HUGE, &rate(20.0, 5), HUGE, ""), &[]);
     let t = tag();
     let course = format!("C{t}");
-    put(&mut server.conn().await, &course, 10_000).await;
+    put_course(&mut server.conn().await, &course, 10_000).await;
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -308,7 +284,7 @@ async fn full_repeated_and_missing_courses_never_spend_the_course_budget() {
     let full = format!("F{t}");
     let ghost = format!("G{t}");
     let mut c = server.conn().await;
-    put(&mut c, &full, 1).await;
+    put_course(&mut c, &full, 1).await;
     let post = |course: &str, sub: String| raw("POST", &enroll_path(course), &tok(&sub, None), &[]);
 
     let holder = format!("f{t}-holder");
@@ -330,7 +306,7 @@ async fn full_repeated_and_missing_courses_never_spend_the_course_budget() {
         );
     }
     // Two tokens must be left: two new seats, then the bucket is empty.
-    put(&mut c, &full, 10).await;
+    put_course(&mut c, &full, 10).await;
     assert_eq!(send(&mut c, &post(&full, format!("f{t}-new1"))).await.status, 201);
     assert_eq!(send(&mut c, &post(&full, format!("f{t}-new2"))).await.status, 201);
     assert_limited(
@@ -343,7 +319,7 @@ async fn full_repeated_and_missing_courses_never_spend_the_course_budget() {
         assert_eq!(r.status, 404, "no such course ({i})");
     }
     // The 404s left no spent bucket behind: the new course has its whole burst.
-    put(&mut c, &ghost, 10).await;
+    put_course(&mut c, &ghost, 10).await;
     for i in 0..3 {
         assert_eq!(
             send(&mut c, &post(&ghost, format!("g{t}-new{i}"))).await.status,
@@ -379,7 +355,7 @@ async fn staff_tier_gets_its_higher_user_rate() {
     let server = start_node(&dir, "n", &limits_toml("", &rate(5.0, 5), HUGE, HUGE, &staff), &[]);
     let t = tag();
     let course = format!("T{t}");
-    put(&mut server.conn().await, &course, 10).await;
+    put_course(&mut server.conn().await, &course, 10).await;
     let path = format!("/v1/courses/{course}");
     let run = |token: String| {
         let path = path.clone();
@@ -435,7 +411,7 @@ async fn alternate_between_two_nodes(redis: Option<&str>) -> TwoNodeRun {
     let mut conns = [nodes[0].conn().await, nodes[1].conn().await];
     for conn in &mut conns {
         for id in &courses {
-            put(conn, id, 10).await;
+            put_course(conn, id, 10).await;
         }
     }
     let student = format!("x{t}");
@@ -629,7 +605,7 @@ async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() 
     let t = tag();
     let course = format!("B{t}");
     let mut c = server.conn().await;
-    put(&mut c, &course, 10_000).await;
+    put_course(&mut c, &course, 10_000).await;
     let mut n = 0;
     let prefix = format!("b{t}");
     let key = |s: &str| format!("enrolld:tb:{{user:{s}}}");
@@ -643,7 +619,7 @@ async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() 
     // A 409, a 404 and a repeated POST never reach Redis (ARCHITECTURE.md invariant).
     let holder = format!("{prefix}-{n}");
     let full = format!("BF{t}");
-    put(&mut c, &full, 0).await;
+    put_course(&mut c, &full, 0).await;
     let (s, r) = enroll_fresh(&mut c, &full, &format!("bf{t}"), &mut n).await;
     assert_eq!(r.status, 409);
     let (s404, r) = enroll_fresh(&mut c, &format!("BG{t}"), &format!("bg{t}"), &mut n).await;
@@ -744,7 +720,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let dir = TempDir::new("lim_xff");
     let server = start_node(&dir, "n", &limits_toml("", HUGE, HUGE, &rate(10.0, 5), ""), &[]);
     let mut c = server.conn().await;
-    put(&mut c, &course, 10).await;
+    put_course(&mut c, &course, 10).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (resps, secs) = distinct_students(&mut c, &path, &format!("p{t}"), 40, spoof).await;
     let ok = count_ok(&resps, 200, "spoofed X-Forwarded-For");
@@ -765,7 +741,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let keys = "trusted_proxies = [\"127.0.0.0/8\"]";
     let server = start_node(&dir, "n", &limits_toml(keys, HUGE, HUGE, &rate(10.0, 5), ""), &[]);
     let mut c = server.conn().await;
-    put(&mut c, &course, 10).await;
+    put_course(&mut c, &course, 10).await;
     let (resps, _) = distinct_students(&mut c, &path, &format!("q{t}"), 40, spoof).await;
     assert_eq!(
         count_ok(&resps, 200, "trusted proxy, distinct segments"),
@@ -850,7 +826,7 @@ async fn live_reload(by_signal: bool) {
     let t = tag();
     let course = format!("R{t}");
     let mut c = server.conn().await;
-    put(&mut c, &course, 10).await;
+    put_course(&mut c, &course, 10).await;
     let get = raw(
         "GET",
         &format!("/v1/courses/{course}"),
@@ -967,7 +943,7 @@ async fn flow_run(behaviour: &str) -> (usize, f64) {
     let server = start_node(&dir, "n", &limits_toml("", HUGE, HUGE, HUGE, &flow), &["--shards", "1"]);
     let t = tag();
     let course = format!("Q{t}");
-    put(&mut server.conn().await, &course, 1000).await;
+    put_course(&mut server.conn().await, &course, 1000).await;
     let (resps, spread) = simultaneous_posts(&server, &course, &format!("q{t}"), 40).await;
     let ok = count_ok(&resps, 201, &format!("flow rule ({behaviour})"));
     assert_eq!(
@@ -1015,7 +991,7 @@ async fn in_flight_bound_sheds_with_503() {
     );
     let t = tag();
     let course = format!("S{t}");
-    put(&mut server.conn().await, &course, 100).await;
+    put_course(&mut server.conn().await, &course, 100).await;
     let (resps, _) = simultaneous_posts(&server, &course, &format!("s{t}"), 5).await;
     let mut shed = 0;
     for r in &resps {
@@ -1054,7 +1030,7 @@ async fn slow_requests_turn_on_latency_shedding() {
     );
     let t = tag();
     let course = format!("L{t}");
-    put(&mut server.conn().await, &course, 100).await;
+    put_course(&mut server.conn().await, &course, 100).await;
     let mut c = server.conn().await;
     let mut statuses = Vec::new();
     for i in 0..3 {
@@ -1101,7 +1077,7 @@ async fn retry_after_tells_when_a_token_is_due() {
     let server = start_node(&dir, "n", &limits_toml("", &rate(0.2, 1), HUGE, HUGE, ""), &[]);
     let t = tag();
     let course = format!("R{t}");
-    put(&mut server.conn().await, &course, 100).await;
+    put_course(&mut server.conn().await, &course, 100).await;
     let mut c = server.conn().await;
     let who = token(&format!("r{t}"));
     let first = c
@@ -1130,7 +1106,7 @@ async fn limits_enabled_false_lets_everything_through_even_after_a_reload() {
     let t = tag();
     let course = format!("O{t}");
     let mut c = server.conn().await;
-    put(&mut c, &course, 1000).await;
+    put_course(&mut c, &course, 1000).await;
     let get = raw(
         "GET",
         &format!("/v1/courses/{course}"),
@@ -1182,7 +1158,7 @@ async fn forwarded_for_over_two_header_lines_is_read_as_one_list() {
     let course = format!("P{t}");
     let path = format!("/v1/courses/{course}");
     let mut c = server.conn().await;
-    put(&mut c, &course, 10).await;
+    put_course(&mut c, &course, 10).await;
     // As one line, the proxy's address wins (this passes today).
     let joined = |i: usize| vec![("X-Forwarded-For", format!("10.{i}.0.1, 10.251.0.9"))];
     let (resps, secs) = distinct_students(&mut c, &path, &format!("j{t}"), 40, joined).await;
@@ -1225,7 +1201,7 @@ async fn redis_fallbacks_count_seat_requests() {
     let t = tag();
     let course = format!("FB{t}");
     let mut c = server.conn().await;
-    put(&mut c, &course, 1000).await;
+    put_course(&mut c, &course, 1000).await;
     let mut n = 0;
     let prefix = format!("fb{t}");
     assert_eq!(enroll_fresh(&mut c, &course, &prefix, &mut n).await.1.status, 201);
