@@ -588,20 +588,21 @@ async fn enroll_until_breaker(
     }
 }
 
+/// A node whose cross-node buckets live in a private `redis-server` on `port`, leasing
+/// one token at a time, with the Redis breaker open for `open_ms` after a failure.
+fn node_on_private_redis(dir: &TempDir, port: u16, open_ms: u64) -> (PrivateRedis, Server) {
+    let redis = PrivateRedis::start(port);
+    let breaker = format!("[limits.redis_breaker]\nopen_ms = {open_ms}\n");
+    let toml = limits_toml("redis_lease_tokens = 1", HUGE, HUGE, HUGE, &breaker);
+    let server = start_node(dir, "n", &toml, &["--redis", &redis.url()]);
+    (redis, server)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_goes_on_while_redis_is_down_and_redis_is_used_again_after() {
     let port = free_port();
-    let mut redis = PrivateRedis::start(port);
     let dir = TempDir::new("lim_redisdown");
-    let toml = limits_toml(
-        "redis_lease_tokens = 1",
-        HUGE,
-        HUGE,
-        HUGE,
-        "[limits.redis_breaker]\nopen_ms = 300\n",
-    );
-    let url = redis.url();
-    let server = start_node(&dir, "n", &toml, &["--redis", &url]);
+    let (mut redis, server) = node_on_private_redis(&dir, port, 300);
     let t = tag();
     let course = format!("B{t}");
     let mut c = server.conn().await;
@@ -1187,17 +1188,8 @@ async fn forwarded_for_over_two_header_lines_is_read_as_one_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_fallbacks_count_seat_requests() {
     let port = free_port();
-    let mut redis = PrivateRedis::start(port);
     let dir = TempDir::new("lim_fallbacks");
-    let toml = limits_toml(
-        "redis_lease_tokens = 1",
-        HUGE,
-        HUGE,
-        HUGE,
-        "[limits.redis_breaker]\nopen_ms = 60000\n",
-    );
-    let url = redis.url();
-    let server = start_node(&dir, "n", &toml, &["--redis", &url]);
+    let (mut redis, server) = node_on_private_redis(&dir, port, 60000);
     let t = tag();
     let course = format!("FB{t}");
     let mut c = server.conn().await;
