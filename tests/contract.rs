@@ -167,3 +167,33 @@ async fn hot_course_series() {
         "an idle course has no series"
     );
 }
+
+/// `--log-format json` writes one JSON object per line, and with `--access-log` each
+/// request's line carries its request id.
+#[tokio::test]
+async fn json_logs_carry_request_ids() {
+    let dir = TempDir::new("enrolld-json");
+    let store = format!("sqlite://{}", dir.path("e.db"));
+    let server = Server::start(&["--store", &store, "--log-format", "json", "--access-log"]);
+    let mut c = server.conn().await;
+    c.send_raw(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Request-Id: json-log-1\r\n\r\n")
+        .await
+        .unwrap();
+    let r = c.read_response().await.expect("an answer");
+    assert_eq!(r.status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = server.drain_log().into_iter().find(|l| l.contains("json-log-1"));
+        if let Some(line) = found {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+            assert_eq!(v["fields"]["request_id"], "json-log-1", "{line}");
+            assert_eq!(v["fields"]["status"], 200, "{line}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access-log line with the request id"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

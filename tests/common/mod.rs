@@ -143,7 +143,8 @@ impl Server {
                 Ok(line) => {
                     if let Some(i) = line.find("ready listen=") {
                         let rest = &line[i + "ready listen=".len()..];
-                        let a = rest.split_whitespace().next().unwrap();
+                        // Text logs end the address at a space, JSON logs at a quote.
+                        let a = rest.split([' ', '"']).next().unwrap();
                         break a.parse().expect("listen address");
                     }
                     seen.push(line);
