@@ -61,13 +61,15 @@ fn drop_op(c: &str, s: &str) -> SeatOp {
 async fn loaded(store: &Store) -> (Vec<(String, u32, u64)>, Vec<(String, String)>) {
     let mut courses = Vec::new();
     let mut seats = Vec::new();
-    store
+    let recomputed = store
         .load(|row| match row {
             LoadRow::Course { id, spec, version } => courses.push((id.to_string(), spec.capacity, version)),
             LoadRow::Enrollment { course, student, .. } => seats.push((course.to_string(), student.to_string())),
         })
         .await
         .unwrap();
+    // The triggers keep every counter equal to its rows; load would recompute one that is not.
+    assert_eq!(recomputed, 0, "seat counters disagreed with the rosters");
     courses.sort();
     seats.sort();
     (courses, seats)
@@ -133,6 +135,7 @@ async fn the_guard_refuses_seats_beyond_capacity() {
             vec![SeatResult::Full],
             "{kind}"
         );
+        loaded(&store).await; // counters equal rosters after refusals
     })
     .await;
 }
@@ -171,6 +174,7 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
             "{kind}"
         );
         assert_eq!(store.roster(&cid("I")).await.unwrap(), vec!["b"], "{kind}");
+        loaded(&store).await; // counters equal rosters after duplicates and missing drops
     })
     .await;
 }

@@ -1,8 +1,9 @@
 //! The SQL store: MySQL/MariaDB or the embedded SQLite, through one sqlx `Any` code path.
 //!
 //! Why: both stores must pass one persistence suite, so there is one implementation; the
-//! few dialect differences (`INSERT IGNORE` vs `INSERT OR IGNORE`, schema collation) are
-//! named in [`Dialect`]. Only this module speaks SQL.
+//! few dialect differences (`INSERT IGNORE` vs `INSERT OR IGNORE`, schema collation,
+//! MySQL's committer connections with autocommit off) are named by [`Dialect`]. Only this
+//! module speaks SQL.
 //! Must never: commit a batch that leaves `enrolled > capacity` (the schema's CHECK and the
 //! guarded update both refuse it), or report a commit it has not seen succeed.
 
@@ -123,7 +124,12 @@ pub struct Probe {
 }
 
 pub struct Store {
+    /// Everything but the fast group commit: row-by-row batches, admin changes, reads.
     pool: AnyPool,
+    /// MySQL only: connections with autocommit off for the fast group commit, so a batch
+    /// costs its statements and a COMMIT, without a BEGIN round trip. Never used for
+    /// reads: a connection left in a transaction would read from a stale snapshot.
+    commit_pool: Option<AnyPool>,
     dialect: Dialect,
 }
 
@@ -140,13 +146,16 @@ impl Store {
             _ => url.to_string(),
         };
         let connect: AnyConnectOptions = url.parse().context("parsing store URL")?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(opts.pool_connections_max)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_millis(opts.acquire_timeout_ms))
-            // A dead connection fails its batch (503, seat released) and is dropped; a ping
-            // per acquire would cost a round trip on every group commit.
-            .test_before_acquire(false)
+        let pool_options = || {
+            AnyPoolOptions::new()
+                .max_connections(opts.pool_connections_max)
+                .min_connections(0)
+                .acquire_timeout(Duration::from_millis(opts.acquire_timeout_ms))
+                // A dead connection fails its batch (503, seat released) and is dropped; a
+                // ping per acquire would cost a round trip on every group commit.
+                .test_before_acquire(false)
+        };
+        let pool = pool_options()
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
@@ -158,15 +167,32 @@ impl Store {
                     Ok(())
                 })
             })
-            .connect_with(connect)
+            .connect_with(connect.clone())
             .await
             .context("connecting to the store")?;
+        let commit_pool = match dialect {
+            Dialect::Sqlite => None,
+            Dialect::Mysql => Some(
+                pool_options()
+                    .after_connect(|conn, _meta| {
+                        Box::pin(async move {
+                            sqlx::query("SET autocommit = 0").execute(&mut *conn).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(connect),
+            ),
+        };
         let migrator = match dialect {
             Dialect::Mysql => &MIGRATOR_MYSQL,
             Dialect::Sqlite => &MIGRATOR_SQLITE,
         };
         migrator.run(&pool).await.context("migrating the schema")?;
-        Ok(Store { pool, dialect })
+        Ok(Store {
+            pool,
+            commit_pool,
+            dialect,
+        })
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -187,8 +213,8 @@ impl Store {
 
     /// Streams every course, then every enrollment, to `sink`. Recomputes each course's
     /// `enrolled` counter from its rows first, so a counter that drifted (a hand edit)
-    /// cannot disagree with the rosters that are loaded.
-    pub async fn load(&self, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<()> {
+    /// cannot disagree with the rosters that are loaded. Returns how many it recomputed.
+    pub async fn load(&self, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<u64> {
         use futures_util::TryStreamExt;
         let fixed = sqlx::query(
             "UPDATE courses SET enrolled = (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id) \
@@ -234,7 +260,7 @@ impl Store {
                 at: row.try_get(2)?,
             });
         }
-        Ok(())
+        Ok(fixed)
     }
 
     /// Commits one batch of seat ops in one transaction. Within a batch every (course,
@@ -246,8 +272,8 @@ impl Store {
             ops.len()
         );
         match self.try_fast(ops).await {
-            Ok(Some(())) => return Ok(vec![SeatResult::Applied; ops.len()]),
-            Ok(None) => {}
+            Ok(true) => return Ok(vec![SeatResult::Applied; ops.len()]),
+            Ok(false) => {}
             Err(e @ CommitError::Unknown(_)) => {
                 let probe = ops.iter().map(probe_of).next().expect("non-empty batch");
                 return self
@@ -264,68 +290,40 @@ impl Store {
         self.commit_row_by_row(ops).await
     }
 
-    /// One statement per kind for the whole batch. `Ok(None)`: rolled back because a row
-    /// was not as expected or a course would overflow; the row-by-row path decides each.
-    async fn try_fast(&self, ops: &[SeatOp]) -> Result<Option<()>, CommitError> {
-        let mut tx = self.pool.begin().await.map_err(not_committed)?;
-        let drops: Vec<_> = ops.iter().filter(|o| matches!(o, SeatOp::Drop { .. })).collect();
-        let enrolls: Vec<_> = ops.iter().filter(|o| matches!(o, SeatOp::Enroll { .. })).collect();
-        if !drops.is_empty() {
-            let sql = format!(
-                "DELETE FROM enrollments WHERE {}",
-                vec!["(course_id = ? AND student_id = ?)"; drops.len()].join(" OR ")
-            );
-            let mut q = sqlx::query(&sql);
-            for op in &drops {
-                let (c, s) = op.key();
-                q = q.bind(c.as_str()).bind(s.as_str());
+    /// One statement per kind for the whole batch, then COMMIT. `Ok(false)`: rolled back
+    /// because a row was not as expected or a course would overflow; the row-by-row path
+    /// decides each op.
+    async fn try_fast(&self, ops: &[SeatOp]) -> Result<bool, CommitError> {
+        let Some(commit_pool) = &self.commit_pool else {
+            let mut tx = self.pool.begin().await.map_err(not_committed)?;
+            if !fast_statements(&mut tx, self.dialect, ops)
+                .await
+                .map_err(not_committed)?
+            {
+                return Ok(false); // dropping `tx` rolls back
             }
-            let n = q.execute(&mut *tx).await.map_err(not_committed)?.rows_affected();
-            if n != drops.len() as u64 {
-                return Ok(None);
+            tx.commit().await.map_err(|e| CommitError::Unknown(e.into()))?;
+            return Ok(true);
+        };
+        // Autocommit is off on these connections, so the first statement opens the
+        // transaction: no BEGIN round trip.
+        let mut conn = OpenTransaction::new(commit_pool.acquire().await.map_err(not_committed)?);
+        let end = if fast_statements(conn.get(), self.dialect, ops)
+            .await
+            .map_err(not_committed)?
+        {
+            "COMMIT"
+        } else {
+            "ROLLBACK"
+        };
+        match sqlx::query(end).execute(conn.get()).await {
+            Ok(_) => {
+                conn.ended();
+                Ok(end == "COMMIT")
             }
+            Err(e) if end == "COMMIT" => Err(CommitError::Unknown(e.into())),
+            Err(e) => Err(not_committed(e)),
         }
-        if !enrolls.is_empty() {
-            let sql = format!(
-                "{} enrollments (course_id, student_id, enrolled_at_ms) VALUES {}",
-                self.dialect.insert_ignore(),
-                vec!["(?, ?, ?)"; enrolls.len()].join(", ")
-            );
-            let mut q = sqlx::query(&sql);
-            for op in &enrolls {
-                if let SeatOp::Enroll { course, student, at } = op {
-                    q = q.bind(course.as_str()).bind(student.as_str()).bind(*at);
-                }
-            }
-            let n = q.execute(&mut *tx).await.map_err(not_committed)?.rows_affected();
-            if n != enrolls.len() as u64 {
-                return Ok(None);
-            }
-        }
-        let deltas = course_deltas(ops);
-        if !deltas.is_empty() {
-            let sql = format!(
-                "UPDATE courses SET enrolled = enrolled + CASE id {} END WHERE id IN ({})",
-                vec!["WHEN ? THEN ?"; deltas.len()].join(" "),
-                vec!["?"; deltas.len()].join(", ")
-            );
-            let mut q = sqlx::query(&sql);
-            for (c, d) in &deltas {
-                q = q.bind(c.as_str()).bind(*d);
-            }
-            for (c, _) in &deltas {
-                q = q.bind(c.as_str());
-            }
-            match q.execute(&mut *tx).await {
-                Ok(r) if r.rows_affected() == deltas.len() as u64 => {}
-                Ok(_) => return Ok(None),
-                // The CHECK refused an overflowing course; the slow path finds which.
-                Err(sqlx::Error::Database(_)) => return Ok(None),
-                Err(e) => return Err(not_committed(e)),
-            }
-        }
-        tx.commit().await.map_err(|e| CommitError::Unknown(e.into()))?;
-        Ok(Some(()))
     }
 
     /// Each op on its own, in order, in one transaction, with the guarded counter update
@@ -506,6 +504,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(p) = &self.commit_pool {
+            p.close().await;
+        }
         self.pool.close().await;
     }
 }
@@ -537,6 +538,107 @@ fn course_deltas(ops: &[SeatOp]) -> Vec<(&CourseId, i64)> {
     }
     deltas.retain(|(_, d)| *d != 0);
     deltas
+}
+
+/// The fast path's statements on an open transaction: one multi-row DELETE for the drops,
+/// one multi-row INSERT for the enrollments, one counter UPDATE for every course touched.
+/// `Ok(false)`: a statement did not do what the batch expects; the caller rolls back.
+async fn fast_statements(
+    conn: &mut sqlx::AnyConnection,
+    dialect: Dialect,
+    ops: &[SeatOp],
+) -> Result<bool, sqlx::Error> {
+    let drops: Vec<_> = ops.iter().filter(|o| matches!(o, SeatOp::Drop { .. })).collect();
+    let enrolls: Vec<_> = ops.iter().filter(|o| matches!(o, SeatOp::Enroll { .. })).collect();
+    if !drops.is_empty() {
+        let sql = format!(
+            "DELETE FROM enrollments WHERE {}",
+            vec!["(course_id = ? AND student_id = ?)"; drops.len()].join(" OR ")
+        );
+        let mut q = sqlx::query(&sql);
+        for op in &drops {
+            let (c, s) = op.key();
+            q = q.bind(c.as_str()).bind(s.as_str());
+        }
+        let n = q.execute(&mut *conn).await?.rows_affected();
+        if n != drops.len() as u64 {
+            return Ok(false);
+        }
+    }
+    if !enrolls.is_empty() {
+        let sql = format!(
+            "{} enrollments (course_id, student_id, enrolled_at_ms) VALUES {}",
+            dialect.insert_ignore(),
+            vec!["(?, ?, ?)"; enrolls.len()].join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for op in &enrolls {
+            if let SeatOp::Enroll { course, student, at } = op {
+                q = q.bind(course.as_str()).bind(student.as_str()).bind(*at);
+            }
+        }
+        let n = q.execute(&mut *conn).await?.rows_affected();
+        if n != enrolls.len() as u64 {
+            return Ok(false);
+        }
+    }
+    let deltas = course_deltas(ops);
+    if !deltas.is_empty() {
+        let sql = format!(
+            "UPDATE courses SET enrolled = enrolled + CASE id {} END WHERE id IN ({})",
+            vec!["WHEN ? THEN ?"; deltas.len()].join(" "),
+            vec!["?"; deltas.len()].join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for (c, d) in &deltas {
+            q = q.bind(c.as_str()).bind(*d);
+        }
+        for (c, _) in &deltas {
+            q = q.bind(c.as_str());
+        }
+        match q.execute(&mut *conn).await {
+            Ok(r) if r.rows_affected() == deltas.len() as u64 => {}
+            Ok(_) => return Ok(false),
+            // The CHECK refused an overflowing course; the slow path finds which.
+            Err(sqlx::Error::Database(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// A committer connection (autocommit off) between its first statement and its COMMIT or
+/// ROLLBACK. Dropped before [`OpenTransaction::ended`] (an error, a cancelled future), the
+/// connection is closed instead of pooled: the server rolls the work back, and no later
+/// batch can commit it by accident.
+struct OpenTransaction {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    ended: bool,
+}
+
+impl OpenTransaction {
+    fn new(conn: sqlx::pool::PoolConnection<sqlx::Any>) -> Self {
+        OpenTransaction {
+            conn: Some(conn),
+            ended: false,
+        }
+    }
+    fn get(&mut self) -> &mut sqlx::AnyConnection {
+        self.conn.as_mut().expect("present until drop")
+    }
+    fn ended(&mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if !self.ended {
+            if let Some(conn) = self.conn.take() {
+                drop(conn.detach());
+            }
+        }
+    }
 }
 
 fn not_committed(e: impl Into<anyhow::Error>) -> CommitError {
