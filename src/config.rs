@@ -31,6 +31,10 @@ pub struct ConfigArgs {
     /// Shard threads [default: one per available core]
     #[arg(long, env = "ENROLLD_SHARDS")]
     pub shards: Option<usize>,
+    /// Also listen on one port per shard, shard i on this port + i (port 0: any free ports),
+    /// for a proxy that sends each course to its owner shard [default: none]
+    #[arg(long, env = "ENROLLD_SHARD_LISTEN")]
+    pub shard_listen: Option<SocketAddr>,
     /// Store URL: sqlite://FILE or mysql://user:pass@host:port/db [default: sqlite://enrolld.db]
     #[arg(long, env = "ENROLLD_STORE")]
     pub store: Option<String>,
@@ -103,6 +107,7 @@ pub enum LogFormat {
 struct FileConfig {
     listen: Option<SocketAddr>,
     shards: Option<usize>,
+    shard_listen: Option<SocketAddr>,
     store: Option<String>,
     redis: Option<String>,
     jwt_secret: Option<String>,
@@ -129,6 +134,8 @@ struct FileConfig {
 pub struct Config {
     pub listen: SocketAddr,
     pub shards: usize,
+    /// Shard i also listens on this port + i (every shard on a free port when it is 0).
+    pub shard_listen: Option<SocketAddr>,
     pub store: String,
     pub redis: Option<String>,
     /// As configured; `None` means "the secret kept beside the SQLite store".
@@ -208,7 +215,17 @@ impl Config {
             HEAD_BYTES_MIN,
             1 << 20,
         )?;
+        let shard_listen = args.shard_listen.or(file.shard_listen);
+        if let Some(a) = shard_listen {
+            if a.port() != 0 && usize::from(a.port()) + shards - 1 > usize::from(u16::MAX) {
+                return Err(ConfigError(format!(
+                    "`shard_listen` {a}: {shards} shards need ports up to {}, past 65535",
+                    usize::from(a.port()) + shards - 1
+                )));
+            }
+        }
         Ok(Config {
+            shard_listen,
             listen: args
                 .listen
                 .or(file.listen)
@@ -399,6 +416,8 @@ mod tests {
         check_file("store = \"mysql://u@h/db\"", Some("`jwt_secret`"));
         check_file("store = \"mysql://u@h/db\"\njwt_secret = \"s\"", None);
         check_file("listen = \"nope\"", Some("listen"));
+        check_file("shards = 2\nshard_listen = \"127.0.0.1:8100\"", None);
+        check_file("shards = 2\nshard_listen = \"127.0.0.1:65535\"", Some("`shard_listen`"));
         check_file("[limits]\nenabled = false\nkeys_max = 10", None);
         check_file("[limits.profiles.student]\nuser = { per_sec = 0.0, burst = 1 }\ncourse = { per_sec = 1.0, burst = 1 }\nipseg = { per_sec = 1.0, burst = 1 }", Some("limits.profiles.student.user"));
         check_file("[limits]\nfoo = 1", Some("foo"));

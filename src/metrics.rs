@@ -120,6 +120,7 @@ impl Attempt {
 #[derive(Default)]
 pub struct ShardMetrics {
     requests: AtomicU64,
+    hops: AtomicU64,
     attempts: [AtomicU64; ATTEMPTS.len()],
     rejects: [AtomicU64; REJECTS.len()],
     routes: [RouteStats; ROUTES.len()],
@@ -127,6 +128,11 @@ pub struct ShardMetrics {
 }
 
 impl ShardMetrics {
+    /// A course request that arrived here but belongs to another shard.
+    pub fn hop(&self) {
+        bump(&self.hops, 1);
+    }
+
     pub fn request(&self, route: usize, status: u16, elapsed: std::time::Duration) {
         bump(&self.requests, 1);
         let class = usize::from(status / 100).clamp(1, 5) - 1;
@@ -286,6 +292,18 @@ impl PromCollector for Collector {
             "Requests accepted per shard (imbalance shows here).",
             MetricType::COUNTER,
             per_shard,
+        ));
+        let hops = self
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| counter(vec![label("shard", &i.to_string())], s.hops.load(Ordering::Relaxed)))
+            .collect();
+        out.push(family(
+            "enrolld_shard_hops_total",
+            "Course requests a shard passed to the course's owner shard (near 0 behind a proxy that routes by owner).",
+            MetricType::COUNTER,
+            hops,
         ));
         out.extend(self.http_families());
         out.extend(self.hot_families());

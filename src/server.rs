@@ -76,6 +76,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let listeners =
         crate::net::bind_listeners(cfg.listen, cfg.shards).with_context(|| format!("binding {}", cfg.listen))?;
     let local = listeners[0].local_addr()?;
+    let mut own_listeners: Vec<Option<std::net::TcpListener>> = match cfg.shard_listen {
+        Some(base) => crate::net::bind_shard_listeners(base, cfg.shards)
+            .with_context(|| format!("binding the shard ports from {base}"))?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => (0..cfg.shards).map(|_| None).collect(),
+    };
+    let shard_addrs: Vec<String> = own_listeners
+        .iter()
+        .flatten()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<std::io::Result<_>>()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ready = Arc::new(AtomicBool::new(false));
     let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..cfg.shards)
@@ -112,6 +125,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let metrics_on = cfg.metrics_enabled;
         let limiter = limiter.clone();
         let shards = cfg.shards;
+        let own = own_listeners[i].take();
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let set = tokio::task::LocalSet::new();
@@ -132,7 +146,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     access_log,
                     metrics_on,
                 ));
-                let served = crate::net::serve(listener, ctx, limits, shutdown).await;
+                let listeners = std::iter::once(listener).chain(own).collect();
+                let served = crate::net::serve(listeners, ctx, limits, shutdown).await;
                 // Keep answering other shards until every shard has drained its clients.
                 drained.wait().await;
                 served
@@ -143,11 +158,16 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     drop(inbox_tx);
     drop(persist);
     ready.store(true, Ordering::Relaxed);
+    // Shard i's own port is the i-th address (nginx lists them in that order).
+    let shard_listen = match shard_addrs.is_empty() {
+        true => String::new(),
+        false => format!(" shard_listen={}", shard_addrs.join(",")),
+    };
     tracing::info!(
         listen = %local,
         shards = cfg.shards,
         store = %redact(&cfg.store),
-        "enrolld ready listen={local}"
+        "enrolld ready listen={local}{shard_listen}"
     );
     notify_systemd(&heartbeats);
     if cfg.demo {

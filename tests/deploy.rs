@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{admin_token, free_port, put_course, token, Server, TempDir};
+use common::{admin_token, free_port, put_course, token, Conn, Server, TempDir};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -314,6 +314,7 @@ const EXPOSED: &[&str] = &[
     "enrolld_course_seats_left",
     "enrolld_course_hot",
     "enrolld_shard_requests_total",
+    "enrolld_shard_hops_total",
     "enrolld_breaker_state",
     "enrolld_store_up",
     "process_resident_memory_bytes",
@@ -803,6 +804,84 @@ fn wait_enrolld_log(server: &Server, seen: &mut Vec<String>, needle: &str) {
             seen.push(line);
         }
     }
+}
+
+/// The shipped config's one-node variant: plain `hash $course_key` over the shard ports in
+/// shard order. nginx must pick each course's owner shard, so no request crosses shards;
+/// the same requests sent to the shared port do cross (the counter can move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_hash_over_the_shard_ports_reaches_each_course_owner() {
+    let edir = TempDir::new("deploy_shards");
+    let server = start_enrolld(&edir, &["--shards", "3", "--shard-listen", "127.0.0.1:0"]);
+    assert_eq!(
+        server.shard_addrs.len(),
+        3,
+        "the ready line names every shard's address"
+    );
+    let setup = NginxSetup::new(server.addr);
+    let inc = std::fs::read_to_string(setup.dir.path("enrolld.conf")).unwrap();
+    let servers: String = server
+        .shard_addrs
+        .iter()
+        .map(|a| format!("server {a} max_fails=3 fail_timeout=5s;\n    "))
+        .collect();
+    let inc = replace(&inc, "hash $course_key consistent;", "hash $course_key;");
+    let inc = replace(
+        &inc,
+        &format!("server {} max_fails=3 fail_timeout=5s;", server.addr),
+        &servers,
+    );
+    std::fs::write(setup.dir.path("enrolld.conf"), inc).unwrap();
+    check(setup.nginx().arg("-t"));
+    let nginx_log = setup.dir.path("nginx.out");
+    let mut nginx = Proc::spawn("nginx", setup.nginx().args(["-g", "daemon off;"]), &nginx_log);
+    wait_listening(setup.addr, &mut nginx, &nginx_log);
+
+    let mut conn = server.conn().await;
+    let courses: Vec<String> = (0..24).map(|i| format!("HOP{i}-01")).collect();
+    let owners: std::collections::BTreeSet<usize> = courses
+        .iter()
+        .map(|c| enrolld::shard::owner_of(&enrolld::ids::CourseId::parse(c).unwrap(), 3).0)
+        .collect();
+    assert_eq!(owners.len(), 3, "the courses should spread over the shards");
+    for c in &courses {
+        put_course(&mut conn, c, 5).await;
+    }
+    let before = hops(&mut conn).await;
+    // One student per course: each sends 6 requests here, within the default burst.
+    let bearer = |c: &str| token(&format!("hop-{c}"));
+    for c in &courses {
+        let student = format!("Authorization: Bearer {}", bearer(c));
+        let path = format!("/v1/courses/{c}/enrollment");
+        let (status, _, body) = curl_tls(&setup, "POST", &path, &[student.clone()], None);
+        assert_eq!(status, 201, "{c}: {body}");
+        let (status, _, body) = curl_tls(&setup, "GET", &format!("/v1/courses/{c}"), &[student.clone()], None);
+        assert_eq!(status, 200, "{c}: {body}");
+    }
+    let after_nginx = hops(&mut conn).await;
+    assert_eq!(after_nginx, before, "a request through nginx crossed shards");
+
+    // Control: the same reads on the shared port land on shards at random and do cross.
+    for c in &courses {
+        for _ in 0..4 {
+            let mut fresh = Conn::open(server.addr).await;
+            let r = fresh
+                .request("GET", &format!("/v1/courses/{c}"), Some(&bearer(c)), None)
+                .await;
+            assert_eq!(r.status, 200);
+        }
+    }
+    assert!(
+        hops(&mut conn).await > after_nginx,
+        "no request crossed shards on the shared port"
+    );
+    nginx.assert_running(&nginx_log);
+}
+
+/// Course requests passed between shards so far, summed over the shards.
+async fn hops(conn: &mut Conn) -> f64 {
+    let body = conn.request("GET", "/metrics", None, None).await.body;
+    sample_sum(&String::from_utf8_lossy(&body), "enrolld_shard_hops_total", &[]).expect("hops exposed")
 }
 
 /// enrolld behind the shipped nginx config: TLS, proxying, and one request id in both logs.

@@ -37,6 +37,22 @@ pub struct ConnLimits {
     pub drain_timeout_ms: u64,
 }
 
+/// Binds one listener per shard at `base`'s port + shard index (each on any free port when
+/// that is 0): a proxy that knows [`crate::shard::owner_of`] sends a course's requests to
+/// its owner's port, and they never cross shards.
+pub fn bind_shard_listeners(base: SocketAddr, shards: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    (0..shards)
+        .map(|i| {
+            let mut addr = base;
+            if base.port() != 0 {
+                let port = usize::from(base.port()) + i;
+                addr.set_port(u16::try_from(port).map_err(|_| std::io::Error::other("shard port past 65535"))?);
+            }
+            Ok(bind_listeners(addr, 1)?.remove(0))
+        })
+        .collect()
+}
+
 /// Binds `shards` SO_REUSEPORT listeners on one address. The first resolves port 0, the
 /// rest bind the port it got, so every shard listens on the same address.
 pub fn bind_listeners(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
@@ -56,15 +72,16 @@ pub fn bind_listeners(addr: SocketAddr, shards: usize) -> std::io::Result<Vec<st
     Ok(out)
 }
 
-/// Accepts and serves connections until `shutdown` turns true, then lets in-flight
-/// requests finish (up to `drain_timeout_ms`) and returns.
+/// Accepts and serves connections on every listener of the shard (the shared address and,
+/// with `shard_listen`, its own port) until `shutdown` turns true, then lets in-flight
+/// requests finish (up to `drain_timeout_ms`) and returns. The connection limit covers all
+/// of them together.
 pub async fn serve(
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     ctx: Rc<http::Ctx>,
     limits: ConnLimits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
     let permits = Arc::new(Semaphore::new(limits.connections_max));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
@@ -76,6 +93,37 @@ pub async fn serve(
     // Not `pipeline_flush(true)`: hyper then holds answers back while unparsed bytes sit
     // in its buffer, so an answer before garbage or before a partial next request was lost
     // (tests/bad_input.rs pins both).
+    let mut loops = Vec::with_capacity(listeners.len());
+    for listener in listeners {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        loops.push(accept_loop(
+            listener,
+            &ctx,
+            &builder,
+            &graceful,
+            permits.clone(),
+            shutdown.clone(),
+        ));
+    }
+    futures_util::future::join_all(loops).await;
+    if tokio::time::timeout(Duration::from_millis(limits.drain_timeout_ms), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timed out; closing the remaining connections");
+    }
+    Ok(())
+}
+
+/// One listener's accept loop: a permit first, then the connection, until shutdown.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    ctx: &Rc<http::Ctx>,
+    builder: &http1::Builder,
+    graceful: &GracefulShutdown,
+    permits: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
@@ -108,12 +156,4 @@ pub async fn serve(
             drop(permit);
         });
     }
-    drop(listener);
-    if tokio::time::timeout(Duration::from_millis(limits.drain_timeout_ms), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timed out; closing the remaining connections");
-    }
-    Ok(())
 }

@@ -35,15 +35,14 @@ pub const SEAT_WAITERS_MAX: usize = 16;
 /// Times a request decides again (after waiting on an in-flight change or on admission).
 const IN_FLIGHT_RETRIES_MAX: usize = 4;
 
-/// The shard that owns a course: FNV-1a of the id, modulo the shard count. Stable across
-/// runs and builds, so a course's owner depends only on its id and the shard count.
+/// The shard that owns a course: the peer nginx's `hash $course_key;` upstream picks for
+/// the id among `shards` equal servers listed in shard order (its Cache::Memcached-style
+/// hash: bits 16-30 of the CRC-32, modulo the server count). So an nginx in front can send
+/// each course straight to its owner's own port (`shard_listen`, deploy/nginx) and the
+/// request never crosses shards. Depends only on the id and the shard count.
 pub fn owner_of(course: &CourseId, shards: usize) -> ShardId {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in course.as_str().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    ShardId((h % shards as u64) as usize)
+    let h = (crc32fast::hash(course.as_str().as_bytes()) >> 16) & 0x7fff;
+    ShardId(h as usize % shards)
 }
 
 /// What one shard can be asked.
@@ -451,9 +450,12 @@ impl Router {
         self.peers.len()
     }
 
-    /// Runs `cmd` on the shard that owns `course`.
+    /// Runs `cmd` on the shard that owns `course`, counting the hop when that is another.
     pub async fn call(&self, course: &CourseId, cmd: Command) -> Reply {
         let owner = owner_of(course, self.shards());
+        if owner != self.me.id {
+            self.me.metrics.hop();
+        }
         self.call_shard(owner, cmd).await
     }
 

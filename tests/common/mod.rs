@@ -94,6 +94,8 @@ pub fn mysql_query(db: &str, sql: &str) -> Vec<Vec<String>> {
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Each shard's own address, in shard order (with `--shard-listen`).
+    pub shard_addrs: Vec<SocketAddr>,
     pub args: Vec<String>,
     pub log: mpsc::Receiver<String>,
 }
@@ -138,14 +140,19 @@ impl Server {
             }
         });
         let mut seen = Vec::new();
-        let addr = loop {
+        // Text logs end a value at a space, JSON logs at a quote.
+        let value = |line: &str, key: &str| {
+            let i = line.find(key)?;
+            Some(line[i + key.len()..].split([' ', '"']).next().unwrap().to_string())
+        };
+        let (addr, shard_addrs) = loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => {
-                    if let Some(i) = line.find("ready listen=") {
-                        let rest = &line[i + "ready listen=".len()..];
-                        // Text logs end the address at a space, JSON logs at a quote.
-                        let a = rest.split([' ', '"']).next().unwrap();
-                        break a.parse().expect("listen address");
+                    if let Some(a) = value(&line, "ready listen=") {
+                        let shards: Vec<SocketAddr> = value(&line, " shard_listen=")
+                            .map(|v| v.split(',').map(|a| a.parse().expect("shard address")).collect())
+                            .unwrap_or_default();
+                        break (a.parse().expect("listen address"), shards);
                     }
                     seen.push(line);
                 }
@@ -155,6 +162,7 @@ impl Server {
         Server {
             child,
             addr,
+            shard_addrs,
             args,
             log: rx,
         }
