@@ -7,6 +7,7 @@
 
 use std::cell::Cell;
 use std::convert::Infallible;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -42,6 +43,9 @@ pub const PAGE_COURSES_MAX: usize = 1_000;
 pub const TITLE_CHARS_MAX: usize = 200;
 /// Longest client-sent request id echoed back.
 pub const REQUEST_ID_BYTES_MAX: usize = 64;
+/// Path segments the longest route has (`/v1/admin/courses/{id}/roster`). A path is split
+/// into one more at most, so a longer path still matches no route.
+const PATH_SEGMENTS_MAX: usize = 5;
 
 /// Per-shard request context.
 pub struct Ctx {
@@ -92,7 +96,12 @@ impl Ctx {
         }
         let n = self.request_seq.get() + 1;
         self.request_seq.set(n);
-        HeaderValue::try_from(format!("{}-{n:x}", self.request_prefix)).expect("hex and digits are valid")
+        // Written on the stack: the header value is the request's one allocation for it.
+        let mut buf = [0u8; 48];
+        let mut w = std::io::Cursor::new(&mut buf[..]);
+        write!(w, "{}-{n:x}", self.request_prefix).expect("fits: 9 + 1 + 16 bytes");
+        let len = w.position() as usize;
+        HeaderValue::from_bytes(&buf[..len]).expect("hex and digits are valid")
     }
 }
 
@@ -120,10 +129,14 @@ pub async fn handle(
     let started = std::time::Instant::now();
     let rid = ctx.request_id(&req);
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(&path).split('/').collect();
-    let route_label = route_label(&method, &segments);
-    let mut resp = match route(&ctx, &tokens, peer, &segments, req).await {
+    // A clone of the URI shares hyper's buffer (no copy), so the segments can borrow from
+    // it while `req` moves on.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let (parts, len) = split_path(path);
+    let segments = &parts[..len];
+    let route_label = route_label(&method, segments);
+    let mut resp = match route(&ctx, &tokens, peer, segments, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let rid = rid.to_str().unwrap_or("-");
@@ -153,6 +166,18 @@ pub async fn handle(
     }
     resp.headers_mut().insert("x-request-id", rid);
     Ok(resp)
+}
+
+/// The path's segments after the leading `/`, on the stack: at most
+/// `PATH_SEGMENTS_MAX + 1` (the rest of a longer path is left out; it matches no route).
+fn split_path(path: &str) -> ([&str; PATH_SEGMENTS_MAX + 1], usize) {
+    let mut parts = [""; PATH_SEGMENTS_MAX + 1];
+    let mut len = 0;
+    for (slot, segment) in parts.iter_mut().zip(path.strip_prefix('/').unwrap_or(path).split('/')) {
+        *slot = segment;
+        len += 1;
+    }
+    (parts, len)
 }
 
 /// Index into [`crate::metrics::ROUTES`] of `unauthorized`.
@@ -607,5 +632,23 @@ mod tests {
         );
         check("not json", false);
         check("", false);
+    }
+
+    #[test]
+    fn paths_split_on_the_stack_and_long_ones_match_no_route() {
+        let split = |p: &'static str| {
+            let (parts, len) = split_path(p);
+            parts[..len].to_vec()
+        };
+        assert_eq!(
+            split("/v1/admin/courses/X/roster"),
+            ["v1", "admin", "courses", "X", "roster"]
+        );
+        assert_eq!(split("/"), [""]);
+        assert_eq!(split("/v1/courses/"), ["v1", "courses", ""]);
+        let long = split("/v1/courses/X/enrollment/a/b/c");
+        assert_eq!(long.len(), PATH_SEGMENTS_MAX + 1);
+        assert_eq!(route_label(&Method::POST, &long), 9);
+        assert_eq!(route_label(&Method::POST, &split("/v1/courses/X/enrollment")), 0);
     }
 }
