@@ -222,6 +222,15 @@ impl Collector {
     fn sum(&self, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> u64 {
         self.shards.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
     }
+
+    /// One counter per shard, labelled `shard="i"`.
+    fn per_shard(&self, f: impl Fn(&ShardMetrics) -> &AtomicU64) -> Vec<Metric> {
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| counter(vec![label("shard", &i.to_string())], f(s).load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 fn label(name: &str, value: &str) -> LabelPair {
@@ -281,29 +290,17 @@ impl PromCollector for Collector {
             MetricType::COUNTER,
             rejects,
         ));
-        let per_shard = self
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(i, s)| counter(vec![label("shard", &i.to_string())], s.requests.load(Ordering::Relaxed)))
-            .collect();
         out.push(family(
             "enrolld_shard_requests_total",
             "Requests accepted per shard (imbalance shows here).",
             MetricType::COUNTER,
-            per_shard,
+            self.per_shard(|s| &s.requests),
         ));
-        let hops = self
-            .shards
-            .iter()
-            .enumerate()
-            .map(|(i, s)| counter(vec![label("shard", &i.to_string())], s.hops.load(Ordering::Relaxed)))
-            .collect();
         out.push(family(
             "enrolld_shard_hops_total",
             "Course requests a shard passed to the course's owner shard (near 0 behind a proxy that routes by owner).",
             MetricType::COUNTER,
-            hops,
+            self.per_shard(|s| &s.hops),
         ));
         out.extend(self.http_families());
         out.extend(self.hot_families());
