@@ -70,15 +70,6 @@ pub enum Command {
     StudentEnrollments(StudentId),
 }
 
-impl Command {
-    /// Commands that may wait on the store run in their own task.
-    fn awaits_store(&self) -> bool {
-        matches!(
-            self,
-            Command::Enroll { .. } | Command::Drop { .. } | Command::Put { .. }
-        )
-    }
-}
 
 /// One seat: a (course, student) pair.
 type SeatKey = (CourseId, StudentId);
@@ -164,20 +155,50 @@ impl Shard {
     }
 
     /// Runs a command on this (owner) shard. Answers that memory alone decides (every 409
-    /// in a rush) are given inline; commands that wait on the store run in a detached local
-    /// task, so the seat is settled even if the caller goes away.
+    /// in a rush, and every read) are given inline, with no future of their own; commands
+    /// that wait on the store run in a detached local task, so the seat is settled even if
+    /// the caller goes away. (Keeping the store path out of this future keeps the caller's
+    /// future small: hyper moves it once per request.)
     pub async fn run(self: &Rc<Self>, cmd: Command) -> Reply {
+        match self.answer_now(cmd) {
+            Ok(reply) => reply,
+            Err(cmd) => {
+                let me = self.clone();
+                tokio::task::spawn_local(async move { me.execute(cmd).await })
+                    .await
+                    .unwrap_or(Reply::Unavailable)
+            }
+        }
+    }
+
+    /// Answers what needs no await: every read, and the enrollments memory decides. Hands
+    /// the command back when it must wait on the store.
+    fn answer_now(&self, cmd: Command) -> Result<Reply, Command> {
         if let Some(reply) = self.answer_from_memory(&cmd) {
-            return reply;
+            return Ok(reply);
         }
-        if cmd.awaits_store() {
-            let me = self.clone();
-            tokio::task::spawn_local(async move { me.execute(cmd).await })
-                .await
-                .unwrap_or(Reply::Unavailable)
-        } else {
-            self.execute(cmd).await
-        }
+        Ok(match cmd {
+            Command::Course(id) => {
+                let table = self.table.borrow();
+                let Some(c) = table.get(&id) else {
+                    return Ok(Reply::NotFound);
+                };
+                c.note_request();
+                if let Some(bytes) = c.rendered() {
+                    return Ok(Reply::CourseBody(bytes));
+                }
+                let bytes = (self.render_course)(&table.view(&id).expect("just found"));
+                c.set_rendered(bytes.clone());
+                Reply::CourseBody(bytes)
+            }
+            Command::Roster(id) => match self.table.borrow().get(&id) {
+                Some(c) => Reply::Roster(c.roster()),
+                None => Reply::NotFound,
+            },
+            Command::List { after, limit } => Reply::Courses(self.table.borrow().list(after.as_ref(), limit)),
+            Command::StudentEnrollments(s) => Reply::Enrollments(self.table.borrow().enrollments_of(&s)),
+            cmd @ (Command::Enroll { .. } | Command::Drop { .. } | Command::Put { .. }) => return Err(cmd),
+        })
     }
 
     /// The enrollment answers that take no seat: unknown course, already held, closed,
@@ -203,29 +224,9 @@ impl Shard {
         Some(reply)
     }
 
+    /// The commands that wait on the store (see [`Shard::answer_now`] for the rest).
     async fn execute(&self, cmd: Command) -> Reply {
         match cmd {
-            Command::Course(id) => {
-                let table = self.table.borrow();
-                if let Some(c) = table.get(&id) {
-                    c.note_request();
-                }
-                let Some(c) = table.get(&id) else {
-                    return Reply::NotFound;
-                };
-                if let Some(bytes) = c.rendered() {
-                    return Reply::CourseBody(bytes);
-                }
-                let bytes = (self.render_course)(&table.view(&id).expect("just found"));
-                c.set_rendered(bytes.clone());
-                Reply::CourseBody(bytes)
-            }
-            Command::Roster(id) => match self.table.borrow().get(&id) {
-                Some(c) => Reply::Roster(c.roster()),
-                None => Reply::NotFound,
-            },
-            Command::List { after, limit } => Reply::Courses(self.table.borrow().list(after.as_ref(), limit)),
-            Command::StudentEnrollments(s) => Reply::Enrollments(self.table.borrow().enrollments_of(&s)),
             Command::Enroll {
                 course,
                 student,
@@ -239,6 +240,9 @@ impl Shard {
             }
             Command::Drop { course, student } => self.drop_seat(course, student).await,
             Command::Put { course, spec } => self.put(course, spec).await,
+            Command::Course(_) | Command::Roster(_) | Command::List { .. } | Command::StudentEnrollments(_) => {
+                unreachable!("reads are answered by answer_now")
+            }
         }
     }
 
@@ -495,15 +499,16 @@ pub async fn publish_heat(shard: Rc<Shard>) {
 /// waits get their own task.
 pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: mpsc::Receiver<Envelope>) {
     while let Some(Envelope { cmd, reply }) = inbox.recv().await {
-        if let Some(answer) = shard.answer_from_memory(&cmd) {
-            let _ = reply.send(answer);
-        } else if cmd.awaits_store() {
-            let shard = shard.clone();
-            tokio::task::spawn_local(async move {
-                let _ = reply.send(shard.execute(cmd).await);
-            });
-        } else {
-            let _ = reply.send(shard.execute(cmd).await);
+        match shard.answer_now(cmd) {
+            Ok(answer) => {
+                let _ = reply.send(answer);
+            }
+            Err(cmd) => {
+                let shard = shard.clone();
+                tokio::task::spawn_local(async move {
+                    let _ = reply.send(shard.execute(cmd).await);
+                });
+            }
         }
     }
 }
