@@ -5,7 +5,10 @@
 #   2. enrolld's 409 path: POSTs by another student for a course of capacity 1 already
 #      taken (answered from memory);
 #   3. enrolld's 201 path: durable enrollments, every request a new (student, course) pair;
-#      the rate is the rows that reached MariaDB divided by the wall time;
+#      the rate is the rows that reached MariaDB divided by the wall time. Twice: on the
+#      shared port (the kernel picks the shard, about half the requests hop to the owner)
+#      and on the shards' own ports, one wrk per shard sending only that shard's courses
+#      (what the shipped nginx config does: no hops);
 #   4. Redis running a seat-reserve Lua script with EVALSHA (what a Redis-centred
 #      flash-sale design pays per seat), on a key of our own prefix;
 #   5. MariaDB's own rate for 1000-row batched INSERTs, autocommit, one connection (the
@@ -97,7 +100,7 @@ sql -e "CREATE DATABASE $db_srv"
 secret="cmp-$tag-$(od -An -N8 -tx8 /dev/urandom | tr -d ' \n')"
 limits=false
 [ "${LIMITS:-off}" = on ] && limits=true
-NO_COLOR=1 RUST_LOG=info,sqlx=warn "$bin" serve --listen 127.0.0.1:0 --shards "$shards" \
+NO_COLOR=1 RUST_LOG=info,sqlx=warn "$bin" serve --listen 127.0.0.1:0 --shards "$shards" --shard-listen 127.0.0.1:0 \
   --store "mysql://enrolld:enrolld@127.0.0.1:3306/$db_srv" --jwt-secret "$secret" \
   --limits-enabled "$limits" 2> "$work/enrolld.log" &
 pids+=($!)
@@ -111,6 +114,8 @@ done
 for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$port_nginx/" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$port_nginx/" >/dev/null || { log "nginx did not answer"; cat "$ngx/error.log" >&2; exit 1; }
 url="http://$addr"
+IFS=, read -r -a shard_addrs <<< "$(sed -n 's/.*ready listen=.* shard_listen=\([0-9.:,]*\).*/\1/p' "$work/enrolld.log" | head -1)"
+[ ${#shard_addrs[@]} = "$shards" ] || { log "enrolld did not list its shard ports"; exit 1; }
 
 admin=$("$bin" token --sub cmp-admin --role admin --ttl 7200 --jwt-secret "$secret")
 put() {
@@ -127,6 +132,10 @@ courses=50
 students=20000
 for i in $(seq 0 $((courses - 1))); do put "BIG-$i" 100000; done
 "$bin" token --sub cmp --count $students --ttl 7200 --jwt-secret "$secret" > "$work/tokens.txt"
+# Other students for the owner-port run, so it never repeats a pair of the first run.
+"$bin" token --sub own --count $students --ttl 7200 --jwt-secret "$secret" > "$work/tokens-own.txt"
+declare -a owned=()
+while read -r c o; do owned[$o]+=" $c"; done < <("$bin" shard-of --shards "$shards" $(seq -f 'BIG-%g' 0 $((courses - 1))))
 
 # --- the wrk runs ------------------------------------------------------------------------
 log "nginx (${secs}s)"
@@ -139,7 +148,7 @@ curl -sf "$url/metrics" > "$work/metrics.before"
 before=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
 start=$(date +%s.%N)
 wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/enroll.lua "$url" \
-  -- $threads "$work/tokens.txt" $courses BIG- > "$work/enroll.txt"
+  -- $threads "$work/tokens.txt" $(seq -f 'BIG-%g' 0 $((courses - 1))) > "$work/enroll.txt"
 end=$(date +%s.%N)
 curl -sf "$url/metrics" > "$work/metrics.after"
 after=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
@@ -154,6 +163,29 @@ commit_ms=$(awk -v s="$(delta enrolld_persist_commit_seconds_sum)" -v n="$(delta
   'BEGIN { if (n > 0) printf "%.2f", 1000 * s / n; else print "?" }')
 non2xx_full=$(awk '/Non-2xx/ {print $5}' "$work/full.txt")
 non2xx_enroll=$(awk '/Non-2xx/ {print $5}' "$work/enroll.txt")
+log "enrolld 201 path on the shard ports (${secs}s, one wrk per shard)"
+before_own=$after
+start=$(date +%s.%N)
+wpids=()
+for i in $(seq 0 $((shards - 1))); do
+  # shellcheck disable=SC2086 # the owned course list is meant to split into arguments
+  wrk -t1 -c$((conns / shards)) -d${secs}s --latency -s benches/wrk/enroll.lua "http://${shard_addrs[$i]}" \
+    -- 1 "$work/tokens-own.txt" ${owned[$i]} > "$work/enroll-own-$i.txt" &
+  wpids+=($!)
+done
+wait "${wpids[@]}"
+end=$(date +%s.%N)
+curl -sf "$url/metrics" > "$work/metrics.own"
+after_own=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
+durable_own=$(awk -v n=$((after_own - before_own)) -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')
+# The worst shard's p99 (wrk prints it in us, ms or s).
+p99_own=$(for f in "$work"/enroll-own-*.txt; do p99 "$f"; done | awk '
+  { v = $1; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v); ms = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v
+    if (ms > m) { m = ms; w = $1 } } END { print w }')
+non2xx_own=$(cat "$work"/enroll-own-*.txt | awk '/Non-2xx/ {s += $5} END {print s + 0}')
+hops_own=$(awk -v a="$(metric "$work/metrics.own" enrolld_shard_hops_total)" -v b="$(metric "$work/metrics.after" enrolld_shard_hops_total)" 'BEGIN {print a - b}')
+over=$(sql "$db_srv" -e "SELECT COUNT(*) FROM courses WHERE enrolled > capacity")
+mismatch=$(sql "$db_srv" -e "SELECT COUNT(*) FROM courses c WHERE enrolled <> (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = c.id)")
 # enrolld is done: stop it (SIGTERM) so the next two figures do not share the cores with it.
 kill -TERM "${pids[1]}" && wait "${pids[1]}" || true
 
@@ -194,6 +226,7 @@ mariadb_rows=$(awk -v n="$ins_rows" -v a="$ins_start" -v b="$ins_end" 'BEGIN {pr
 nginx_rps=$(rate "$work/nginx.txt"); full_rps=$(rate "$work/full.txt"); enroll_rps=$(rate "$work/enroll.txt")
 r_409_nginx=$(ratio "$full_rps" "$nginx_rps")
 r_201_redis=$(ratio "$durable" "$redis_ops")
+r_201own_redis=$(ratio "$durable_own" "$redis_ops")
 r_201_mariadb=$(ratio "$durable" "$mariadb_rows")
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
 {
@@ -203,18 +236,21 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
   echo "|---|---|---|"
   echo "| nginx \`return 200\` ($shards workers) | $nginx_rps req/s | $(p99 "$work/nginx.txt") |"
   echo "| enrolld 409 path (full course, from memory) | $full_rps req/s | $(p99 "$work/full.txt") |"
-  echo "| enrolld 201 path (durable enrollments in MariaDB) | $durable rows/s (answers: $enroll_rps/s) | $(p99 "$work/enroll.txt") |"
+  echo "| enrolld 201 path (durable enrollments in MariaDB), shared port | $durable rows/s (answers: $enroll_rps/s) | $(p99 "$work/enroll.txt") |"
+  echo "| enrolld 201 path, each course on its owner shard's port | $durable_own rows/s | $p99_own (worst shard) |"
   echo "| Redis EVALSHA seat-reserve script (redis-benchmark -c $conns -n 200000) | $redis_ops ops/s | p50 ${redis_p50:-?} ms |"
   echo "| MariaDB 1000-row INSERTs, autocommit, one connection | $mariadb_rows rows/s | |"
   echo
   echo "| ratio | value |"
   echo "|---|---|"
   echo "| 409 path ÷ nginx | $r_409_nginx |"
-  echo "| durable 201/s ÷ Redis EVALSHA ops/s | $r_201_redis |"
+  echo "| durable 201/s ÷ Redis EVALSHA ops/s, shared port | $r_201_redis |"
+  echo "| durable 201/s ÷ Redis EVALSHA ops/s, owner ports | $r_201own_redis |"
   echo "| durable 201/s ÷ MariaDB batched rows/s | $r_201_mariadb |"
   echo
-  echo "Checks: non-2xx answers on the 409 run ${non2xx_full:-0} (all should be 409); on the 201 run ${non2xx_enroll:-0}"
-  echo "(should be 0); rows committed in the 201 run $rows; courses over capacity $over; courses whose counter"
+  echo "Checks: non-2xx answers on the 409 run ${non2xx_full:-0} (all should be 409); on the 201 runs ${non2xx_enroll:-0}"
+  echo "and $non2xx_own (should be 0); rows committed in the 201 runs $rows and $((after_own - before_own)); hops between"
+  echo "shards in the owner-port run $hops_own (should be 0); courses over capacity $over; courses whose counter"
   echo "differs from their rows $mismatch; Redis stock left $left of 1000000000."
   echo "The 201 run's group commits (enrolld /metrics): $batches batches, mean $batch_rows rows per batch,"
   echo "mean commit $commit_ms ms."
@@ -223,5 +259,5 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
   echo "--limits-enabled $limits on MariaDB; the load generators run on the same cores as the servers."
 } | tee "$out/compare.md"
 echo
-echo "ratios: 409/nginx = $r_409_nginx; durable 201/s / redis EVALSHA = $r_201_redis; durable 201/s / mariadb batched rows = $r_201_mariadb"
+echo "ratios: 409/nginx = $r_409_nginx; durable 201/s / redis EVALSHA = $r_201_redis (owner ports: $r_201own_redis); durable 201/s / mariadb batched rows = $r_201_mariadb"
 [ "$over" = 0 ] && [ "$mismatch" = 0 ] || { echo "compare: INVARIANT VIOLATED (oversold or counter mismatch)" >&2; exit 1; }

@@ -34,15 +34,17 @@ shared=$(sed 's/.*ready listen=\([0-9.:]*\).*/\1/' <<< "$line")
 IFS=, read -r -a own <<< "$(sed 's/.*shard_listen=\([0-9.:,]*\).*/\1/' <<< "$line")"
 admin=$("$bin" token --sub hops-admin --role admin --jwt-secret "$secret")
 late=$("$bin" token --sub latecomer --ttl 7200 --jwt-secret "$secret")
-# 64 full courses; the owner is nginx's hash: bits 16-30 of the CRC-32, modulo the shards.
+# 64 full courses, split by owner (`enrolld shard-of`: nginx's hash, bits 16-30 of the CRC-32,
+# modulo the shards).
 declare -a mine0 mine1
 for i in $(seq 0 63); do
   c="FULL-$i"
   curl -sf -X PUT -H "Authorization: Bearer $admin" "http://$shared/v1/admin/courses/$c" \
     -d '{"title":"full","capacity":0}' >/dev/null
-  owner=$(python3 -c "import zlib,sys; print(((zlib.crc32(sys.argv[1].encode()) >> 16) & 0x7fff) % $shards)" "$c")
-  if [ "$owner" = 0 ]; then mine0+=("$c"); else mine1+=("$c"); fi
 done
+while read -r c owner; do
+  if [ "$owner" = 0 ]; then mine0+=("$c"); else mine1+=("$c"); fi
+done < <("$bin" shard-of --shards "$shards" $(seq -f 'FULL-%g' 0 63))
 hops() { curl -sf "http://$shared/metrics" | awk '$1 ~ /^enrolld_shard_hops_total/ {s += $2} END {print s + 0}'; }
 run() { # $1 = address for shard 0's courses, $2 = for shard 1's; prints the summed req/s
   wrk -t1 -c$((conns / 2)) -d${secs}s -s benches/wrk/post_many.lua -H "Authorization: Bearer $late" \

@@ -1,4 +1,6 @@
-//! The `enrolld` binary: `serve` and `token` (API.md's command-line contract).
+//! The `enrolld` binary: `serve` and `token` (API.md's command-line contract), and
+//! `shard-of`, which names the shard that owns a course (for proxies and load generators
+//! that send each course to its owner's own port).
 
 use clap::{Parser, Subcommand};
 
@@ -7,7 +9,7 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use enrolld::config::{Config, ConfigArgs};
-use enrolld::ids::StudentId;
+use enrolld::ids::{CourseId, StudentId};
 use enrolld::net::auth::{Auth, Role};
 
 #[derive(Parser)]
@@ -36,6 +38,16 @@ enum Cmd {
         count: Option<u32>,
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Print "COURSE SHARD" for each course: the shard that owns it, whose own port
+    /// (`shard_listen` + SHARD) answers it without a hop between shards
+    ShardOf {
+        /// The node's shard count (its `shards` setting)
+        #[arg(long)]
+        shards: usize,
+        /// Course ids
+        #[arg(required = true)]
+        courses: Vec<String>,
     },
 }
 
@@ -93,6 +105,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         writeln!(out, "{}", auth.mint(&id, role, ttl))?;
                     }
                 }
+            }
+            Ok(())
+        }
+        Cmd::ShardOf { shards, courses } => {
+            if !(1..=enrolld::config::SHARDS_MAX).contains(&shards) {
+                let max = enrolld::config::SHARDS_MAX;
+                return Err(enrolld::config::ConfigError(format!("--shards {shards} must be 1-{max}")).into());
+            }
+            for c in &courses {
+                let id = CourseId::parse(c).ok_or_else(|| {
+                    enrolld::config::ConfigError(format!("course id {c:?} must be 1-32 chars of [A-Za-z0-9_.-]"))
+                })?;
+                println!("{c} {}", enrolld::shard::owner_of(&id, shards).0);
             }
             Ok(())
         }
