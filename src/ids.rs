@@ -25,9 +25,21 @@ fn id_chars_ok(s: &str, bytes_max: usize) -> bool {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CourseId(Arc<str>);
 
+/// Maps keyed by `CourseId` can be searched by `&str` (the derived order, equality and
+/// hash are those of the string).
+impl std::borrow::Borrow<str> for CourseId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl CourseId {
     pub fn parse(s: &str) -> Option<CourseId> {
-        id_chars_ok(s, COURSE_ID_BYTES_MAX).then(|| CourseId(Arc::from(s)))
+        Self::valid(s).then(|| CourseId(Arc::from(s)))
+    }
+    /// Whether `s` is a valid course id, without making one (no allocation).
+    pub fn valid(s: &str) -> bool {
+        id_chars_ok(s, COURSE_ID_BYTES_MAX)
     }
     pub fn as_str(&self) -> &str {
         &self.0

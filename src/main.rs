@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 /// jemalloc: per-thread arenas suit one thread per core, and it returns memory better than
 /// glibc's malloc under the churn of a rush.
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use enrolld::config::{Config, ConfigArgs};

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +46,8 @@ pub const REQUEST_ID_BYTES_MAX: usize = 64;
 /// Path segments the longest route has (`/v1/admin/courses/{id}/roster`). A path is split
 /// into one more at most, so a longer path still matches no route.
 const PATH_SEGMENTS_MAX: usize = 5;
+/// The request id header, as a constant: a name given as `&str` is allocated per use.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Per-shard request context.
 pub struct Ctx {
@@ -88,7 +90,7 @@ impl Ctx {
 
     /// The client's request id when it is 1-64 printable ASCII chars, else a fresh one.
     fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
-        if let Some(v) = req.headers().get("x-request-id") {
+        if let Some(v) = req.headers().get(&X_REQUEST_ID) {
             let b = v.as_bytes();
             if !b.is_empty() && b.len() <= REQUEST_ID_BYTES_MAX && b.iter().all(|c| (0x20..0x7f).contains(c)) {
                 return v.clone();
@@ -164,7 +166,7 @@ pub async fn handle(
             "request"
         );
     }
-    resp.headers_mut().insert("x-request-id", rid);
+    resp.headers_mut().insert(X_REQUEST_ID, rid);
     Ok(resp)
 }
 
@@ -252,13 +254,18 @@ async fn route(
             reply(ctx.router.call(&id, Command::Course(id.clone())).await)
         }
         (&Method::POST, ["courses", id, "enrollment"]) => {
-            let course = course_id(id)?;
-            let cmd = Command::Enroll {
-                course: course.clone(),
-                student: caller.id.clone(),
-                admission,
-            };
-            let answer = ctx.router.call(&course, cmd).await;
+            if !CourseId::valid(id) {
+                return Err(bad_course_id());
+            }
+            let student = caller.id.clone();
+            let answer = ctx
+                .router
+                .call_existing(id, |course| Command::Enroll {
+                    course,
+                    student,
+                    admission,
+                })
+                .await;
             if ctx.metrics_on {
                 count_attempt(&me.metrics, me.persist().store_ok(), &answer);
             }
@@ -387,7 +394,11 @@ fn admin(caller: &Caller) -> Result<(), ApiError> {
 }
 
 fn course_id(s: &str) -> Result<CourseId, ApiError> {
-    CourseId::parse(s).ok_or_else(|| ApiError::BadRequest("course id must be 1-32 chars of [A-Za-z0-9_.-]".into()))
+    CourseId::parse(s).ok_or_else(bad_course_id)
+}
+
+fn bad_course_id() -> ApiError {
+    ApiError::BadRequest("course id must be 1-32 chars of [A-Za-z0-9_.-]".into())
 }
 
 fn declared_length(req: &Request<Incoming>) -> Option<u64> {

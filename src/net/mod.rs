@@ -89,7 +89,13 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
         .max_buf_size(limits.head_bytes_max)
-        .keep_alive(true);
+        .keep_alive(true)
+        // hyper otherwise reads the socket while a request is being answered, to notice a
+        // client that hung up and cancel its future. That read found the buffer still
+        // shared with the request's head and allocated a fresh 8 KB one every request,
+        // plus a recvfrom that returned EAGAIN. Nothing needs the cancellation: work that
+        // takes a seat runs in a detached task and settles whoever is listening.
+        .half_close(true);
     // Not `pipeline_flush(true)`: hyper then holds answers back while unparsed bytes sit
     // in its buffer, so an answer before garbage or before a partial next request was lost
     // (tests/bad_input.rs pins both).

@@ -41,7 +41,12 @@ const IN_FLIGHT_RETRIES_MAX: usize = 4;
 /// each course straight to its owner's own port (`shard_listen`, deploy/nginx) and the
 /// request never crosses shards. Depends only on the id and the shard count.
 pub fn owner_of(course: &CourseId, shards: usize) -> ShardId {
-    let h = (crc32fast::hash(course.as_str().as_bytes()) >> 16) & 0x7fff;
+    owner_of_str(course.as_str(), shards)
+}
+
+/// [`owner_of`] for an id not yet made a [`CourseId`].
+pub fn owner_of_str(course: &str, shards: usize) -> ShardId {
+    let h = (crc32fast::hash(course.as_bytes()) >> 16) & 0x7fff;
     ShardId(h as usize % shards)
 }
 
@@ -461,6 +466,25 @@ impl Router {
             self.me.metrics.hop();
         }
         self.call_shard(owner, cmd).await
+    }
+
+    /// Runs `make(course)` on the owner of an existing course, given a valid id as text.
+    /// On the owner itself the command holds the table's own id (no allocation: the 409
+    /// path makes none of its own), and an unknown course is `NotFound` at once.
+    pub async fn call_existing(&self, id: &str, make: impl FnOnce(CourseId) -> Command) -> Reply {
+        debug_assert!(CourseId::valid(id), "callers validate ids: {id:?}");
+        let owner = owner_of_str(id, self.shards());
+        if owner == self.me.id {
+            let Some(course) = self.me.table.borrow().id_of(id) else {
+                return Reply::NotFound;
+            };
+            return self.me.run(make(course)).await;
+        }
+        self.me.metrics.hop();
+        let Some(course) = CourseId::parse(id) else {
+            return Reply::NotFound;
+        };
+        self.call_shard(owner, make(course)).await
     }
 
     async fn call_shard(&self, owner: ShardId, cmd: Command) -> Reply {

@@ -37,6 +37,10 @@ impl CourseTable {
     pub fn get(&self, id: &CourseId) -> Option<&Course> {
         self.courses.get(id)
     }
+    /// The table's own id for `id`: a shared clone, no allocation.
+    pub fn id_of(&self, id: &str) -> Option<CourseId> {
+        self.courses.get_key_value(id).map(|(k, _)| k.clone())
+    }
     pub fn get_mut(&mut self, id: &CourseId) -> Option<&mut Course> {
         self.courses.get_mut(id)
     }
@@ -93,7 +97,7 @@ impl CourseTable {
         use std::ops::Bound;
         let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         self.courses
-            .range((lower, Bound::Unbounded))
+            .range::<CourseId, _>((lower, Bound::Unbounded))
             .take(limit)
             .map(|(_, c)| view_of(c))
             .collect()
