@@ -15,6 +15,12 @@
 //! omission). An optional drop wave frees seats while refused students try again. It writes
 //! `target/rush/report.md` and `target/rush/throughput.svg`.
 //!
+//! `--owner-ports` measures what routing by owner saves: the started server also listens on
+//! one port per shard (`--shard-listen`), and connection c talks only to the port of shard
+//! c % shards and claims only the requests for courses that shard owns (what nginx's `hash`
+//! upstream does in production), so no request hops between shards. The report gives the
+//! hops counted during the load either way; a run with owner ports that hopped is broken.
+//!
 //! Must never: retry impolitely (429/503 wait their `Retry-After`, retries are capped), count
 //! an answer it did not receive, report figures from a failed run without saying so, or
 //! leave its server or database behind (a database is kept only after a violation, for
@@ -33,8 +39,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use clap::Parser;
-use enrolld::ids::StudentId;
+use enrolld::ids::{CourseId, StudentId};
 use enrolld::net::auth::{Auth, Role};
+use enrolld::shard::owner_of;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
@@ -80,6 +87,9 @@ const VIOLATIONS_SHOWN_MAX: usize = 200;
 /// Significant figures of the latency histograms (the per-second ones are coarser).
 const LATENCY_SIGFIG: u8 = 3;
 const TIMELINE_SIGFIG: u8 = 2;
+
+/// The server's counter of requests passed from the shard that took them to the owner.
+const HOPS_METRIC: &str = "enrolld_shard_hops_total";
 
 /// Outcome classes of an answer, the rows of the latency table.
 const OUTCOMES: [&str; 8] = ["201", "200", "409", "403", "404", "429", "503", "other"];
@@ -153,6 +163,11 @@ struct Args {
     /// `--shards` of the started server (default: its own, one per core).
     #[arg(long)]
     shards: Option<usize>,
+    /// Start the server with `--shard-listen` and send each course's requests to its owner
+    /// shard's own port (connection c to shard c % shards), so none hops between shards.
+    /// Only with a server this bench starts; needs --connections >= the shard count.
+    #[arg(long, conflicts_with = "url")]
+    owner_ports: bool,
     /// Keep the started server's traffic limits on. Off by default: all the load comes from
     /// one IP segment and a few hot courses, which the default limits are there to refuse,
     /// and this bench measures the seat path (with them on it measures the 429 path).
@@ -265,6 +280,19 @@ impl Args {
         if let Some(f) = self.drop_wave {
             ensure!(f > 0.0 && f <= 1.0, "--drop-wave must be in (0, 1]");
         }
+        if self.owner_ports {
+            ensure!(
+                self.url.is_none(),
+                "--owner-ports needs a server this bench starts itself, not --url"
+            );
+            if let Some(n) = self.shards {
+                ensure!(
+                    self.connections >= n,
+                    "--owner-ports gives every shard its own connections: --connections ({}) must be at least --shards ({n})",
+                    self.connections
+                );
+            }
+        }
         Ok(())
     }
 
@@ -375,8 +403,13 @@ struct RunResult {
 
 /// The rush, a check, and with `--drop-wave` the second wave and another check.
 async fn load_and_check(args: &Args, target: &Target, work: &Arc<Workload>) -> anyhow::Result<RunResult> {
+    let routing = match &target.shard_addrs {
+        Some(addrs) => Some(OwnerRouting::new(addrs, work)?),
+        None => None,
+    };
     let eng = Arc::new(Engine {
         addr: target.addr,
+        routing,
         work: work.clone(),
         rate: args.rate,
         pipeline: args.pipeline,
@@ -438,6 +471,8 @@ fn print_failures(violations: &[String], broken: &[String]) {
 /// The server under test. Fields drop in order: the server stops before its database goes.
 struct Target {
     addr: SocketAddr,
+    /// `--owner-ports`: each shard's own address, in shard order.
+    shard_addrs: Option<Vec<SocketAddr>>,
     secret: String,
     server: Option<OwnServer>,
     db: Option<ScratchDb>,
@@ -453,6 +488,7 @@ impl Target {
             let store = args.store_url.as_deref().map(Mysql::parse).transpose()?;
             return Ok(Target {
                 addr,
+                shard_addrs: None,
                 secret: args.secret.clone().expect("clap requires --secret with --url"),
                 server: None,
                 db: None,
@@ -470,12 +506,27 @@ impl Target {
         if !args.with_limits {
             extra.extend(["--limits-enabled".to_string(), "false".to_string()]);
         }
-        let (server, addr) = OwnServer::start(&bin, &db.mysql.url(), &secret, &extra, &out.join("enrolld.log"))?;
-        let shards = args
-            .shards
-            .map_or("default (one per core)".to_string(), |n| n.to_string());
+        if args.owner_ports {
+            extra.extend(["--shard-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        let log_path = out.join("enrolld.log");
+        let (server, addr, ready) = OwnServer::start(&bin, &db.mysql.url(), &secret, &extra, &log_path)?;
+        let shard_addrs = if args.owner_ports {
+            Some(
+                owner_ports(args, &ready)
+                    .with_context(|| format!("--owner-ports (server log {})", log_path.display()))?,
+            )
+        } else {
+            None
+        };
+        let shards = match (args.shards, &shard_addrs) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(addrs)) => format!("default (one per core): {}", addrs.len()),
+            (None, None) => "default (one per core)".to_string(),
+        };
         Ok(Target {
             addr,
+            shard_addrs,
             secret,
             store: Some(db.mysql.clone()),
             description: format!(
@@ -498,6 +549,28 @@ impl Target {
             db.keep = true;
         }
     }
+}
+
+/// The shards' own addresses from the started server's ready line, checked against
+/// `--shards` when given (otherwise the list's length is the shard count) and against
+/// `--connections`.
+fn owner_ports(args: &Args, ready_line: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    let addrs = ready_shard_addrs(ready_line)
+        .context("enrolld was started with --shard-listen but its ready line has no `shard_listen=` list")??;
+    if let Some(n) = args.shards {
+        ensure!(
+            addrs.len() == n,
+            "enrolld runs {n} shards (--shards) but its ready line lists {} shard ports",
+            addrs.len()
+        );
+    }
+    ensure!(
+        args.connections >= addrs.len(),
+        "--connections ({}) must be at least the server's shard count ({}), so every shard's port gets a connection",
+        args.connections,
+        addrs.len()
+    );
+    Ok(addrs)
 }
 
 fn parse_http_url(url: &str) -> anyhow::Result<SocketAddr> {
@@ -650,7 +723,7 @@ impl OwnServer {
         secret: &str,
         extra: &[String],
         log_path: &Path,
-    ) -> anyhow::Result<(OwnServer, SocketAddr)> {
+    ) -> anyhow::Result<(OwnServer, SocketAddr, String)> {
         let mut cmd = Command::new(bin);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", store])
             .args(["--jwt-secret", secret])
@@ -662,19 +735,19 @@ impl OwnServer {
         cmd.args(extra);
         let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
         let stderr = child.stderr.take().expect("stderr is piped");
-        let mut log = std::fs::File::create(log_path)?;
+        let mut log = std::fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let _ = writeln!(log, "{line}");
                 if let Some(addr) = ready_addr(&line) {
-                    let _ = tx.send(addr);
+                    let _ = tx.send((addr, line.clone()));
                 }
             }
         });
         let mut server = OwnServer { child };
         match rx.recv_timeout(Duration::from_secs(READY_TIMEOUT_SECS)) {
-            Ok(addr) => Ok((server, addr)),
+            Ok((addr, line)) => Ok((server, addr, line)),
             Err(_) => {
                 server.stop();
                 bail!(
@@ -719,6 +792,25 @@ fn ready_addr(line: &str) -> Option<SocketAddr> {
         .split(|c: char| c.is_whitespace() || c == '"')
         .find(|w| !w.is_empty())?;
     word.parse().ok()
+}
+
+/// The shards' own addresses in a ready line's `shard_listen=A0,A1,...` (shard order):
+/// `None` when the line has no such list, an error when an address does not parse.
+fn ready_shard_addrs(line: &str) -> Option<anyhow::Result<Vec<SocketAddr>>> {
+    let rest = &line[line.find("ready listen=")?..];
+    let i = rest.find(" shard_listen=")?;
+    let list = rest[i + " shard_listen=".len()..]
+        .split(|c: char| c.is_whitespace() || c == '"')
+        .next()
+        .unwrap_or("");
+    Some(
+        list.split(',')
+            .map(|a| {
+                a.parse()
+                    .with_context(|| format!("shard_listen address {a:?} in {line:?}"))
+            })
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1137,7 +1229,11 @@ async fn create_courses(addr: SocketAddr, w: &Arc<Workload>) -> anyhow::Result<(
 
 /// What every connection of every phase shares.
 struct Engine {
+    /// The shared address (the kernel picks the shard), for every connection without
+    /// `--owner-ports`.
     addr: SocketAddr,
+    /// `--owner-ports`: where each connection goes and which requests it claims.
+    routing: Option<OwnerRouting>,
     work: Arc<Workload>,
     rate: Option<f64>,
     pipeline: usize,
@@ -1148,6 +1244,79 @@ struct Engine {
     /// Width of a timeline sample.
     sample_ms: u64,
     timeline: Mutex<Timeline>,
+}
+
+impl Engine {
+    /// A phase's lanes: one shared by every connection, or with `--owner-ports` one per shard
+    /// holding the requests for the courses it owns.
+    fn lanes(&self, ops: &[Op]) -> Vec<Lane> {
+        let Some(r) = &self.routing else {
+            return vec![Lane {
+                ops: None,
+                next: AtomicUsize::new(0),
+            }];
+        };
+        let mut by_shard: Vec<Vec<u32>> = vec![Vec::new(); r.shard_addrs.len()];
+        for (i, op) in ops.iter().enumerate() {
+            by_shard[r.course_owner[op.course as usize]].push(i as u32);
+        }
+        by_shard
+            .into_iter()
+            .map(|ops| Lane {
+                ops: Some(ops),
+                next: AtomicUsize::new(0),
+            })
+            .collect()
+    }
+
+    /// Where the connections of lane `lane` (connection c drives lane c % lanes) connect.
+    fn lane_addr(&self, lane: usize) -> SocketAddr {
+        self.routing.as_ref().map_or(self.addr, |r| r.shard_addrs[lane])
+    }
+}
+
+/// `--owner-ports`: each shard's own address, and the shard that owns each course (as the
+/// server computes it, so a request sent there never hops).
+struct OwnerRouting {
+    shard_addrs: Vec<SocketAddr>,
+    course_owner: Vec<usize>,
+}
+
+impl OwnerRouting {
+    fn new(shard_addrs: &[SocketAddr], w: &Workload) -> anyhow::Result<OwnerRouting> {
+        let course_owner = w
+            .course_ids
+            .iter()
+            .map(|id| {
+                let course = CourseId::parse(id).with_context(|| format!("{id:?} is not a valid course id"))?;
+                Ok(owner_of(&course, shard_addrs.len()).0)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(OwnerRouting {
+            shard_addrs: shard_addrs.to_vec(),
+            course_owner,
+        })
+    }
+}
+
+/// A queue of a phase's requests that some connections claim from, in order, through their
+/// own cursor.
+struct Lane {
+    /// Indices into the phase's `ops` (global ones, so the open-loop schedule is the same
+    /// whatever the lane); `None`: all of them, in order.
+    ops: Option<Vec<u32>>,
+    next: AtomicUsize,
+}
+
+impl Lane {
+    /// The index (into the phase's `total` ops) of the next unclaimed request, if any is left.
+    fn claim(&self, total: usize) -> Option<usize> {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        match &self.ops {
+            None => (k < total).then_some(k),
+            Some(ops) => ops.get(k).map(|&i| i as usize),
+        }
+    }
 }
 
 /// What happened in each sample (`sample_ms`) since the first phase began, for the chart.
@@ -1223,7 +1392,8 @@ const FLAG_GAVE_UP: u8 = 2;
 /// One phase's requests and what became of each, written by the connection that finished it.
 struct PhaseRun {
     ops: Vec<Op>,
-    next: AtomicUsize,
+    /// Connection c claims from lane c % lanes.len().
+    lanes: Vec<Lane>,
     /// Final status of each op; 0 when no answer ever came.
     status: Vec<AtomicU16>,
     flags: Vec<AtomicU8>,
@@ -1307,6 +1477,8 @@ enum Wake {
 struct Driver {
     eng: Arc<Engine>,
     run: Arc<PhaseRun>,
+    /// The lane this connection claims from (and, with `--owner-ports`, its shard).
+    lane: usize,
     conn: Conn,
     retry_q: BinaryHeap<Reverse<Due>>,
     staged: Option<Due>,
@@ -1322,10 +1494,11 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(eng: Arc<Engine>, run: Arc<PhaseRun>, conn: Conn) -> Driver {
+    fn new(eng: Arc<Engine>, run: Arc<PhaseRun>, lane: usize, conn: Conn) -> Driver {
         Driver {
             eng,
             run,
+            lane,
             conn,
             retry_q: BinaryHeap::new(),
             staged: None,
@@ -1393,11 +1566,10 @@ impl Driver {
         if self.staged.is_some() || self.exhausted {
             return;
         }
-        let i = self.run.next.fetch_add(1, Ordering::Relaxed);
-        if i >= self.run.ops.len() {
+        let Some(i) = self.run.lanes[self.lane].claim(self.run.ops.len()) else {
             self.exhausted = true;
             return;
-        }
+        };
         let due = match self.eng.rate {
             Some(rate) => self.run.start + Duration::from_secs_f64(i as f64 / rate),
             None => Instant::now(),
@@ -1532,7 +1704,7 @@ impl Driver {
                 self.finished_ops(1);
             }
         }
-        match Conn::open_retrying(self.eng.addr).await {
+        match Conn::open_retrying(self.eng.lane_addr(self.lane)).await {
             Ok(conn) => {
                 self.conn = conn;
                 self.last_answer = Instant::now();
@@ -1590,6 +1762,10 @@ struct PhaseResult {
     stats: ConnStats,
     wall: Duration,
     cpu: CpuUse,
+    /// Requests passed between shards during the phase (`enrolld_shard_hops_total` before
+    /// and after), or why that is unknown.
+    hops: Result<u64, String>,
+    owner_ports: bool,
 }
 
 impl PhaseResult {
@@ -1601,6 +1777,13 @@ impl PhaseResult {
 
     fn answers(&self) -> u64 {
         self.stats.latency.iter().flatten().map(|h| h.len()).sum()
+    }
+
+    fn hops_text(&self) -> String {
+        match &self.hops {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        }
     }
 
     fn unanswered(&self) -> usize {
@@ -1621,24 +1804,33 @@ impl PhaseResult {
         if n > 0 {
             e.push(format!("{}: {n} requests never got an answer", self.name));
         }
+        if let (true, Ok(hops @ 1..)) = (self.owner_ports, &self.hops) {
+            e.push(format!(
+                "{}: {hops} requests hopped between shards although every one went to its owner's port (--owner-ports)",
+                self.name
+            ));
+        }
         e
     }
 }
 
 async fn run_phase(eng: &Arc<Engine>, name: &'static str, ops: Vec<Op>, cpu: &CpuClock) -> anyhow::Result<PhaseResult> {
     let n = ops.len();
+    let lanes = eng.lanes(&ops);
     let mut conns = Vec::with_capacity(eng.connections);
-    for _ in 0..eng.connections {
-        conns.push(Conn::open_retrying(eng.addr).await?);
+    for c in 0..eng.connections {
+        let lane = c % lanes.len();
+        conns.push((lane, Conn::open_retrying(eng.lane_addr(lane)).await?));
     }
     let progress = ProgressBar::new(n as u64).with_style(
         ProgressStyle::with_template("{prefix:>10} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})")
             .expect("valid template"),
     );
     progress.set_prefix(name);
+    let hops_before = hops_total(eng.addr).await;
     let run = Arc::new(PhaseRun {
         ops,
-        next: AtomicUsize::new(0),
+        lanes,
         status: (0..n).map(|_| AtomicU16::new(0)).collect(),
         flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
         start: Instant::now(),
@@ -1647,7 +1839,7 @@ async fn run_phase(eng: &Arc<Engine>, name: &'static str, ops: Vec<Op>, cpu: &Cp
     let cpu_before = cpu.sample();
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|c| tokio::spawn(Driver::new(eng.clone(), run.clone(), c).drive()))
+        .map(|(lane, c)| tokio::spawn(Driver::new(eng.clone(), run.clone(), lane, c).drive()))
         .collect();
     let mut stats = ConnStats::new();
     for t in tasks {
@@ -1661,6 +1853,10 @@ async fn run_phase(eng: &Arc<Engine>, name: &'static str, ops: Vec<Op>, cpu: &Cp
         .spans
         .push((since(run.start), since(run.start + wall)));
     let cpu_used = cpu.usage(&cpu_before, &cpu.sample(), wall);
+    let hops = match (hops_before, hops_total(eng.addr).await) {
+        (Ok(before), Ok(after)) => Ok(after.saturating_sub(before)),
+        (Err(e), _) | (_, Err(e)) => Err(format!("{e:#}")),
+    };
     progress.finish_and_clear();
     let run = Arc::try_unwrap(run).map_err(|_| anyhow::anyhow!("phase still shared"))?;
     let result = PhaseResult {
@@ -1671,15 +1867,23 @@ async fn run_phase(eng: &Arc<Engine>, name: &'static str, ops: Vec<Op>, cpu: &Cp
         stats,
         wall,
         cpu: cpu_used,
+        hops,
+        owner_ports: eng.routing.is_some(),
     };
     eprintln!(
-        "rush: {name}: {} answers in {:.2} s ({:.0}/s), {} x 201, {} retries, {} reconnects",
+        "rush: {name}: {} answers in {:.2} s ({:.0}/s), {} x 201, {} retries, {} reconnects, {} hops between shards ({})",
         result.answers(),
         wall.as_secs_f64(),
         result.answers() as f64 / wall.as_secs_f64(),
         result.count(Method::Post, 0),
         result.stats.retries,
-        result.stats.reconnects
+        result.stats.reconnects,
+        result.hops_text(),
+        if result.owner_ports {
+            "owner ports"
+        } else {
+            "shared port"
+        }
     );
     Ok(result)
 }
@@ -2088,13 +2292,40 @@ fn check_store(store: &Mysql, w: &Workload, seen: &[CourseSeen]) -> anyhow::Resu
     Ok((rows.len(), bad))
 }
 
-/// The server's persist figures from `/metrics`, summed over label sets.
-async fn scrape_metrics(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
-    let mut conn = Conn::open(addr).await?;
+/// The text of the server's `/metrics`.
+async fn get_metrics(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut conn = Conn::open(addr)
+        .await
+        .with_context(|| format!("connecting to {addr} for /metrics"))?;
     let (status, body) = conn.request("GET", "/metrics", "-", "").await?;
     ensure!(status == 200, "/metrics: {status}");
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Requests passed between shards so far: `enrolld_shard_hops_total` summed over shards.
+async fn hops_total(addr: SocketAddr) -> anyhow::Result<u64> {
+    let text = get_metrics(addr).await?;
+    let mut total = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((name_labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if name_labels.split('{').next() == Some(HOPS_METRIC) {
+            let v: f64 = value
+                .parse()
+                .with_context(|| format!("/metrics: bad value in {line:?}"))?;
+            *total.get_or_insert(0.0) += v;
+        }
+    }
+    let total = total.with_context(|| format!("/metrics has no {HOPS_METRIC}"))?;
+    Ok(total as u64)
+}
+
+/// The server's persist figures from `/metrics`, summed over label sets.
+async fn scrape_metrics(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = get_metrics(addr).await?;
     let mut sums = BTreeMap::new();
-    for line in String::from_utf8_lossy(&body).lines() {
+    for line in text.lines() {
         if line.starts_with('#') {
             continue;
         }
@@ -2179,6 +2410,7 @@ impl Report<'_> {
             ("connections", a.connections.to_string()),
             ("pipeline depth", a.pipeline.to_string()),
             ("mode", mode),
+            ("owner ports", self.owner_ports()),
             ("drop wave", a.drop_wave.map_or("none".into(), |f| f.to_string())),
             ("retries max (429/503, lost answers)", a.retries_max.to_string()),
             ("load generator threads", a.client_threads.to_string()),
@@ -2188,6 +2420,17 @@ impl Report<'_> {
             let _ = writeln!(s, "| {k} | {v} |");
         }
         let _ = writeln!(s);
+    }
+
+    fn owner_ports(&self) -> String {
+        match &self.target.shard_addrs {
+            Some(addrs) => format!(
+                "yes: connection c sends only the requests for courses shard c % {} owns, to that shard's own port ({})",
+                addrs.len(),
+                addrs.iter().map(|a| a.port().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            None => "no: every connection uses the shared port, whatever shard the kernel gives it".into(),
+        }
     }
 
     fn throughput(&self, s: &mut String) {
@@ -2283,6 +2526,7 @@ impl Report<'_> {
                 let _ = writeln!(s, "- {} connection trouble: {e}", p.name);
             }
         }
+        self.hops_line(s);
         if let Some(m) = self.run.server_metrics.as_ref() {
             persist_line(s, m);
         }
@@ -2298,6 +2542,32 @@ impl Report<'_> {
                 .fold(0.0, f64::max)
         );
         let _ = writeln!(s);
+    }
+
+    /// Hops during the load phases only (setup and checks use the shared port).
+    fn hops_line(&self, s: &mut String) {
+        let phases = &self.run.phases;
+        let total: Result<u64, String> = phases.iter().map(|p| p.hops.clone()).sum();
+        let routing = if self.target.shard_addrs.is_some() {
+            "owner ports"
+        } else {
+            "shared port"
+        };
+        let total = match total {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let per_phase = match phases.len() {
+            1 => String::new(),
+            _ => {
+                let each: Vec<String> = phases.iter().map(|p| format!("{} {}", p.name, p.hops_text())).collect();
+                format!(" ({})", each.join(", "))
+            }
+        };
+        let _ = writeln!(
+            s,
+            "- requests hopped between shards during the load ({HOPS_METRIC} on /metrics, {routing}): {total}{per_phase}"
+        );
     }
 
     fn invariants(&self, s: &mut String) {
