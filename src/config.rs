@@ -86,7 +86,7 @@ pub struct ConfigArgs {
     /// Seat changes queued for the persist thread at most (503 beyond) [default: 65536]
     #[arg(long, env = "ENROLLD_QUEUE_ROWS_MAX")]
     pub queue_rows_max: Option<usize>,
-    /// Group commits in flight at once, each on its own store connection [default: 1]
+    /// Committers, each owning a share of the courses, with its own queue and store connection [default: 1]
     #[arg(long, env = "ENROLLD_COMMITS_IN_FLIGHT_MAX")]
     pub commits_in_flight_max: Option<usize>,
     /// Time to get a store connection before a batch fails [default: 1000]

@@ -1,6 +1,7 @@
 //! `kill -9` in the middle of a rush, then a restart: every acknowledged enrollment is in
 //! the store and in the rebuilt state, nothing is oversold, and the rebuilt state equals
-//! the store.
+//! the store. The server runs several committers, so several group commits are in flight
+//! when it dies.
 
 mod common;
 
@@ -14,7 +15,18 @@ const CAPACITIES: &[u32] = &[1, 5, 20, 50, 200, 500, 1000, 3000];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_mid_rush_loses_no_acknowledged_seat() {
     let db = TestDb::new();
-    let mut server = Server::start(&["--store", &db.url, "--shards", "2", "--limits-enabled", "false"]);
+    // Three committers (each owns a share of the courses), so the kill lands with several
+    // group commits in flight at once; every other suite runs the default one.
+    let mut server = Server::start(&[
+        "--store",
+        &db.url,
+        "--shards",
+        "2",
+        "--limits-enabled",
+        "false",
+        "--commits-in-flight-max",
+        "3",
+    ]);
     let mut admin = server.conn().await;
     let courses: Vec<String> = (0..CAPACITIES.len()).map(|i| format!("K-{i}")).collect();
     for (c, cap) in courses.iter().zip(CAPACITIES) {

@@ -29,6 +29,15 @@ pub enum Change {
     PutCourse { course: CourseId, spec: CourseSpec },
 }
 
+impl Change {
+    fn course(&self) -> &CourseId {
+        match self {
+            Change::Seat(op) => op.key().0,
+            Change::PutCourse { course, .. } => course,
+        }
+    }
+}
+
 /// What the store made of a change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -50,8 +59,10 @@ pub struct Job {
 pub struct PersistConfig {
     pub store_url: String,
     pub store: StoreOptions,
-    /// Batches committing at once, each on its own store connection. The store overlaps
-    /// their log flushes; order is safe because a seat never has two changes in flight.
+    /// Committers, each with its own queue, store connection and share of the courses
+    /// ([`committer_of`]): their batches never touch the same course rows, so they overlap
+    /// their log flushes without waiting on each other's row locks, and a course's changes
+    /// stay in order on its one queue.
     pub commits_in_flight_max: usize,
     pub batch_rows_max: usize,
     pub batch_linger_us: u64,
@@ -62,11 +73,16 @@ pub struct PersistConfig {
     pub breaker: Arc<Breaker>,
 }
 
-/// The shards' side of the persist queue. Cheap to clone; never blocks.
+/// The shards' side of the persist queues (one per committer). Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct PersistHandle {
-    tx: flume::Sender<Job>,
+    txs: Arc<[flume::Sender<Job>]>,
     breaker: Arc<Breaker>,
+}
+
+/// The committer that owns a course's changes: a hash of the id over the committers.
+pub fn committer_of(course: &CourseId, committers: usize) -> usize {
+    crc32fast::hash(course.as_str().as_bytes()) as usize % committers
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +101,8 @@ impl PersistHandle {
             return Err(SubmitError::StoreDown);
         }
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { change, reply }) {
+        let tx = &self.txs[committer_of(change.course(), self.txs.len())];
+        match tx.try_send(Job { change, reply }) {
             Ok(()) => Ok(rx),
             Err(_) => Err(SubmitError::QueueFull),
         }
@@ -97,20 +114,20 @@ impl PersistHandle {
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.tx.len()
+        self.txs.iter().map(flume::Sender::len).sum()
     }
 }
 
 /// What metrics read of the persist side. Holds the receiving end, not a sender, so it
 /// never keeps the queue open past shutdown.
 pub struct PersistGauges {
-    rx: flume::Receiver<Job>,
+    rxs: Vec<flume::Receiver<Job>>,
     breaker: Arc<Breaker>,
 }
 
 impl crate::metrics::Gauges for PersistGauges {
     fn queue_depth(&self) -> usize {
-        self.rx.len()
+        self.rxs.iter().map(flume::Receiver::len).sum()
     }
     fn store_up(&self) -> bool {
         !self.breaker.is_open()
@@ -134,13 +151,18 @@ const PING_INTERVAL_MS: u64 = 250;
 /// asked, streams the committed state to `sink` and returns once that is done. The thread
 /// then serves the queue until every handle is dropped, and exits after the queue is empty.
 pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> anyhow::Result<Persist> {
-    let (tx, rx) = flume::bounded::<Job>(cfg.queue_rows_max);
+    assert!(cfg.commits_in_flight_max >= 1, "config guarantees a committer");
+    // The queue bound is shared out, so the changes waiting stay within queue_rows_max.
+    let per_queue = (cfg.queue_rows_max / cfg.commits_in_flight_max).max(1);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.commits_in_flight_max)
+        .map(|_| flume::bounded::<Job>(per_queue))
+        .unzip();
     let handle = PersistHandle {
-        tx,
+        txs: txs.into(),
         breaker: cfg.breaker.clone(),
     };
     let gauges = PersistGauges {
-        rx: rx.clone(),
+        rxs: rxs.clone(),
         breaker: cfg.breaker.clone(),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -163,7 +185,7 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                serve(&store, &cfg, rx).await;
+                serve(&store, &cfg, rxs).await;
                 store.close().await;
                 tracing::info!("persist thread: queue drained, store closed");
             });
@@ -212,9 +234,9 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `commits_in_flight_max` committers over the one queue until it is closed and empty.
-async fn serve(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>) {
-    let committers = (0..cfg.commits_in_flight_max).map(|_| committer(store, cfg, rx.clone()));
+/// Runs one committer per queue until every queue is closed and empty.
+async fn serve(store: &Store, cfg: &PersistConfig, rxs: Vec<flume::Receiver<Job>>) {
+    let committers = rxs.into_iter().map(|rx| committer(store, cfg, rx));
     futures_util::future::join_all(committers).await;
 }
 
