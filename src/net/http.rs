@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::convert::Infallible;
-use std::io::Write;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -48,6 +48,10 @@ pub const REQUEST_ID_BYTES_MAX: usize = 64;
 const PATH_SEGMENTS_MAX: usize = 5;
 /// The request id header, as a constant: a name given as `&str` is allocated per use.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const CONTENT_TYPE_JSON: &str = "application/json; charset=utf-8";
+/// Bytes of the chunk generated request ids are cut from (about 150 ids).
+const REQUEST_ID_CHUNK_BYTES: usize = 4_096;
+const _: () = assert!(REQUEST_ID_CHUNK_BYTES >= REQUEST_ID_BYTES_MAX);
 
 /// Per-shard request context.
 pub struct Ctx {
@@ -62,6 +66,9 @@ pub struct Ctx {
     pub metrics_on: bool,
     request_seq: Cell<u64>,
     request_prefix: String,
+    /// Generated request ids are cut from this chunk (one allocation per
+    /// `REQUEST_ID_CHUNK_BYTES`, not one per request).
+    request_ids: std::cell::RefCell<bytes::BytesMut>,
 }
 
 impl Ctx {
@@ -85,12 +92,13 @@ impl Ctx {
             metrics_on,
             request_seq: Cell::new(0),
             request_prefix,
+            request_ids: std::cell::RefCell::new(bytes::BytesMut::new()),
         }
     }
 
     /// The client's request id when it is 1-64 printable ASCII chars, else a fresh one.
-    fn request_id(&self, req: &Request<Incoming>) -> HeaderValue {
-        if let Some(v) = req.headers().get(&X_REQUEST_ID) {
+    fn request_id(&self, headers: &hyper::HeaderMap) -> HeaderValue {
+        if let Some(v) = headers.get(&X_REQUEST_ID) {
             let b = v.as_bytes();
             if !b.is_empty() && b.len() <= REQUEST_ID_BYTES_MAX && b.iter().all(|c| (0x20..0x7f).contains(c)) {
                 return v.clone();
@@ -98,22 +106,25 @@ impl Ctx {
         }
         let n = self.request_seq.get() + 1;
         self.request_seq.set(n);
-        // Written on the stack: the header value is the request's one allocation for it.
-        let mut buf = [0u8; 48];
-        let mut w = std::io::Cursor::new(&mut buf[..]);
-        write!(w, "{}-{n:x}", self.request_prefix).expect("fits: 9 + 1 + 16 bytes");
-        let len = w.position() as usize;
-        HeaderValue::from_bytes(&buf[..len]).expect("hex and digits are valid")
+        cut_request_id(&mut self.request_ids.borrow_mut(), &self.request_prefix, n)
     }
 }
 
+/// Request id `PREFIX-N`, cut from a shared chunk: the header value shares the chunk
+/// instead of owning a copy, and a new chunk is made when this one is nearly used up.
+fn cut_request_id(chunk: &mut bytes::BytesMut, prefix: &str, n: u64) -> HeaderValue {
+    if chunk.capacity() - chunk.len() < REQUEST_ID_BYTES_MAX {
+        *chunk = bytes::BytesMut::with_capacity(REQUEST_ID_CHUNK_BYTES);
+    }
+    write!(chunk, "{prefix}-{n:x}").expect("writing to a BytesMut");
+    HeaderValue::from_maybe_shared(chunk.split().freeze()).expect("hex and digits are valid")
+}
+
+/// A JSON response. Its `Content-Type` (and `X-Request-Id`) are set by [`handle`], on
+/// the request's recycled header map, so building one allocates no header map.
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
     resp
 }
 
@@ -126,10 +137,13 @@ pub async fn handle(
     ctx: Rc<Ctx>,
     tokens: Rc<TokenCache>,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = std::time::Instant::now();
-    let rid = ctx.request_id(&req);
+    // The request's header map, emptied, becomes the response's, and hyper hands the
+    // response's back for the next request head: no header map is allocated per request.
+    let headers = std::mem::take(req.headers_mut());
+    let rid = ctx.request_id(&headers);
     let method = req.method().clone();
     // A clone of the URI shares hyper's buffer (no copy), so the segments can borrow from
     // it while `req` moves on.
@@ -138,7 +152,7 @@ pub async fn handle(
     let (parts, len) = split_path(path);
     let segments = &parts[..len];
     let route_label = route_label(&method, segments);
-    let mut resp = match route(&ctx, &tokens, peer, segments, req).await {
+    let mut resp = match route(&ctx, &tokens, peer, segments, &headers, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let rid = rid.to_str().unwrap_or("-");
@@ -166,8 +180,30 @@ pub async fn handle(
             "request"
         );
     }
-    resp.headers_mut().insert(X_REQUEST_ID, rid);
+    *resp.headers_mut() = response_headers(headers, std::mem::take(resp.headers_mut()), rid);
     Ok(resp)
+}
+
+/// The response's headers on the request's (emptied) map: what the route set (rarely
+/// anything: Retry-After, a Content-Type other than JSON), then JSON's Content-Type if the
+/// route set none, and the request id.
+fn response_headers(mut map: hyper::HeaderMap, set: hyper::HeaderMap, rid: HeaderValue) -> hyper::HeaderMap {
+    map.clear();
+    let mut name = None;
+    for (n, v) in set {
+        // Further values of one name come with `None`.
+        if n.is_some() {
+            name = n;
+        }
+        if let Some(n) = &name {
+            map.append(n.clone(), v);
+        }
+    }
+    if !map.contains_key(CONTENT_TYPE) {
+        map.insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_JSON));
+    }
+    map.insert(X_REQUEST_ID, rid);
+    map
 }
 
 /// The path's segments after the leading `/`, on the stack: at most
@@ -207,6 +243,7 @@ async fn route(
     tokens: &TokenCache,
     peer: SocketAddr,
     segments: &[&str],
+    headers: &hyper::HeaderMap,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let method = req.method().clone();
@@ -218,13 +255,12 @@ async fn route(
         (_, ["v1", ..]) => {}
         _ => return Err(ApiError::NotFound("no such route")),
     }
-    let caller = req
-        .headers()
+    let caller = headers
         .get(hyper::header::AUTHORIZATION)
         .and_then(|h| ctx.auth.verify_cached(h.as_bytes(), tokens))
         .ok_or(ApiError::Unauthorized)?;
     let query = req.uri().query().map(str::to_owned);
-    if declared_length(&req).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {
+    if declared_length(headers).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {
         return Err(ApiError::PayloadTooLarge);
     }
     let group = match (&method, &segments[1..]) {
@@ -234,11 +270,11 @@ async fn route(
     };
     // Repeated X-Forwarded-For lines are one list, in order (RFC 9110 §5.3): a client's
     // own line first, the proxy's appended line last.
-    let forwarded_for = join_header_lines(req.headers(), "x-forwarded-for");
+    let forwarded_for = join_header_lines(headers, "x-forwarded-for");
     let client = ClientAddr {
         peer,
         forwarded_for: forwarded_for.as_deref(),
-        real_ip: req.headers().get("x-real-ip").map(|v| v.as_bytes()),
+        real_ip: headers.get("x-real-ip").map(|v| v.as_bytes()),
     };
     let me = &ctx.router.me;
     let is_admin = caller.role == Role::Admin;
@@ -401,8 +437,8 @@ fn bad_course_id() -> ApiError {
     ApiError::BadRequest("course id must be 1-32 chars of [A-Za-z0-9_.-]".into())
 }
 
-fn declared_length(req: &Request<Incoming>) -> Option<u64> {
-    req.headers()
+fn declared_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
@@ -643,6 +679,40 @@ mod tests {
         );
         check("not json", false);
         check("", false);
+    }
+
+    #[test]
+    fn response_headers_reuse_the_request_map_and_keep_what_the_route_set() {
+        let mut request = hyper::HeaderMap::with_capacity(8);
+        request.insert(hyper::header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        let capacity = request.capacity();
+        let rid = HeaderValue::from_static("r-1");
+        let map = response_headers(request, hyper::HeaderMap::new(), rid.clone());
+        assert_eq!(map.len(), 2, "the request's headers are gone: {map:?}");
+        assert_eq!(map[CONTENT_TYPE], CONTENT_TYPE_JSON);
+        assert_eq!(map[&X_REQUEST_ID], "r-1");
+        assert_eq!(map.capacity(), capacity, "the request's map is reused");
+
+        let mut set = hyper::HeaderMap::new();
+        set.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        set.append("x-many", HeaderValue::from_static("a"));
+        set.append("x-many", HeaderValue::from_static("b"));
+        set.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let map = response_headers(hyper::HeaderMap::new(), set, rid);
+        assert_eq!(map[CONTENT_TYPE], "text/plain", "a route's own Content-Type stays");
+        assert_eq!(map.get_all("x-many").iter().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(map[hyper::header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn generated_request_ids_are_distinct_and_share_a_chunk() {
+        let mut chunk = bytes::BytesMut::new();
+        let ids: Vec<HeaderValue> = (1..=400).map(|n| cut_request_id(&mut chunk, "abc1230", n)).collect();
+        assert_eq!(ids[0], "abc1230-1");
+        assert_eq!(ids[399], "abc1230-190");
+        let distinct: std::collections::HashSet<_> = ids.iter().map(|v| v.as_bytes().to_vec()).collect();
+        assert_eq!(distinct.len(), ids.len());
+        assert!(ids.iter().all(|v| v.len() <= REQUEST_ID_BYTES_MAX));
     }
 
     #[test]
