@@ -643,7 +643,11 @@ impl OneTrip {
         let mut deletes = 0;
         for op in ops {
             if let SeatOp::Drop { course, student } = op {
-                let head = if deletes == 0 { "DELETE FROM enrollments WHERE " } else { " OR " };
+                let head = if deletes == 0 {
+                    "DELETE FROM enrollments WHERE "
+                } else {
+                    " OR "
+                };
                 write!(sql, "{head}(course_id = '{course}' AND student_id = '{student}')").expect(w);
                 deletes += 1;
             }

@@ -75,7 +75,6 @@ pub enum Command {
     StudentEnrollments(StudentId),
 }
 
-
 /// One seat: a (course, student) pair.
 type SeatKey = (CourseId, StudentId);
 
