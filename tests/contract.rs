@@ -114,6 +114,37 @@ fn token_subcommand_uses_the_configured_secret() {
     assert_eq!(code, Some(2));
 }
 
+#[test]
+fn shard_of_names_the_owner_shard_and_refuses_bad_input() {
+    let courses = ["CS101-01", "MATH221-01", "BIG-0", "BIG-1", "a.b_c"];
+    let out = Command::new(bin())
+        .args(["shard-of", "--shards", "3"])
+        .args(courses)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = courses
+        .iter()
+        .map(|c| {
+            let id = enrolld::ids::CourseId::parse(c).unwrap();
+            format!("{c} {}", enrolld::shard::owner_of(&id, 3).0)
+        })
+        .collect();
+    assert_eq!(lines, expected);
+    for args in [
+        &["shard-of", "--shards", "0", "A"][..],
+        &["shard-of", "--shards", "2", "bad id"],
+    ] {
+        let (code, err) = exit_of(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+    }
+}
+
 /// The hottest courses get per-course series: heat over the last window and answers by
 /// outcome (what the "top-3 limited courses" recording rule reads).
 #[tokio::test]
