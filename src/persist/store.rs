@@ -708,7 +708,9 @@ mod tests {
             pool_connections_max: 2,
             acquire_timeout_ms: 1_000,
         };
-        let store = Store::open(&format!("sqlite://{}", path.display()), &opts).await.unwrap();
+        let store = Store::open(&format!("sqlite://{}", path.display()), &opts)
+            .await
+            .unwrap();
         let (c, s) = ids("F-1", "s1");
         let spec = CourseSpec {
             title: "fast".into(),
@@ -722,7 +724,10 @@ mod tests {
             student: s,
             at: 1,
         };
-        assert!(store.try_fast(std::slice::from_ref(&op)).await.unwrap(), "committed fast");
+        assert!(
+            store.try_fast(std::slice::from_ref(&op)).await.unwrap(),
+            "committed fast"
+        );
         assert!(!store.try_fast(&[op]).await.unwrap(), "a stored row refuses the batch");
         store.close().await;
         for suffix in ["", "-wal", "-shm"] {
