@@ -335,7 +335,7 @@ mod tests {
             format!(r#"{{"sub":"alice","role":"student","exp":{later},"aud":"x"}}"#),
             format!(r#"{{"sub":"alice","role":"student","exp":"{later}"}}"#),
             format!(r#"{{"sub":"alice","role":"student","exp":{later}.5}}"#),
-            format!(r#"{{"sub":"alice","role":"student","exp":-1}}"#),
+            r#"{"sub":"alice","role":"student","exp":-1}"#.to_owned(),
             format!(r#"{{"sub":"alice","role":"root","exp":{later}}}"#),
             format!(r#"{{"sub":"al ice","role":"student","exp":{later}}}"#),
             format!(r#"{{"sub":"","role":"student","exp":{later}}}"#),
