@@ -1598,3 +1598,34 @@ async fn stalled_bodies_do_not_lock_out_new_clients() {
     }
     fx.intact("two stalled bodies").await.unwrap();
 }
+
+/// The header-read timeout covers waiting for a head, not answering one: a head that is
+/// complete in time, followed by a body that takes three head timeouts to arrive (inside
+/// the body timeout), is answered, and the connection then serves another request.
+#[tokio::test]
+async fn a_slow_answer_is_not_cut_by_the_head_timeout() {
+    let fx = Fixture::start(&["--header-read-timeout-ms", "300", "--body-read-timeout-ms", "5000"]).await;
+    let mut c = fx.conn().await;
+    let body = r#"{"title":"Slow body","capacity":3}"#;
+    let head = format!(
+        "PUT /v1/admin/courses/SLOW-BODY HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        admin_token(),
+        body.len()
+    );
+    c.send_raw(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    c.send_raw(body.as_bytes()).await.unwrap();
+    let r = tokio::time::timeout(ANSWER_WITHIN, c.read_response())
+        .await
+        .expect("answered in time")
+        .expect("answered, not closed, although the answer took longer than the head timeout");
+    assert!(
+        r.status == 201 || r.status == 200,
+        "slow PUT: {} {:?}",
+        r.status,
+        r.body
+    );
+    let again = c.request("GET", "/healthz", None, None).await;
+    assert_eq!(again.status, 200, "the connection serves on");
+}

@@ -135,11 +135,12 @@ fn json_of(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> 
 /// The hyper service: every request goes through here.
 pub async fn handle(
     ctx: Rc<Ctx>,
-    tokens: Rc<TokenCache>,
+    conn: Rc<super::ConnState>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
+    conn.busy();
     // The request's header map, emptied, becomes the response's, and hyper hands the
     // response's back for the next request head: no header map is allocated per request.
     let headers = std::mem::take(req.headers_mut());
@@ -152,7 +153,7 @@ pub async fn handle(
     let (parts, len) = split_path(path);
     let segments = &parts[..len];
     let route_label = route_label(&method, segments);
-    let mut resp = match route(&ctx, &tokens, peer, segments, &headers, req).await {
+    let mut resp = match route(&ctx, &conn.tokens, peer, segments, &headers, req).await {
         Ok(resp) => resp,
         Err(e) => {
             let rid = rid.to_str().unwrap_or("-");
@@ -165,10 +166,13 @@ pub async fn handle(
         }
     };
     let status = resp.status().as_u16();
+    let done = tokio::time::Instant::now();
+    // The next head's time starts now (see `ConnState`).
+    conn.idle(done);
     // 401s are counted apart so a flood of forged tokens does not hide in a route's figures.
     let label = if status == 401 { ROUTE_UNAUTHORIZED } else { route_label };
     if ctx.metrics_on {
-        ctx.router.me.metrics.request(label, status, started.elapsed());
+        ctx.router.me.metrics.request(label, status, done - started);
     }
     if ctx.access_log {
         tracing::info!(
@@ -176,7 +180,7 @@ pub async fn handle(
             %method,
             %path,
             status,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us = (done - started).as_micros() as u64,
             "request"
         );
     }

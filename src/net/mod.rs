@@ -5,11 +5,18 @@
 //! JWT; shards see typed commands.
 //! Must never: accept a connection without a permit (the permit is taken before `accept`),
 //! or serve a connection without a header-read timeout (slowloris would pin the shard).
+//!
+//! The header-read timeout is ours, not hyper's: hyper's drops its timer after every head
+//! and boxes a new one for the next, the one heap allocation a 409 still made. Here each
+//! connection has one timer for its whole life, and a request only writes a `Cell`
+//! ([`ConnState`], [`close_slow_heads`]).
 
 pub mod auth;
 pub mod error;
 pub mod http;
 
+use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -17,9 +24,10 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 
 /// Smallest read buffer hyper accepts; the head limit may not go below it.
 pub const HEAD_BYTES_MIN: usize = 8_192;
@@ -35,6 +43,65 @@ pub struct ConnLimits {
     pub header_read_timeout_ms: u64,
     pub connections_max: usize,
     pub drain_timeout_ms: u64,
+}
+
+/// What a connection keeps between its requests.
+pub struct ConnState {
+    /// The last token verified on this connection.
+    pub tokens: auth::TokenCache,
+    /// Since when the connection has waited for its next request head (its opening, or
+    /// the moment its last answer was handed to hyper); `None` while a request is being
+    /// answered. [`close_slow_heads`] reads it.
+    idle_since: Cell<Option<Instant>>,
+}
+
+impl ConnState {
+    fn new(now: Instant) -> ConnState {
+        ConnState {
+            tokens: auth::TokenCache::default(),
+            idle_since: Cell::new(Some(now)),
+        }
+    }
+
+    /// A request head is complete: its answer may take as long as it takes (the body has
+    /// its own timeout, seat work its own).
+    pub fn busy(&self) {
+        self.idle_since.set(None);
+    }
+
+    /// The answer is handed to hyper: the next head is due within the timeout from `now`.
+    pub fn idle(&self, now: Instant) {
+        self.idle_since.set(Some(now));
+    }
+}
+
+/// Runs a connection, and ends it (dropping it closes the socket, as hyper's own header
+/// timeout did, with no answer) once it has waited `timeout` for a complete request head.
+/// That covers a silent connection, a head dribbled byte by byte and an idle keep-alive
+/// connection. The time counts from when the previous answer was handed to hyper, not
+/// from when its last byte was written: a client that does not read its answers is
+/// closed too.
+///
+/// One timer per connection: it fires at the earliest possible deadline and, if the
+/// connection has moved on since, is reset to the current one; requests never touch it.
+pub async fn close_slow_heads<F: Future>(conn: F, state: &ConnState, timeout: Duration) -> Option<F::Output> {
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(conn, sleep);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut conn => return Some(out),
+            () = &mut sleep => {
+                let now = Instant::now();
+                match state.idle_since.get() {
+                    Some(since) if now.duration_since(since) >= timeout => return None,
+                    Some(since) => sleep.as_mut().reset(since + timeout),
+                    // Answering: look again a timeout from now.
+                    None => sleep.as_mut().reset(now + timeout),
+                }
+            }
+        }
+    }
 }
 
 /// Binds one listener per shard at `base`'s port + shard index (each on any free port when
@@ -86,8 +153,8 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        // No hyper timer and no hyper header-read timeout: `close_slow_heads` is ours.
+        .header_read_timeout(None)
         .max_buf_size(limits.head_bytes_max)
         .keep_alive(true)
         // hyper otherwise reads the socket while a request is being answered, to notice a
@@ -107,6 +174,7 @@ pub async fn serve(
             &ctx,
             &builder,
             &graceful,
+            Duration::from_millis(limits.header_read_timeout_ms),
             permits.clone(),
             shutdown.clone(),
         ));
@@ -127,6 +195,7 @@ async fn accept_loop(
     ctx: &Rc<http::Ctx>,
     builder: &http1::Builder,
     graceful: &GracefulShutdown,
+    head_timeout: Duration,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -149,15 +218,18 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        let tokens = Rc::new(auth::TokenCache::default());
+        let state = Rc::new(ConnState::new(Instant::now()));
+        let served = state.clone();
         let conn = builder.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| http::handle(ctx.clone(), tokens.clone(), peer, req)),
+            service_fn(move |req| http::handle(ctx.clone(), served.clone(), peer, req)),
         );
         let conn = graceful.watch(conn);
         tokio::task::spawn_local(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match close_slow_heads(conn, &state, head_timeout).await {
+                Some(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                Some(Ok(())) => {}
+                None => tracing::debug!("connection closed: no complete request head in time"),
             }
             drop(permit);
         });
