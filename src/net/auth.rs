@@ -104,9 +104,11 @@ impl Auth {
             return None;
         }
         let token = token.trim();
-        let (message, _) = token.rsplit_once('.')?;
+        let (message, signature) = token.rsplit_once('.')?;
         match message.rsplit_once('.') {
-            Some((header, _)) if header == self.minted_header => self.verify_minted(token),
+            Some((header, payload)) if header == self.minted_header => {
+                self.verify_minted(token, message, payload, signature)
+            }
             _ => self.verify_decoded(token),
         }
     }
@@ -129,10 +131,10 @@ impl Auth {
     /// `tier`, as a JSON object), `exp` not past, as `jsonwebtoken::decode` with this
     /// `Validation` checks them. Validly signed claims of any other shape go to
     /// `verify_decoded`.
-    fn verify_minted(&self, token: &str) -> Option<Caller> {
+    /// `message` is the token up to its last `.`, `payload` and `signature` its last two
+    /// segments.
+    fn verify_minted(&self, token: &str, message: &str, payload: &str, signature: &str) -> Option<Caller> {
         let b64 = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let (message, signature) = token.rsplit_once('.')?;
-        let (_, payload) = message.rsplit_once('.')?;
         let mut mac = [0u8; 32];
         if b64.decode_slice(signature, &mut mac).ok()? != mac.len() {
             return None;
@@ -398,6 +400,19 @@ mod tests {
         assert!(
             fast(&auth, &other).is_none(),
             "another key's token is refused on the fast path"
+        );
+        // The fast path is really taken: with jsonwebtoken's key broken, a minted token
+        // still passes, and a validly signed token of another shape (which falls back)
+        // does not.
+        let mut fast_only = Auth::new(b"secret");
+        fast_only.decoding = DecodingKey::from_secret(b"broken");
+        assert!(
+            fast(&fast_only, &signed(&bodies[0])).is_some(),
+            "minted shape: fast path"
+        );
+        assert!(
+            fast(&fast_only, &signed(&bodies[4])).is_none(),
+            "other shape: jsonwebtoken"
         );
     }
 }
