@@ -14,6 +14,9 @@
 #   5. MariaDB's own rate for 1000-row batched INSERTs, autocommit, one connection (the
 #      ceiling of a group-committing writer such as enrolld's persist thread).
 # Prints the ratios and writes target/rush/compare.md. All traffic goes to 127.0.0.1.
+# Beside each rate it reports the CPU each operation cost every process involved (server,
+# store, load generator; from /proc and getrusage), and how busy that kept the machine:
+# the profile that says whether a run was bound by the cores or by waiting.
 #
 # Usage: benches/compare.sh [seconds=10] [connections=64]
 # Environment: SHARDS (default nproc), LIMITS=on to keep enrolld's rate limits on (off by
@@ -67,6 +70,30 @@ metric() { awk -v m="$2" '$1 == m || index($1, m "{") == 1 {s += $NF} END {print
 rate() { awk '/^Requests\/sec/ {print int($2)}' "$1"; }
 p99() { awk '$1 == "99%" {print $2}' "$1"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
+
+# CPU accounting. `ticks PID...`: user + system clock ticks used so far by those processes
+# (all their threads). `timed CPUFILE CMD...`: runs CMD and writes the CPU seconds it and its
+# children used to CPUFILE (getrusage, so it works after CMD has exited).
+hz=$(getconf CLK_TCK)
+ticks() { local t=0 p f; for p in "$@"; do f=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) && t=$((t + f)); done; echo "$t"; }
+timed() {
+  local cpu_file=$1; shift
+  python3 -c 'import resource, subprocess, sys
+code = subprocess.call(sys.argv[2:])
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+open(sys.argv[1], "w").write("%.4f\n" % (r.ru_utime + r.ru_stime))
+sys.exit(code)' "$cpu_file" "$@"
+}
+# cpu_row NAME OPS SERVER_TICKS STORE_TICKS LOADGEN_SECONDS WALL_SECONDS: one row of the CPU table.
+cpu_rows=()
+cpu_row() {
+  cpu_rows+=("$(awk -v name="$1" -v ops="$2" -v srv="$3" -v sto="$4" -v gen="$5" -v wall="$6" -v hz="$hz" -v cores="$(nproc)" 'BEGIN {
+    n = ops * wall; if (n <= 0) { print "| " name " | | | | | |"; exit }
+    s = srv / hz * 1e6 / n; d = sto / hz * 1e6 / n; g = gen * 1e6 / n; t = s + d + g
+    printf "| %s | %.1f | %s | %.1f | **%.1f** | %.0f%% |", name, s, (sto == "" ? "" : sprintf("%.1f", d)), g, t, 100 * t * ops / (cores * 1e6) }')")
+}
+wrk_secs() { awk '/requests in/ { v = $4; sub(/,$/, "", v); u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+  print (u == "m") ? v * 60 : (u == "ms") ? v / 1000 : v }' "$1"; }
 
 # --- 1. nginx answering a constant -------------------------------------------------------
 port_nginx=$(free_port)
@@ -138,24 +165,35 @@ declare -a owned=()
 while read -r c o; do owned[$o]+=" $c"; done < <("$bin" shard-of --shards "$shards" $(seq -f 'BIG-%g' 0 $((courses - 1))))
 
 # --- the wrk runs ------------------------------------------------------------------------
+ngx_pids=("${pids[0]}" $(pgrep -P "${pids[0]}" || true))
+srv_pid=${pids[1]}
+mdb_pid=$(cat "$(sql -e 'SELECT @@pid_file')" 2>/dev/null || pgrep -o -x mariadbd || true)
 log "nginx (${secs}s)"
-wrk -t$threads -c$conns -d${secs}s --latency "http://127.0.0.1:$port_nginx/" > "$work/nginx.txt"
+t0=$(ticks "${ngx_pids[@]}")
+timed "$work/nginx.cpu" wrk -t$threads -c$conns -d${secs}s --latency "http://127.0.0.1:$port_nginx/" > "$work/nginx.txt"
+cpu_row "nginx \`return 200\`" "$(rate "$work/nginx.txt")" $(($(ticks "${ngx_pids[@]}") - t0)) "" "$(cat "$work/nginx.cpu")" "$(wrk_secs "$work/nginx.txt")"
 log "enrolld 409 path (${secs}s)"
-wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/post.lua -H "Authorization: Bearer $late" \
+t0=$(ticks "$srv_pid")
+timed "$work/full.cpu" wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/post.lua -H "Authorization: Bearer $late" \
   "$url/v1/courses/FULL-0/enrollment" > "$work/full.txt"
+cpu_row "enrolld 409 path" "$(rate "$work/full.txt")" $(($(ticks "$srv_pid") - t0)) "" "$(cat "$work/full.cpu")" "$(wrk_secs "$work/full.txt")"
 log "enrolld 201 path (${secs}s)"
 curl -sf "$url/metrics" > "$work/metrics.before"
 before=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
+t0=$(ticks "$srv_pid"); m0=$(ticks "$mdb_pid")
 start=$(date +%s.%N)
-wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/enroll.lua "$url" \
+timed "$work/enroll.cpu" wrk -t$threads -c$conns -d${secs}s --latency -s benches/wrk/enroll.lua "$url" \
   -- $threads "$work/tokens.txt" $(seq -f 'BIG-%g' 0 $((courses - 1))) > "$work/enroll.txt"
 end=$(date +%s.%N)
+t1=$(ticks "$srv_pid"); m1=$(ticks "$mdb_pid")
 curl -sf "$url/metrics" > "$work/metrics.after"
 after=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
 over=$(sql "$db_srv" -e "SELECT COUNT(*) FROM courses WHERE enrolled > capacity")
 mismatch=$(sql "$db_srv" -e "SELECT COUNT(*) FROM courses c WHERE enrolled <> (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = c.id)")
 rows=$((after - before))
 durable=$(awk -v n=$rows -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')
+cpu_row "enrolld 201 path, shared port (per durable row)" "$durable" $((t1 - t0)) $((m1 - m0)) "$(cat "$work/enroll.cpu")" \
+  "$(awk -v a="$start" -v b="$end" 'BEGIN {print b - a}')"
 delta() { awk -v a="$(metric "$work/metrics.after" "$1")" -v b="$(metric "$work/metrics.before" "$1")" 'BEGIN {print a - b}'; }
 batches=$(delta enrolld_persist_batch_rows_count)
 batch_rows=$(awk -v r="$(delta enrolld_persist_batch_rows_sum)" -v n="$batches" 'BEGIN { if (n > 0) printf "%.1f", r / n; else print "?" }')
@@ -165,19 +203,23 @@ non2xx_full=$(awk '/Non-2xx/ {print $5}' "$work/full.txt")
 non2xx_enroll=$(awk '/Non-2xx/ {print $5}' "$work/enroll.txt")
 log "enrolld 201 path on the shard ports (${secs}s, one wrk per shard)"
 before_own=$after
+t0=$(ticks "$srv_pid"); m0=$(ticks "$mdb_pid")
 start=$(date +%s.%N)
 wpids=()
 for i in $(seq 0 $((shards - 1))); do
   # shellcheck disable=SC2086 # the owned course list is meant to split into arguments
-  wrk -t1 -c$((conns / shards)) -d${secs}s --latency -s benches/wrk/enroll.lua "http://${shard_addrs[$i]}" \
+  timed "$work/enroll-own-$i.cpu" wrk -t1 -c$((conns / shards)) -d${secs}s --latency -s benches/wrk/enroll.lua "http://${shard_addrs[$i]}" \
     -- 1 "$work/tokens-own.txt" ${owned[$i]} > "$work/enroll-own-$i.txt" &
   wpids+=($!)
 done
 wait "${wpids[@]}"
 end=$(date +%s.%N)
+t1=$(ticks "$srv_pid"); m1=$(ticks "$mdb_pid")
 curl -sf "$url/metrics" > "$work/metrics.own"
 after_own=$(sql "$db_srv" -e "SELECT COUNT(*) FROM enrollments")
 durable_own=$(awk -v n=$((after_own - before_own)) -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')
+cpu_row "enrolld 201 path, owner ports (per durable row)" "$durable_own" $((t1 - t0)) $((m1 - m0)) \
+  "$(cat "$work"/enroll-own-*.cpu | awk '{s += $1} END {print s}')" "$(awk -v a="$start" -v b="$end" 'BEGIN {print b - a}')"
 # The worst shard's p99 (wrk prints it in us, ms or s).
 p99_own=$(for f in "$work"/enroll-own-*.txt; do p99 "$f"; done | awk '
   { v = $1; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v); ms = (u == "us") ? v / 1000 : (u == "s") ? v * 1000 : v
@@ -194,10 +236,16 @@ log "redis EVALSHA (-c $conns -n 200000)"
 script="local s = tonumber(redis.call('GET', KEYS[1]) or '0'); if s > 0 then redis.call('DECR', KEYS[1]); return 1 end; return 0"
 sha=$(rcli SCRIPT LOAD "$script")
 rcli SET "$redis_key" 1000000000 >/dev/null
-redis-benchmark -h 127.0.0.1 -p 6379 -c "$conns" -n 200000 -q EVALSHA "$sha" 1 "$redis_key" \
+redis_pid=$(rcli INFO server | tr -d '\r' | sed -n 's/^process_id://p')
+t0=$(ticks "$redis_pid")
+start=$(date +%s.%N)
+timed "$work/redis.cpu" redis-benchmark -h 127.0.0.1 -p 6379 -c "$conns" -n 200000 -q EVALSHA "$sha" 1 "$redis_key" \
   | tr '\r' '\n' > "$work/redis.txt"
+end=$(date +%s.%N)
+t1=$(ticks "$redis_pid")
 redis_ops=$(awk '/requests per second/ {for (i = 1; i <= NF; i++) if ($(i+1) ~ /^requests/) v = $i} END {print int(v)}' "$work/redis.txt")
 redis_p50=$(sed -n 's/.*p50=\([0-9.]*\) msec.*/\1/p' "$work/redis.txt" | tail -1)
+cpu_row "Redis EVALSHA" "$redis_ops" $((t1 - t0)) "" "$(cat "$work/redis.cpu")" "$(awk -v a="$start" -v b="$end" 'BEGIN {print b - a}')"
 left=$(rcli GET "$redis_key")
 rcli DEL "$redis_key" >/dev/null
 
@@ -247,6 +295,14 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
   echo "| durable 201/s ÷ Redis EVALSHA ops/s, shared port | $r_201_redis |"
   echo "| durable 201/s ÷ Redis EVALSHA ops/s, owner ports | $r_201own_redis |"
   echo "| durable 201/s ÷ MariaDB batched rows/s | $r_201_mariadb |"
+  echo
+  echo "CPU per operation, in µs, summed over both cores (/proc for the servers, getrusage for the load"
+  echo "generators), and how busy that kept the machine's $(nproc) cores. A run near 100% is bound by the cores;"
+  echo "the ratio of two such runs is the inverse ratio of their totals."
+  echo
+  echo "| run | server | store | load generator | total | cores busy |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${cpu_rows[@]}"
   echo
   echo "Checks: non-2xx answers on the 409 run ${non2xx_full:-0} (all should be 409); on the 201 runs ${non2xx_enroll:-0}"
   echo "and $non2xx_own (should be 0); rows committed in the 201 runs $rows and $((after_own - before_own)); hops between"
