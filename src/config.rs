@@ -92,6 +92,9 @@ pub struct ConfigArgs {
     /// Time to get a store connection before a batch fails [default: 1000]
     #[arg(long, env = "ENROLLD_STORE_ACQUIRE_TIMEOUT_MS")]
     pub store_acquire_timeout_ms: Option<u64>,
+    /// Time the store has to answer a batch's statements before its COMMIT; past it the batch fails, not committed (503), and its connection is closed [default: 5000]
+    #[arg(long, env = "ENROLLD_STORE_STATEMENT_TIMEOUT_MS")]
+    pub store_statement_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -126,6 +129,7 @@ struct FileConfig {
     queue_rows_max: Option<usize>,
     commits_in_flight_max: Option<usize>,
     store_acquire_timeout_ms: Option<u64>,
+    store_statement_timeout_ms: Option<u64>,
     limits: Option<LimitsConfig>,
 }
 
@@ -155,6 +159,7 @@ pub struct Config {
     pub queue_rows_max: usize,
     pub commits_in_flight_max: usize,
     pub store_acquire_timeout_ms: u64,
+    pub store_statement_timeout_ms: u64,
     /// Rate limits, flow rules, breakers (reloadable).
     pub limits: LimitsConfig,
     /// The file it came from, for reloads.
@@ -302,6 +307,14 @@ impl Config {
                 args.store_acquire_timeout_ms
                     .or(file.store_acquire_timeout_ms)
                     .unwrap_or(1_000),
+                10,
+                600_000,
+            )?,
+            store_statement_timeout_ms: range(
+                "store_statement_timeout_ms",
+                args.store_statement_timeout_ms
+                    .or(file.store_statement_timeout_ms)
+                    .unwrap_or(5_000),
                 10,
                 600_000,
             )?,

@@ -229,6 +229,7 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>
             // One connection per committer, one for pings and admin reads.
             pool_connections_max: cfg.commits_in_flight_max as u32 + 1,
             acquire_timeout_ms: cfg.store_acquire_timeout_ms,
+            statement_timeout_ms: cfg.store_statement_timeout_ms,
         },
         commits_in_flight_max: cfg.commits_in_flight_max,
         batch_rows_max: cfg.batch_rows_max,

@@ -12,6 +12,7 @@ use enrolld::shard::course::CourseSpec;
 const OPTS: StoreOptions = StoreOptions {
     pool_connections_max: 2,
     acquire_timeout_ms: 2_000,
+    statement_timeout_ms: 5_000,
 };
 
 /// Runs `body` once per store kind, each on a fresh database.

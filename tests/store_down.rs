@@ -1,7 +1,9 @@
 //! The store goes away mid-service. A private `mariadbd` on its own port and data
 //! directory is started and killed here (the shared server is never touched): enrollment
 //! answers 503 with Retry-After and holds no seat, reads keep working from memory, and when
-//! the store is back enrollment resumes without a restart.
+//! the store is back enrollment resumes without a restart. A store that stops answering
+//! (paused with SIGSTOP) is the same to a student: 503 after `store_statement_timeout_ms`,
+//! and the paused batch is never committed.
 
 mod common;
 
@@ -108,6 +110,16 @@ impl PrivateMariadb {
         }
     }
 
+    /// SIGSTOP / SIGCONT: the server keeps its connections open but stops answering.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     fn url(&self) -> String {
         format!("mysql://root@127.0.0.1:{}/enrolld", self.port)
     }
@@ -115,6 +127,9 @@ impl PrivateMariadb {
 
 impl Drop for PrivateMariadb {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
         self.kill();
     }
 }
@@ -182,4 +197,63 @@ async fn store_outage_answers_503_holds_nothing_and_recovers() {
     assert_eq!(db.sql("SELECT enrolled FROM courses WHERE id = 'DOWN-1'"), "2");
     let r = c.request("GET", "/readyz", None, None).await;
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_stops_answering_gets_503_and_commits_nothing_of_it() {
+    let db = PrivateMariadb::new();
+    let server = Server::start(&[
+        "--store",
+        &db.url(),
+        "--store-acquire-timeout-ms",
+        "500",
+        "--store-statement-timeout-ms",
+        "300",
+    ]);
+    let mut c = server.conn().await;
+    put_course(&mut c, "HUNG-1", 10).await;
+    let r = c
+        .request("POST", "/v1/courses/HUNG-1/enrollment", Some(&token("before")), None)
+        .await;
+    assert_eq!(r.status, 201);
+
+    db.signal("-STOP");
+    // Without a bound on the statements this request would wait for as long as the store
+    // is paused (the test client gives up after 30 s and fails).
+    let r = c
+        .request("POST", "/v1/courses/HUNG-1/enrollment", Some(&token("paused")), None)
+        .await;
+    assert_eq!(r.status, 503, "enroll while the store does not answer");
+    assert!(r.header("retry-after").is_some(), "503 carries Retry-After");
+    let r = c
+        .request("GET", "/v1/courses/HUNG-1", Some(&token("reader")), None)
+        .await;
+    assert_eq!(r.status, 200, "reads are answered from memory meanwhile");
+    assert_eq!(
+        (r.json()["enrolled"].as_u64(), r.json()["seats_left"].as_u64()),
+        (Some(1), Some(9)),
+        "the failed attempt holds no seat"
+    );
+
+    // Resumed, the server finds the statements it was sent on a closed connection: they
+    // ran in a transaction that was never committed, so they are rolled back.
+    db.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let r = c
+            .request("POST", "/v1/courses/HUNG-1/enrollment", Some(&token("after")), None)
+            .await;
+        if r.status != 503 || Instant::now() > deadline {
+            break r.status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 201, "enrollment resumes once the store answers");
+    assert_eq!(
+        db.sql("SELECT student_id FROM enrollments ORDER BY student_id"),
+        "after\nbefore",
+        "nothing of the paused batch was committed"
+    );
+    assert_eq!(db.sql("SELECT enrolled FROM courses WHERE id = 'HUNG-1'"), "2");
+    assert_eq!(roster(&mut c, "HUNG-1").await, vec!["after", "before"]);
 }

@@ -50,6 +50,8 @@ impl Dialect {
 pub struct StoreOptions {
     pub pool_connections_max: u32,
     pub acquire_timeout_ms: u64,
+    /// Bound on a batch's statements before its COMMIT ([`Store::bounded`]).
+    pub statement_timeout_ms: u64,
 }
 
 /// One seat change inside a batch.
@@ -131,6 +133,8 @@ pub struct Store {
     /// reads: a connection left in a transaction would read from a stale snapshot.
     commit_pool: Option<AnyPool>,
     dialect: Dialect,
+    /// See [`Store::bounded`].
+    statement_timeout: Duration,
 }
 
 static MIGRATOR_MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -192,6 +196,7 @@ impl Store {
             pool,
             commit_pool,
             dialect,
+            statement_timeout: Duration::from_millis(opts.statement_timeout_ms),
         })
     }
 
@@ -199,8 +204,32 @@ impl Store {
         self.dialect
     }
 
+    /// Bounds a store call made before any COMMIT: a store that stops answering (a hung
+    /// server, a silent network) fails the call with a connection error after
+    /// `statement_timeout`, so the batch is answered 503 instead of never. The caller must
+    /// then close the connection ([`OpenTransaction`] does on drop): its response
+    /// stream is cut mid-way, and closing it makes the server roll its work back.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, sqlx::Error> {
+        match tokio::time::timeout(self.statement_timeout, call).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the store did not answer within {} ms",
+                    self.statement_timeout.as_millis()
+                ),
+            ))),
+        }
+    }
+
+    /// Bounded like a batch's statements; a connection that timed out is closed.
     pub async fn ping(&self) -> anyhow::Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        let mut conn = OpenTransaction::new(self.pool.acquire().await?);
+        self.bounded(sqlx::query("SELECT 1").execute(conn.get())).await?;
+        conn.ended();
         Ok(())
     }
 
@@ -308,12 +337,18 @@ impl Store {
         // Autocommit is off on these connections, so the first statement opens the
         // transaction: no BEGIN round trip.
         let mut conn = OpenTransaction::new(commit_pool.acquire().await.map_err(not_committed)?);
-        let end = if script.run(conn.get()).await.map_err(not_committed)? {
+        let end = if self.bounded(script.run(conn.get())).await.map_err(not_committed)? {
             "COMMIT"
         } else {
             "ROLLBACK"
         };
-        match sqlx::query(end).execute(conn.get()).await {
+        let ended = if end == "COMMIT" {
+            // Never bounded: once COMMIT is sent, only the store knows the outcome.
+            sqlx::query(end).execute(conn.get()).await
+        } else {
+            self.bounded(sqlx::query(end).execute(conn.get())).await
+        };
+        match ended {
             Ok(_) => {
                 conn.ended();
                 Ok(end == "COMMIT")
@@ -326,7 +361,12 @@ impl Store {
     /// Each op on its own, in order, in one transaction, with the guarded counter update
     /// (`enrolled + 1 <= capacity`): the store is the final arbiter across nodes.
     async fn commit_row_by_row(&self, ops: &[SeatOp]) -> Result<Vec<SeatResult>, CommitError> {
-        let mut tx = self.pool.begin().await.map_err(not_committed)?;
+        // A plain BEGIN on a connection we own, so one that times out is closed, never
+        // pooled half-read.
+        let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
+        self.bounded(sqlx::query("BEGIN").execute(conn.get()))
+            .await
+            .map_err(not_committed)?;
         let mut results = Vec::with_capacity(ops.len());
         let mut probe = None;
         let insert = format!(
@@ -337,22 +377,25 @@ impl Store {
             let (course, student) = op.key();
             let result = match op {
                 SeatOp::Enroll { at, .. } => {
-                    let inserted = sqlx::query(&insert)
-                        .bind(course.as_str())
-                        .bind(student.as_str())
-                        .bind(*at)
-                        .execute(&mut *tx)
+                    let inserted = self
+                        .bounded(
+                            sqlx::query(&insert)
+                                .bind(course.as_str())
+                                .bind(student.as_str())
+                                .bind(*at)
+                                .execute(conn.get()),
+                        )
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
                     if inserted == 0 {
                         SeatResult::Applied // already held in the store: idempotent
                     } else {
-                        let counted = sqlx::query(
+                        let counted = self.bounded(sqlx::query(
                             "UPDATE courses SET enrolled = enrolled + 1 WHERE id = ? AND enrolled + 1 <= capacity",
                         )
                         .bind(course.as_str())
-                        .execute(&mut *tx)
+                        .execute(conn.get()))
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
@@ -360,30 +403,37 @@ impl Store {
                             probe.get_or_insert_with(|| probe_of(op));
                             SeatResult::Applied
                         } else {
-                            sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
-                                .bind(course.as_str())
-                                .bind(student.as_str())
-                                .execute(&mut *tx)
-                                .await
-                                .map_err(not_committed)?;
+                            self.bounded(
+                                sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
+                                    .bind(course.as_str())
+                                    .bind(student.as_str())
+                                    .execute(conn.get()),
+                            )
+                            .await
+                            .map_err(not_committed)?;
                             SeatResult::Full
                         }
                     }
                 }
                 SeatOp::Drop { .. } => {
-                    let deleted = sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
-                        .bind(course.as_str())
-                        .bind(student.as_str())
-                        .execute(&mut *tx)
+                    let deleted = self
+                        .bounded(
+                            sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
+                                .bind(course.as_str())
+                                .bind(student.as_str())
+                                .execute(conn.get()),
+                        )
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
                     if deleted == 1 {
-                        sqlx::query("UPDATE courses SET enrolled = enrolled - 1 WHERE id = ?")
-                            .bind(course.as_str())
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(not_committed)?;
+                        self.bounded(
+                            sqlx::query("UPDATE courses SET enrolled = enrolled - 1 WHERE id = ?")
+                                .bind(course.as_str())
+                                .execute(conn.get()),
+                        )
+                        .await
+                        .map_err(not_committed)?;
                         probe.get_or_insert_with(|| probe_of(op));
                     }
                     SeatResult::Applied
@@ -391,7 +441,8 @@ impl Store {
             };
             results.push(result);
         }
-        if let Err(e) = tx.commit().await {
+        // Never bounded: once COMMIT is sent, only the store knows the outcome.
+        if let Err(e) = sqlx::query("COMMIT").execute(conn.get()).await {
             let e = CommitError::Unknown(e.into());
             return match probe {
                 Some(p) => self.settle_unknown(e, p, results).await,
@@ -399,6 +450,7 @@ impl Store {
                 None => Ok(results),
             };
         }
+        conn.ended();
         Ok(results)
     }
 
@@ -645,10 +697,12 @@ impl OneTrip {
     }
 }
 
-/// A committer connection (autocommit off) between its first statement and its COMMIT or
-/// ROLLBACK. Dropped before [`OpenTransaction::ended`] (an error, a cancelled future), the
-/// connection is closed instead of pooled: the server rolls the work back, and no later
-/// batch can commit it by accident.
+/// A connection between its first statement and the end of its work (COMMIT, ROLLBACK,
+/// or a ping's answer): a committer connection with autocommit off, a row-by-row batch
+/// after its BEGIN. Dropped before [`OpenTransaction::ended`] (an error, a timeout, a
+/// cancelled future), the connection is closed instead of pooled: the server rolls the
+/// work back, no later batch can commit it by accident, and no half-read answer is left
+/// on a pooled connection.
 struct OpenTransaction {
     conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
     ended: bool,
@@ -707,6 +761,7 @@ mod tests {
         let opts = StoreOptions {
             pool_connections_max: 2,
             acquire_timeout_ms: 1_000,
+            statement_timeout_ms: 5_000,
         };
         let store = Store::open(&format!("sqlite://{}", path.display()), &opts)
             .await
