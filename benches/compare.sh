@@ -296,7 +296,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
   echo "| durable 201/s ÷ Redis EVALSHA ops/s, owner ports | $r_201own_redis |"
   echo "| durable 201/s ÷ MariaDB batched rows/s | $r_201_mariadb |"
   echo
-  echo "CPU per operation, in µs, summed over both cores (/proc for the servers, getrusage for the load"
+  echo "CPU per operation, in µs, summed over all cores (/proc for the servers, getrusage for the load"
   echo "generators), and how busy that kept the machine's $(nproc) cores. A run near 100% is bound by the cores;"
   echo "the ratio of two such runs is the inverse ratio of their totals."
   echo

@@ -134,6 +134,20 @@ impl Drop for PrivateMariadb {
     }
 }
 
+/// Enrolls `student`, retrying while the answer is 503 (the breaker may still be open), for
+/// at most 30 s; the last status.
+async fn enroll_once_the_store_is_back(c: &mut Conn, course: &str, student: &str) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let path = format!("/v1/courses/{course}/enrollment");
+        let r = c.request("POST", &path, Some(&token(student)), None).await;
+        if r.status != 503 || Instant::now() > deadline {
+            return r.status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_outage_answers_503_holds_nothing_and_recovers() {
     let mut db = PrivateMariadb::new();
@@ -179,16 +193,7 @@ async fn store_outage_answers_503_holds_nothing_and_recovers() {
     assert_eq!(r.status, 200, "alive all the same");
 
     db.start();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let r = c
-            .request("POST", "/v1/courses/DOWN-1/enrollment", Some(&token("after")), None)
-            .await;
-        if r.status != 503 || Instant::now() > deadline {
-            break r.status;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = enroll_once_the_store_is_back(&mut c, "DOWN-1", "after").await;
     assert_eq!(status, 201, "enrollment resumes without a restart");
     assert_eq!(
         db.sql("SELECT student_id FROM enrollments ORDER BY student_id"),
@@ -238,16 +243,7 @@ async fn a_store_that_stops_answering_gets_503_and_commits_nothing_of_it() {
     // Resumed, the server finds the statements it was sent on a closed connection: they
     // ran in a transaction that was never committed, so they are rolled back.
     db.signal("-CONT");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        let r = c
-            .request("POST", "/v1/courses/HUNG-1/enrollment", Some(&token("after")), None)
-            .await;
-        if r.status != 503 || Instant::now() > deadline {
-            break r.status;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = enroll_once_the_store_is_back(&mut c, "HUNG-1", "after").await;
     assert_eq!(status, 201, "enrollment resumes once the store answers");
     assert_eq!(
         db.sql("SELECT student_id FROM enrollments ORDER BY student_id"),
