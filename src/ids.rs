@@ -95,6 +95,51 @@ pub fn now_ms() -> UnixMs {
     d.as_millis() as UnixMs
 }
 
+/// Where the wall-clock time comes from: the system's realtime clock in production, a
+/// clock the simulator steps back and forward in tests. The seam exists because the
+/// realtime clock is not monotonic (NTP, a VM resume, an operator): code that reads it
+/// must hold up when it jumps, and only a clock we control shows that it does.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> UnixMs;
+}
+
+/// The system's realtime clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> UnixMs {
+        now_ms()
+    }
+}
+
+/// A shard's view of the wall clock: never earlier than a time it already gave out.
+///
+/// A step back of the realtime clock would otherwise re-close a course that is open
+/// (`opens_at` passes again) or reopen one that closed, and date a new seat before an
+/// older one. So the shard's time stands still until the realtime clock catches up, and
+/// steps forward with it. A step forward cannot be told from time passing and is taken
+/// as is. Read it once per decision: two reads may differ.
+pub struct ShardClock {
+    source: std::sync::Arc<dyn Clock>,
+    high_water: std::cell::Cell<UnixMs>,
+}
+
+impl ShardClock {
+    pub fn new(source: std::sync::Arc<dyn Clock>) -> ShardClock {
+        ShardClock {
+            source,
+            high_water: std::cell::Cell::new(UnixMs::MIN),
+        }
+    }
+
+    pub fn now_ms(&self) -> UnixMs {
+        let now = self.source.now_ms().max(self.high_water.get());
+        self.high_water.set(now);
+        now
+    }
+}
+
 /// RFC 3339 UTC text of a unix-ms instant, e.g. `2026-11-24T09:00:00.000Z`.
 pub fn rfc3339(ms: UnixMs) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)

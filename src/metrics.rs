@@ -164,6 +164,10 @@ impl ShardMetrics {
 pub struct PersistMetrics {
     pub batch_rows: prometheus::Histogram,
     pub commit_seconds: prometheus::Histogram,
+    /// Courses loaded with more seats than capacity (they sell nothing until under it).
+    pub courses_overfull: prometheus::IntGauge,
+    /// Stored seats of courses that do not exist, left in the store and not loaded.
+    pub seats_orphaned: prometheus::IntGauge,
 }
 
 impl Default for PersistMetrics {
@@ -179,6 +183,16 @@ impl Default for PersistMetrics {
         PersistMetrics {
             batch_rows: prometheus::Histogram::with_opts(rows).expect("valid histogram opts"),
             commit_seconds: prometheus::Histogram::with_opts(secs).expect("valid histogram opts"),
+            courses_overfull: prometheus::IntGauge::new(
+                "enrolld_recovery_courses_overfull",
+                "Courses the last start loaded with more seats than capacity.",
+            )
+            .expect("valid gauge"),
+            seats_orphaned: prometheus::IntGauge::new(
+                "enrolld_recovery_seats_orphaned",
+                "Stored seats of unknown courses the last start found (kept, not loaded).",
+            )
+            .expect("valid gauge"),
         }
     }
 }
@@ -487,6 +501,9 @@ impl Metrics {
         registry
             .register(Box::new(persist.commit_seconds.clone()))
             .expect("unique name");
+        for gauge in [&persist.courses_overfull, &persist.seats_orphaned] {
+            registry.register(Box::new(gauge.clone())).expect("unique name");
+        }
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))

@@ -15,7 +15,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, LogFormat};
-use crate::ids::ShardId;
+use crate::ids::{ShardClock, ShardId, SystemClock};
 use crate::limit::breaker::Breaker;
 use crate::limit::{Limiter, ShardLimiter};
 use crate::metrics::{Collector, Metrics, PersistMetrics, ShardMetrics};
@@ -25,7 +25,9 @@ use crate::net::ConnLimits;
 use crate::persist::store::{LoadRow, StoreOptions};
 use crate::persist::{self, PersistConfig};
 use crate::shard::table::CourseTable;
-use crate::shard::{owner_of, publish_heat, serve_inbox, Envelope, Router, Shard, INBOX_MESSAGES_MAX};
+use crate::shard::{
+    owner_of, publish_heat, serve_inbox, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS, INBOX_MESSAGES_MAX,
+};
 
 /// Rows between two progress lines while the catalog loads.
 const LOAD_PROGRESS_ROWS: u64 = 200_000;
@@ -49,6 +51,8 @@ pub fn init_logging(format: LogFormat) {
 /// Runs `enrolld serve` until SIGTERM or SIGINT.
 pub fn serve(cfg: Config) -> anyhow::Result<()> {
     abort_on_panic();
+    // Before the store is opened, and held until serve returns: one SQLite file, one process.
+    let _store_lock = crate::single_writer::hold(&cfg.store)?;
     let secret = cfg.resolve_jwt_secret()?;
     let auth = Arc::new(Auth::new(&secret));
     let started = Instant::now();
@@ -126,13 +130,25 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let limiter = limiter.clone();
         let shards = cfg.shards;
         let own = own_listeners[i].take();
+        let answer_wait =
+            std::time::Duration::from_millis(cfg.store_statement_timeout_ms) * ANSWER_WAIT_STATEMENT_TIMEOUTS;
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let set = tokio::task::LocalSet::new();
             set.block_on(&rt, async move {
                 let limiter = Rc::new(ShardLimiter::new(limiter, shards));
                 let render = crate::net::http::render_course;
-                let shard = Rc::new(Shard::new(ShardId(i), table, persist, own_metrics, limiter, render));
+                let clock = ShardClock::new(Arc::new(SystemClock));
+                let shard = Rc::new(Shard::new(
+                    ShardId(i),
+                    table,
+                    persist,
+                    own_metrics,
+                    limiter,
+                    render,
+                    clock,
+                    answer_wait,
+                ));
                 tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
                 tokio::task::spawn_local(publish_heat(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));
@@ -164,7 +180,6 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         false => format!(" shard_listen={}", shard_addrs.join(",")),
     };
     tracing::info!(
-        listen = %local,
         shards = cfg.shards,
         store = %redact(&cfg.store),
         "enrolld ready listen={local}{shard_listen}"
@@ -189,12 +204,32 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             Err(_) => anyhow::bail!("a shard thread panicked"),
         }
     }
+    let store_wait = std::time::Duration::from_millis(cfg.store_statement_timeout_ms) * SHUTDOWN_STATEMENT_TIMEOUTS;
+    let waited = Instant::now();
+    while !persist_thread.is_finished() {
+        if waited.elapsed() >= store_wait {
+            // Every client of what is left was already answered or cut off (their waits
+            // are bounded too); what the store made of it is read back at the next start.
+            anyhow::bail!(
+                "the store did not take the last changes within {} ms; exiting without them",
+                store_wait.as_millis()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(SHUTDOWN_POLL_MS));
+    }
     persist_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the persist thread panicked"))?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
+
+/// After the shards drained (`drain_timeout_ms`), how long SIGTERM waits at most for the
+/// persist queue to reach the store, in statement timeouts: each batch is bounded by one,
+/// and once a call fails the breaker refuses the rest at once.
+pub const SHUTDOWN_STATEMENT_TIMEOUTS: u32 = 3;
+/// How often shutdown looks whether the persist thread has finished.
+const SHUTDOWN_POLL_MS: u64 = 20;
 
 type Loaded = (Vec<CourseTable>, persist::Persist);
 
@@ -213,7 +248,7 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>
             LoadRow::Course { id, spec, version } => t[owner_of(&id, shards).0].upsert(&id, spec, version),
             LoadRow::Enrollment { course, student, at } => {
                 if !t[owner_of(&course, shards).0].load_enrollment(&course, student.clone(), at) {
-                    tracing::error!(course = %course, student = %student, "stored seat not loaded (course full or missing)");
+                    tracing::error!(course = %course, student = %student, "stored seat not loaded (already on the roster)");
                 }
             }
         }
@@ -229,8 +264,8 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>
             // One connection per committer, one for pings and admin reads.
             pool_connections_max: cfg.commits_in_flight_max as u32 + 1,
             acquire_timeout_ms: cfg.store_acquire_timeout_ms,
-            statement_timeout_ms: cfg.store_statement_timeout_ms,
         },
+        statement_timeout: std::time::Duration::from_millis(cfg.store_statement_timeout_ms),
         commits_in_flight_max: cfg.commits_in_flight_max,
         batch_rows_max: cfg.batch_rows_max,
         batch_linger_us: cfg.batch_linger_us,

@@ -11,7 +11,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's Instant: the system's monotonic clock in production, the paused test clock in
+// the simulation, so the breaker's timing is part of what a seed replays.
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -123,6 +127,23 @@ impl Breaker {
                 self.set(HALF_OPEN);
                 true
             }
+        }
+    }
+
+    /// A call that counts as slow.
+    pub fn slow_call(&self) -> Duration {
+        Duration::from_millis(self.cfg.lock().slow_call_ms)
+    }
+
+    /// A call has been in progress longer than a slow call and has not ended: open now,
+    /// without waiting for it (a COMMIT that hangs never reports). Its [`Breaker::record`]
+    /// comes when it ends.
+    pub fn stalled(&self) {
+        let mut inner = self.inner.lock();
+        if self.state() != OPEN {
+            inner.opened_at = Some(Instant::now());
+            inner.calls.clear();
+            self.set(OPEN);
         }
     }
 

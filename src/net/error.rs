@@ -21,8 +21,9 @@ pub enum ApiError {
     Forbidden,
     #[error("{0}")]
     NotFound(&'static str),
+    /// `allow`: the path's methods, for the `Allow` header RFC 9110 requires on a 405.
     #[error("method not allowed on this path")]
-    MethodNotAllowed,
+    MethodNotAllowed { allow: &'static str },
     #[error("no seat left in this course")]
     CourseFull,
     #[error("registration for this course is not open now")]
@@ -39,12 +40,16 @@ pub enum ApiError {
     Unavailable,
     #[error("too many requests; retry shortly")]
     RateLimited { retry_after_secs: u64 },
+    /// The outcome of a change is not known in time. net/ cuts the connection for it
+    /// rather than answering (see `http::handle`); the body exists for completeness.
+    #[error("the outcome is not known; retrying is safe")]
+    OutcomeUnknown,
 }
 
 /// One rendered body per error whose text never varies.
 static FIXED_BODIES: [std::sync::OnceLock<&'static [u8]>; FIXED_ERRORS] =
     [const { std::sync::OnceLock::new() }; FIXED_ERRORS];
-const FIXED_ERRORS: usize = 11;
+const FIXED_ERRORS: usize = 12;
 
 impl ApiError {
     /// An index into [`FIXED_BODIES`] for errors whose body never varies.
@@ -53,7 +58,7 @@ impl ApiError {
             ApiError::BadRequest(_) | ApiError::NotFound(_) => return None,
             ApiError::Unauthorized => 0,
             ApiError::Forbidden => 1,
-            ApiError::MethodNotAllowed => 2,
+            ApiError::MethodNotAllowed { .. } => 2,
             ApiError::CourseFull => 3,
             ApiError::RegistrationClosed => 4,
             ApiError::NotEnrolled => 5,
@@ -62,6 +67,7 @@ impl ApiError {
             ApiError::BodyTimeout => 8,
             ApiError::Unavailable => 9,
             ApiError::RateLimited { .. } => 10,
+            ApiError::OutcomeUnknown => 11,
         })
     }
 
@@ -72,17 +78,18 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden | ApiError::RegistrationClosed => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NotEnrolled => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::CourseFull | ApiError::CapacityBelowEnrolled => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) | ApiError::MethodNotAllowed | ApiError::BodyTimeout => "bad_request",
+            ApiError::BadRequest(_) | ApiError::MethodNotAllowed { .. } | ApiError::BodyTimeout => "bad_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
@@ -93,6 +100,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable => "unavailable",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::OutcomeUnknown => "outcome_unknown",
         }
     }
 
@@ -123,6 +131,10 @@ impl ApiError {
         };
         if let Some(secs) = retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        if let ApiError::MethodNotAllowed { allow } = &self {
+            resp.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(*allow));
         }
         resp
     }

@@ -6,7 +6,6 @@
 //! contract's error body.
 
 use std::cell::Cell;
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -41,6 +40,10 @@ pub const PAGE_COURSES_DEFAULT: usize = 100;
 pub const PAGE_COURSES_MAX: usize = 1_000;
 /// Longest course title.
 pub const TITLE_CHARS_MAX: usize = 200;
+/// The instants a course may name: those whose UTC form has a four-digit year, so the
+/// answer can render them back (0000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z).
+const INSTANT_MS_MIN: UnixMs = -62_167_219_200_000;
+const INSTANT_MS_MAX: UnixMs = 253_402_300_799_999;
 /// Longest client-sent request id echoed back.
 pub const REQUEST_ID_BYTES_MAX: usize = 64;
 /// Path segments the longest route has (`/v1/admin/courses/{id}/roster`). A path is split
@@ -133,12 +136,19 @@ fn json_of(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> 
 }
 
 /// The hyper service: every request goes through here.
+/// Ends a connection without an answer: the outcome of its request is not known in time.
+/// hyper closes the connection on a service error, which the contract allows ("no answer
+/// may go either way"); a 503 would claim that nothing was recorded.
+#[derive(Debug, thiserror::Error)]
+#[error("the outcome of the request is not known; connection closed")]
+pub struct OutcomeUnknown;
+
 pub async fn handle(
     ctx: Rc<Ctx>,
     conn: Rc<super::ConnState>,
     peer: SocketAddr,
     mut req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, OutcomeUnknown> {
     let started = tokio::time::Instant::now();
     conn.busy();
     // The request's header map, emptied, becomes the response's, and hyper hands the
@@ -155,6 +165,11 @@ pub async fn handle(
     let route_label = route_label(&method, segments);
     let mut resp = match route(&ctx, &conn.tokens, peer, segments, &headers, req).await {
         Ok(resp) => resp,
+        Err(ApiError::OutcomeUnknown) => {
+            let rid = rid.to_str().unwrap_or("-");
+            tracing::warn!(request_id = rid, %method, %path, "outcome not known in time; closing the connection");
+            return Err(OutcomeUnknown);
+        }
         Err(e) => {
             let rid = rid.to_str().unwrap_or("-");
             if e.status().is_server_error() {
@@ -255,7 +270,7 @@ async fn route(
         (&Method::GET, ["healthz"]) => return Ok(json(StatusCode::OK, &br#"{"status":"ok"}"#[..])),
         (&Method::GET, ["readyz"]) => return Ok(readyz(ctx)),
         (&Method::GET, ["metrics"]) => return Ok(metrics(ctx)),
-        (_, ["healthz" | "readyz" | "metrics"]) => return Err(ApiError::MethodNotAllowed),
+        (_, ["healthz" | "readyz" | "metrics"]) => return Err(ApiError::MethodNotAllowed { allow: "GET" }),
         (_, ["v1", ..]) => {}
         _ => return Err(ApiError::NotFound("no such route")),
     }
@@ -353,8 +368,11 @@ async fn route(
                 other => reply(other),
             }
         }
-        (_, ["courses"] | ["courses", _] | ["courses", _, "enrollment"] | ["me", "enrollments"])
-        | (_, ["admin", "courses", _] | ["admin", "courses", _, "roster"]) => Err(ApiError::MethodNotAllowed),
+        (_, ["courses"] | ["courses", _] | ["me", "enrollments"] | ["admin", "courses", _, "roster"]) => {
+            Err(ApiError::MethodNotAllowed { allow: "GET" })
+        }
+        (_, ["courses", _, "enrollment"]) => Err(ApiError::MethodNotAllowed { allow: "POST, DELETE" }),
+        (_, ["admin", "courses", _]) => Err(ApiError::MethodNotAllowed { allow: "PUT" }),
         _ => Err(ApiError::NotFound("no such route")),
     }
 }
@@ -465,7 +483,8 @@ async fn read_body(req: Request<Incoming>, limits: &HttpLimits) -> Result<Bytes,
 #[serde(deny_unknown_fields)]
 struct CourseBody {
     title: String,
-    capacity: i64,
+    /// Any JSON number: `47.0` is the integer 47 (JSON has one number type), `47.5` no capacity.
+    capacity: serde_json::Number,
     #[serde(default)]
     opens_at: Option<String>,
     #[serde(default)]
@@ -481,13 +500,21 @@ fn course_spec(body: &[u8]) -> Result<CourseSpec, ApiError> {
             "title must be 1-{TITLE_CHARS_MAX} printable chars"
         )));
     }
-    let capacity = u32::try_from(b.capacity)
-        .ok()
+    let integral = |f: f64| (f.fract() == 0.0 && f >= 0.0).then_some(f as u64);
+    let capacity = b
+        .capacity
+        .as_u64()
+        .or_else(|| b.capacity.as_f64().and_then(integral))
+        .and_then(|c| u32::try_from(c).ok())
         .filter(|c| *c <= CAPACITY_MAX)
         .ok_or_else(|| ApiError::BadRequest(format!("capacity must be 0-{CAPACITY_MAX}")))?;
     let instant = |v: Option<String>, name: &str| -> Result<Option<UnixMs>, ApiError> {
-        v.map(|s| parse_rfc3339(&s).ok_or_else(|| ApiError::BadRequest(format!("{name} must be RFC 3339"))))
-            .transpose()
+        v.map(|s| {
+            parse_rfc3339(&s)
+                .filter(|ms| (INSTANT_MS_MIN..=INSTANT_MS_MAX).contains(ms))
+                .ok_or_else(|| ApiError::BadRequest(format!("{name} must be RFC 3339, years 0000-9999 in UTC")))
+        })
+        .transpose()
     };
     let opens_at = instant(b.opens_at, "opens_at")?;
     let closes_at = instant(b.closes_at, "closes_at")?;
@@ -604,6 +631,7 @@ fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
         Reply::NotEnrolled => Err(ApiError::NotEnrolled),
         Reply::BelowEnrolled => Err(ApiError::CapacityBelowEnrolled),
         Reply::Unavailable => Err(ApiError::Unavailable),
+        Reply::OutcomeUnknown => Err(ApiError::OutcomeUnknown),
         Reply::RateLimited(_, secs) => Err(ApiError::RateLimited { retry_after_secs: secs }),
         Reply::Dropped | Reply::Roster(_) | Reply::Courses(_) | Reply::Enrollments(_) => {
             unreachable!("handled by the route that asked")
@@ -671,12 +699,31 @@ mod tests {
         check(r#"{"title":"A","capacity":0}"#, true);
         check(r#"{"title":"A","capacity":-1}"#, false);
         check(r#"{"title":"A","capacity":100001}"#, false);
+        check(r#"{"title":"A","capacity":47.0}"#, true);
+        check(r#"{"title":"A","capacity":1e2}"#, true);
+        check(r#"{"title":"A","capacity":47.5}"#, false);
+        check(r#"{"title":"A","capacity":1e300}"#, false);
+        check(r#"{"title":"A","capacity":"3"}"#, false);
         check(r#"{"title":"","capacity":3}"#, false);
         check(r#"{"title":"A"}"#, false);
         check(r#"{"title":"A","capacity":3,"capcity":4}"#, false);
         check(r#"{"title":"A","capacity":3,"opens_at":"2026-01-01T00:00:00Z"}"#, true);
         check(r#"{"title":"A","capacity":3,"opens_at":null}"#, true);
         check(r#"{"title":"A","capacity":3,"opens_at":"tomorrow"}"#, false);
+        check(r#"{"title":"A","capacity":3,"opens_at":"0000-01-01T00:00:00Z"}"#, true);
+        check(
+            r#"{"title":"A","capacity":3,"opens_at":"9999-12-31T23:59:59.999Z"}"#,
+            true,
+        );
+        // Year 10000 in UTC: it could not be rendered back (it was answered as 1970).
+        check(
+            r#"{"title":"A","capacity":3,"opens_at":"9999-12-31T23:00:00-05:00"}"#,
+            false,
+        );
+        check(
+            r#"{"title":"A","capacity":3,"closes_at":"0000-01-01T00:30:00+01:00"}"#,
+            false,
+        );
         check(
             r#"{"title":"A","capacity":3,"opens_at":"2026-01-02T00:00:00Z","closes_at":"2026-01-01T00:00:00Z"}"#,
             false,

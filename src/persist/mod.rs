@@ -20,7 +20,37 @@ use tokio::sync::oneshot;
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, Call};
 use crate::shard::course::CourseSpec;
-use store::{CommitError, LoadRow, PutResult, SeatOp, SeatResult, Store, StoreOptions};
+use store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled, Store, StoreOptions};
+
+/// The store as the committers see it: the seam between the group-commit logic (batching,
+/// time bounds, settling unknown outcomes, the breaker) and SQL. [`Store`] is the real
+/// one; the simulation hands the same committers a store that fails, hangs, and loses
+/// answers on purpose. Implementations need not bound anything: every call is bounded by
+/// the caller ([`bounded`]), and a call cut off must leave the store as if it never
+/// reached COMMIT unless `Session::committing` says otherwise.
+#[allow(async_fn_in_trait)] // used on one current-thread runtime; no Send bound wanted
+pub trait Backend {
+    async fn ping(&self) -> anyhow::Result<()>;
+    async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError>;
+    async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError>;
+    /// After an unanswered COMMIT: fence the session, then tell whether it applied.
+    async fn read_back(&self, session: &Session, probe: &Probe) -> anyhow::Result<bool>;
+}
+
+impl Backend for Store {
+    async fn ping(&self) -> anyhow::Result<()> {
+        Store::ping(self).await
+    }
+    async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        Store::commit_seats(self, ops, session).await
+    }
+    async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError> {
+        Store::put_course(self, id, spec, session).await
+    }
+    async fn read_back(&self, session: &Session, probe: &Probe) -> anyhow::Result<bool> {
+        Store::read_back(self, session, probe).await
+    }
+}
 
 /// A change a shard asks to be made durable.
 #[derive(Debug)]
@@ -68,6 +98,9 @@ pub struct PersistConfig {
     pub batch_linger_us: u64,
     pub queue_rows_max: usize,
     pub demo: bool,
+    /// Bound on every store call: a batch (its COMMIT included), an admin change, a ping,
+    /// one read-back.
+    pub statement_timeout: Duration,
     pub metrics: Arc<crate::metrics::PersistMetrics>,
     /// Opens on failing or slow commits; shards refuse seat changes while it is open.
     pub breaker: Arc<Breaker>,
@@ -200,7 +233,10 @@ async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow
     if cfg.demo && store.course_count().await? == 0 {
         seed_demo(&store).await?;
     }
-    store.load(sink).await.context("loading the catalog")?;
+    store.check_guarantees().await?;
+    let report = store.load(sink).await.context("loading the catalog")?;
+    cfg.metrics.courses_overfull.set(report.courses_overfull as i64);
+    cfg.metrics.seats_orphaned.set(report.seats_orphaned as i64);
     Ok(store)
 }
 
@@ -228,19 +264,22 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
             opens_at: *opens_at,
             closes_at: None,
         };
-        store.put_course(&id, &spec).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        store
+            .put_course(&id, &spec, &Session::default())
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     tracing::info!(courses = courses.len(), "seeded the demo catalog");
     Ok(())
 }
 
 /// Runs one committer per queue until every queue is closed and empty.
-async fn serve(store: &Store, cfg: &PersistConfig, rxs: Vec<flume::Receiver<Job>>) {
+pub async fn serve<B: Backend>(store: &B, cfg: &PersistConfig, rxs: Vec<flume::Receiver<Job>>) {
     let committers = rxs.into_iter().map(|rx| committer(store, cfg, rx));
     futures_util::future::join_all(committers).await;
 }
 
-async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>) {
+async fn committer<B: Backend>(store: &B, cfg: &PersistConfig, rx: flume::Receiver<Job>) {
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_rows_max);
     loop {
         let first = match tokio::time::timeout(Duration::from_millis(PING_INTERVAL_MS), rx.recv_async()).await {
@@ -249,11 +288,10 @@ async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>)
             Err(_idle) => {
                 // Idle: check the store, and probe it when the breaker is due to.
                 if cfg.breaker.allow() {
-                    let started = std::time::Instant::now();
-                    let call = if store.ping().await.is_ok() {
-                        Call::Ok
-                    } else {
-                        Call::Unreachable
+                    let started = tokio::time::Instant::now();
+                    let call = match bounded(cfg, store.ping()).await {
+                        Ok(Ok(())) => Call::Ok,
+                        _ => Call::Unreachable,
                     };
                     cfg.breaker.record(call, started.elapsed());
                 }
@@ -262,7 +300,79 @@ async fn committer(store: &Store, cfg: &PersistConfig, rx: flume::Receiver<Job>)
         };
         batch.push(first);
         fill(&rx, &mut batch, cfg).await;
+        if cfg.breaker.is_open() {
+            // Queued before the breaker opened (a call stalled or failed meanwhile):
+            // refuse them now, holding nothing, rather than wait on a store that is down.
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Outcome::Failed);
+            }
+            continue;
+        }
         run_batch(store, &mut batch, cfg).await;
+    }
+}
+
+/// A store call that did not end within the statement timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the store did not answer within {0:?}")]
+pub struct TimedOut(Duration);
+
+/// Runs one store call within the statement timeout, and tells the breaker as soon as it
+/// has been in progress longer than a slow call: the breaker only hears of a finished
+/// call otherwise, and a COMMIT that hangs would leave `/readyz` green while requests
+/// queue behind it. A call cut off by the bound is dropped, which closes its connection.
+pub async fn bounded<F: std::future::Future>(cfg: &PersistConfig, call: F) -> Result<F::Output, TimedOut> {
+    let stall = cfg.breaker.slow_call().min(cfg.statement_timeout);
+    let deadline = tokio::time::Instant::now() + cfg.statement_timeout;
+    let call = tokio::time::timeout_at(deadline, call);
+    tokio::pin!(call);
+    tokio::select! {
+        biased;
+        out = &mut call => return out.map_err(|_| TimedOut(cfg.statement_timeout)),
+        () = tokio::time::sleep(stall) => cfg.breaker.stalled(),
+    }
+    call.await.map_err(|_| TimedOut(cfg.statement_timeout))
+}
+
+/// Longest wait between two read-backs of an unknown commit.
+const READBACK_BACKOFF_MS_MAX: u64 = 1_000;
+
+/// What a transaction cut off or unanswered at COMMIT came to: `Some(if_committed)` when
+/// it applied, `None` when it did not. Nobody is answered before this returns. Each
+/// read-back is bounded; they are retried with capped backoff until the store answers
+/// (the requests waiting on it have their own bound and are cut off with an unknown
+/// outcome; the breaker, open meanwhile, refuses new changes).
+async fn settle<B: Backend>(store: &B, session: &Session, cfg: &PersistConfig) -> Option<Settled> {
+    let (probe, if_committed) = session.committing.borrow_mut().take()?; // COMMIT never sent
+    let Some(probe) = probe else {
+        return Some(if_committed); // nothing changed: either outcome is the same
+    };
+    tracing::warn!(?probe, "COMMIT went unanswered; fencing its session and reading back");
+    let mut backoff_ms = 20;
+    loop {
+        let started = tokio::time::Instant::now();
+        match bounded(cfg, store.read_back(session, &probe)).await {
+            Ok(Ok(applied)) => {
+                cfg.breaker.record(Call::Ok, started.elapsed());
+                tracing::warn!(applied, "unanswered COMMIT settled");
+                return applied.then_some(if_committed);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), backoff_ms, "read-back failed; retrying"),
+            Err(e) => tracing::warn!(error = %e, backoff_ms, "read-back timed out; retrying"),
+        }
+        cfg.breaker.record(Call::Unreachable, started.elapsed());
+        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+        backoff_ms = (backoff_ms * 2).min(READBACK_BACKOFF_MS_MAX);
+    }
+}
+
+/// How a store call went, for the breaker.
+fn call_of<T>(result: &Result<Result<T, CommitError>, TimedOut>) -> Call {
+    match result {
+        Ok(Ok(_)) => Call::Ok,
+        Ok(Err(CommitError::NotCommitted(e))) if store::is_connection_error(e) => Call::Unreachable,
+        Ok(Err(_)) => Call::Failed,
+        Err(TimedOut(_)) => Call::Unreachable,
     }
 }
 
@@ -283,9 +393,8 @@ async fn fill(rx: &flume::Receiver<Job>, batch: &mut Vec<Job>, cfg: &PersistConf
 }
 
 /// Runs the jobs in order: seat ops in group commits (split where a key repeats, so the
-/// per-key order holds), admin changes one by one between them. Returns whether the store
-/// answered.
-async fn run_batch(store: &Store, batch: &mut Vec<Job>, cfg: &PersistConfig) {
+/// per-key order holds), admin changes one by one between them.
+async fn run_batch<B: Backend>(store: &B, batch: &mut Vec<Job>, cfg: &PersistConfig) {
     let mut seats: Vec<(SeatOp, oneshot::Sender<Outcome>)> = Vec::new();
     let mut keys: HashSet<(CourseId, StudentId)> = HashSet::new();
     for job in batch.drain(..) {
@@ -302,16 +411,7 @@ async fn run_batch(store: &Store, batch: &mut Vec<Job>, cfg: &PersistConfig) {
             Change::PutCourse { course, spec } => {
                 commit_seats(store, &mut seats, cfg).await;
                 keys.clear();
-                let started = std::time::Instant::now();
-                let result = store.put_course(&course, &spec).await;
-                cfg.breaker.record(call_of(&result), started.elapsed());
-                let outcome = match result {
-                    Ok(r) => Outcome::CoursePut(r),
-                    Err(e) => {
-                        tracing::error!(error = %e, course = %course, "admin change not committed");
-                        Outcome::Failed
-                    }
-                };
+                let outcome = put_course(store, &course, &spec, cfg).await;
                 let _ = job.reply.send(outcome);
             }
         }
@@ -319,23 +419,38 @@ async fn run_batch(store: &Store, batch: &mut Vec<Job>, cfg: &PersistConfig) {
     commit_seats(store, &mut seats, cfg).await;
 }
 
-/// How a store call went, for the breaker.
-fn call_of<T>(result: &Result<T, CommitError>) -> Call {
+async fn put_course<B: Backend>(store: &B, course: &CourseId, spec: &CourseSpec, cfg: &PersistConfig) -> Outcome {
+    let session = Session::default();
+    let started = tokio::time::Instant::now();
+    let result = bounded(cfg, store.put_course(course, spec, &session)).await;
+    cfg.breaker.record(call_of(&result), started.elapsed());
     match result {
-        Ok(_) => Call::Ok,
-        Err(CommitError::NotCommitted(e)) if store::is_connection_error(e) => Call::Unreachable,
-        Err(_) => Call::Failed,
+        Ok(Ok(r)) => Outcome::CoursePut(r),
+        Ok(Err(CommitError::NotCommitted(e))) => {
+            tracing::error!(error = %format!("{e:#}"), course = %course, "admin change not committed");
+            Outcome::Failed
+        }
+        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
+            Some(Settled::Put(r)) => Outcome::CoursePut(r),
+            Some(Settled::Seats(_)) => unreachable!("an admin change settles as a put"),
+            None => Outcome::Failed,
+        },
     }
 }
 
-async fn commit_seats(store: &Store, seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>, cfg: &PersistConfig) {
+async fn commit_seats<B: Backend>(
+    store: &B,
+    seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>,
+    cfg: &PersistConfig,
+) {
     if seats.is_empty() {
         return;
     }
     let metrics = &cfg.metrics;
     let ops: Vec<SeatOp> = seats.iter().map(|(op, _)| op.clone()).collect();
-    let started = std::time::Instant::now();
-    let result = store.commit_seats(&ops).await;
+    let session = Session::default();
+    let started = tokio::time::Instant::now();
+    let result = bounded(cfg, store.commit_seats(&ops, &session)).await;
     let elapsed = started.elapsed();
     cfg.breaker.record(call_of(&result), elapsed);
     tracing::debug!(
@@ -345,21 +460,33 @@ async fn commit_seats(store: &Store, seats: &mut Vec<(SeatOp, oneshot::Sender<Ou
     );
     metrics.batch_rows.observe(ops.len() as f64);
     metrics.commit_seconds.observe(elapsed.as_secs_f64());
-    let outcomes: Vec<Outcome> = match result {
-        Ok(results) => results
-            .into_iter()
-            .map(|r| match r {
-                SeatResult::Applied => Outcome::Committed,
-                SeatResult::Full => Outcome::Full,
-            })
-            .collect(),
-        Err(e) => {
-            tracing::error!(error = %e, rows = ops.len(), "seat batch not committed; seats released");
-            if let CommitError::Unknown(_) = e {
-                unreachable!("unknown outcomes are settled inside the store");
-            }
-            vec![Outcome::Failed; ops.len()]
+    let results = match result {
+        Ok(Ok(results)) => Some(results),
+        Ok(Err(CommitError::NotCommitted(e))) => {
+            tracing::error!(error = %format!("{e:#}"), rows = ops.len(), "seat batch not committed; seats released");
+            None
         }
+        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
+            Some(Settled::Seats(results)) => Some(results),
+            Some(Settled::Put(_)) => unreachable!("a seat batch settles as seats"),
+            None => {
+                tracing::error!(rows = ops.len(), "seat batch not committed; seats released");
+                None
+            }
+        },
+    };
+    let outcomes: Vec<Outcome> = match results {
+        Some(results) => {
+            assert_eq!(results.len(), ops.len(), "one result per op");
+            results
+                .into_iter()
+                .map(|r| match r {
+                    SeatResult::Applied => Outcome::Committed,
+                    SeatResult::Full => Outcome::Full,
+                })
+                .collect()
+        }
+        None => vec![Outcome::Failed; ops.len()],
     };
     for ((_, reply), outcome) in seats.drain(..).zip(outcomes) {
         let _ = reply.send(outcome);

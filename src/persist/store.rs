@@ -50,8 +50,6 @@ impl Dialect {
 pub struct StoreOptions {
     pub pool_connections_max: u32,
     pub acquire_timeout_ms: u64,
-    /// Bound on a batch's statements before its COMMIT ([`Store::bounded`]).
-    pub statement_timeout_ms: u64,
 }
 
 /// One seat change inside a batch.
@@ -103,6 +101,17 @@ pub enum PutResult {
     BelowEnrolled,
 }
 
+/// What a load found besides the rows it streamed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Courses whose seat counter disagreed with their rows.
+    pub counters_fixed: u64,
+    /// Courses with more seats than capacity.
+    pub courses_overfull: u64,
+    /// Seats of courses that do not exist.
+    pub seats_orphaned: u64,
+}
+
 /// A row streamed out of the store at start.
 pub enum LoadRow {
     Course {
@@ -117,12 +126,46 @@ pub enum LoadRow {
     },
 }
 
-/// How to tell, after an unknown commit, whether it applied: one row it changed.
-#[derive(Clone, Debug)]
-pub struct Probe {
-    pub course: CourseId,
-    pub student: StudentId,
-    pub present_if_committed: bool,
+/// How to tell, after an unknown commit, whether it applied: one thing it changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A seat row that is present (or absent) only if the batch committed.
+    Seat {
+        course: CourseId,
+        student: StudentId,
+        present_if_committed: bool,
+    },
+    /// A course row whose version is this only if the admin change committed.
+    Course { course: CourseId, version_if_committed: u64 },
+}
+
+/// What a transaction's callers are told if its unanswered COMMIT turns out to have
+/// applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settled {
+    Seats(Vec<SeatResult>),
+    Put(PutResult),
+}
+
+/// One transaction's session, as far as settling it needs: which server session runs it,
+/// and, once COMMIT is about to be sent, how to tell whether it applied. A call cut short
+/// (an error, or the persist thread's time bound dropping its future) leaves this behind:
+/// with no `committing`, COMMIT was never sent and the work is rolled back with the
+/// closed connection; with it, the outcome is unknown until [`Store::read_back`].
+#[derive(Debug, Default)]
+pub struct Session {
+    /// MySQL's `CONNECTION_ID()` of the session (None on SQLite, which needs none).
+    pub id: std::cell::Cell<Option<u64>>,
+    /// Set just before COMMIT is sent: the probe (None when the transaction changed
+    /// nothing, so either outcome is the same) and what its callers are told if it
+    /// applied.
+    pub committing: std::cell::RefCell<Option<(Option<Probe>, Settled)>>,
+}
+
+impl Session {
+    fn commit_sent(&self, probe: Option<Probe>, if_committed: Settled) {
+        *self.committing.borrow_mut() = Some((probe, if_committed));
+    }
 }
 
 pub struct Store {
@@ -133,8 +176,6 @@ pub struct Store {
     /// reads: a connection left in a transaction would read from a stale snapshot.
     commit_pool: Option<AnyPool>,
     dialect: Dialect,
-    /// See [`Store::bounded`].
-    statement_timeout: Duration,
 }
 
 static MIGRATOR_MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -196,7 +237,6 @@ impl Store {
             pool,
             commit_pool,
             dialect,
-            statement_timeout: Duration::from_millis(opts.statement_timeout_ms),
         })
     }
 
@@ -204,31 +244,10 @@ impl Store {
         self.dialect
     }
 
-    /// Bounds a store call made before any COMMIT: a store that stops answering (a hung
-    /// server, a silent network) fails the call with a connection error after
-    /// `statement_timeout`, so the batch is answered 503 instead of never. The caller must
-    /// then close the connection ([`OpenTransaction`] does on drop): its response
-    /// stream is cut mid-way, and closing it makes the server roll its work back.
-    async fn bounded<T>(
-        &self,
-        call: impl std::future::Future<Output = Result<T, sqlx::Error>>,
-    ) -> Result<T, sqlx::Error> {
-        match tokio::time::timeout(self.statement_timeout, call).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "the store did not answer within {} ms",
-                    self.statement_timeout.as_millis()
-                ),
-            ))),
-        }
-    }
-
-    /// Bounded like a batch's statements; a connection that timed out is closed.
+    /// A round trip to the store (the caller bounds it; a connection cut off is closed).
     pub async fn ping(&self) -> anyhow::Result<()> {
         let mut conn = OpenTransaction::new(self.pool.acquire().await?);
-        self.bounded(sqlx::query("SELECT 1").execute(conn.get())).await?;
+        sqlx::query("SELECT 1").execute(conn.get()).await?;
         conn.ended();
         Ok(())
     }
@@ -240,24 +259,79 @@ impl Store {
         Ok(row.try_get::<i64, _>(0)?)
     }
 
-    /// Streams every course, then every enrollment, to `sink`. Recomputes each course's
-    /// `enrolled` counter from its rows first, so a counter that drifted (a hand edit)
-    /// cannot disagree with the rosters that are loaded. Returns how many it recomputed.
-    pub async fn load(&self, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<u64> {
-        use futures_util::TryStreamExt;
-        let fixed = sqlx::query(
-            "UPDATE courses SET enrolled = (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id) \
-             WHERE enrolled <> (SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id)",
+    /// Refuses a store that cannot keep the promises: one that ignores CHECK constraints
+    /// (MySQL before 8.0.16), or, on MySQL, one that does not flush its log at every
+    /// commit (`innodb_flush_log_at_trx_commit` other than 1: a 201 could be lost to a
+    /// power cut).
+    pub async fn check_guarantees(&self) -> anyhow::Result<()> {
+        let mut conn = OpenTransaction::new(self.pool.acquire().await?);
+        sqlx::query("BEGIN").execute(conn.get()).await?;
+        let oversold = sqlx::query(
+            "INSERT INTO courses (id, title, capacity, enrolled, version) VALUES ('.check', 'CHECK probe', 0, 1, 1)",
         )
+        .execute(conn.get())
+        .await;
+        sqlx::query("ROLLBACK").execute(conn.get()).await?;
+        conn.ended();
+        match oversold {
+            Ok(_) => bail!(
+                "the store accepted a course with more seats than capacity: it does not enforce CHECK \
+                 constraints (MySQL before 8.0.16?), and enrolld relies on them"
+            ),
+            Err(sqlx::Error::Database(_)) => {}
+            Err(e) => return Err(e).context("probing CHECK constraints"),
+        }
+        if self.dialect == Dialect::Mysql {
+            let row = sqlx::query("SELECT CAST(@@innodb_flush_log_at_trx_commit AS SIGNED)")
+                .fetch_one(&self.pool)
+                .await
+                .context("reading innodb_flush_log_at_trx_commit")?;
+            let flush: i64 = row.try_get(0)?;
+            if flush != 1 {
+                bail!(
+                    "innodb_flush_log_at_trx_commit is {flush}: a committed seat could be lost to a crash of \
+                     the database host; set it to 1"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams every course, then every enrollment, to `sink`, from one consistent
+    /// snapshot. Recomputes each course's `enrolled` counter from its rows first (capped at
+    /// capacity, which the CHECK requires), so a counter that drifted (a hand edit) cannot
+    /// disagree with the rosters that are loaded. A course with more rows than capacity
+    /// is loaded whole and reported; seats of a course that does not exist stay in the
+    /// store, are not loaded, and are reported.
+    pub async fn load(&self, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<LoadReport> {
+        use futures_util::TryStreamExt;
+        let least = match self.dialect {
+            Dialect::Mysql => "LEAST",
+            Dialect::Sqlite => "MIN",
+        };
+        let count = "(SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id)";
+        let counters_fixed = sqlx::query(&format!(
+            "UPDATE courses SET enrolled = {least}({count}, capacity) WHERE enrolled <> {least}({count}, capacity)"
+        ))
         .execute(&self.pool)
         .await
         .context("reconciling seat counters")?
         .rows_affected();
-        if fixed > 0 {
-            tracing::warn!(courses = fixed, "seat counters disagreed with rosters; recomputed");
+        if counters_fixed > 0 {
+            tracing::warn!(courses = counters_fixed, "seat counters disagreed with rosters; recomputed");
         }
-        let mut rows = sqlx::query("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version FROM courses")
-            .fetch(&self.pool);
+        let mut conn = OpenTransaction::new(self.pool.acquire().await?);
+        let begin = match self.dialect {
+            Dialect::Mysql => "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
+            Dialect::Sqlite => "BEGIN",
+        };
+        sqlx::query(begin).execute(conn.get()).await.context("opening the load snapshot")?;
+        let mut report = LoadReport {
+            counters_fixed,
+            ..LoadReport::default()
+        };
+        let courses_sql = format!("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, {count} FROM courses");
+        let mut rows = sqlx::query(&courses_sql).fetch(conn.get());
         while let Some(row) = rows.try_next().await? {
             let id: String = row.try_get(0)?;
             let id = CourseId::parse(&id).with_context(|| format!("bad course id in store: {id:?}"))?;
@@ -268,6 +342,15 @@ impl Store {
                 opens_at: row.try_get(3)?,
                 closes_at: row.try_get(4)?,
             };
+            let seats: i64 = row.try_get(6)?;
+            if seats > capacity {
+                tracing::error!(
+                    course = %id, capacity, seats,
+                    "course holds more seats than capacity (a hand edit, or a store that ignored CHECK); \
+                     every seat is kept, and it sells nothing until drops bring it under capacity"
+                );
+                report.courses_overfull += 1;
+            }
             let version: i64 = row.try_get(5)?;
             sink(LoadRow::Course {
                 id,
@@ -276,7 +359,22 @@ impl Store {
             });
         }
         drop(rows);
-        let mut rows = sqlx::query("SELECT course_id, student_id, enrolled_at_ms FROM enrollments").fetch(&self.pool);
+        let orphans = sqlx::query(
+            "SELECT COUNT(*) FROM enrollments e WHERE NOT EXISTS (SELECT 1 FROM courses c WHERE c.id = e.course_id)",
+        )
+        .fetch_one(conn.get())
+        .await?;
+        report.seats_orphaned = orphans.try_get::<i64, _>(0)? as u64;
+        if report.seats_orphaned > 0 {
+            tracing::error!(
+                seats = report.seats_orphaned,
+                "stored seats of courses that do not exist: kept in the store, not loaded"
+            );
+        }
+        let mut rows = sqlx::query(
+            "SELECT e.course_id, e.student_id, e.enrolled_at_ms FROM enrollments e JOIN courses c ON c.id = e.course_id",
+        )
+        .fetch(conn.get());
         while let Some(row) = rows.try_next().await? {
             let course: String = row.try_get(0)?;
             let student: String = row.try_get(1)?;
@@ -289,26 +387,26 @@ impl Store {
                 at: row.try_get(2)?,
             });
         }
-        Ok(fixed)
+        drop(rows);
+        sqlx::query("ROLLBACK").execute(conn.get()).await?;
+        conn.ended();
+        Ok(report)
     }
 
     /// Commits one batch of seat ops in one transaction. Within a batch every (course,
     /// student) key appears at most once; the caller splits batches where a key repeats.
-    pub async fn commit_seats(&self, ops: &[SeatOp]) -> Result<Vec<SeatResult>, CommitError> {
+    /// An unanswered COMMIT is `CommitError::Unknown`, with `session` telling how to
+    /// settle it; the caller settles it (persist/ owns the time bounds and retries).
+    pub async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
         assert!(
             !ops.is_empty() && ops.len() <= BATCH_ROWS_LIMIT,
             "batch of {} rows",
             ops.len()
         );
-        match self.try_fast(ops).await {
+        match self.try_fast(ops, session).await {
             Ok(true) => return Ok(vec![SeatResult::Applied; ops.len()]),
             Ok(false) => {}
-            Err(e @ CommitError::Unknown(_)) => {
-                let probe = ops.iter().map(probe_of).next().expect("non-empty batch");
-                return self
-                    .settle_unknown(e, probe, vec![SeatResult::Applied; ops.len()])
-                    .await;
-            }
+            Err(e @ CommitError::Unknown(_)) => return Err(e),
             Err(CommitError::NotCommitted(e)) if is_connection_error(&e) => {
                 return Err(CommitError::NotCommitted(e));
             }
@@ -316,57 +414,53 @@ impl Store {
                 tracing::debug!(error = %format!("{e:#}"), "fast path refused; going row by row");
             }
         }
-        self.commit_row_by_row(ops).await
+        self.commit_row_by_row(ops, session).await
     }
 
     /// One statement per kind for the whole batch, then COMMIT. `Ok(false)`: rolled back
     /// because a row was not as expected or a course would overflow; the row-by-row path
     /// decides each op.
-    async fn try_fast(&self, ops: &[SeatOp]) -> Result<bool, CommitError> {
+    async fn try_fast(&self, ops: &[SeatOp], session: &Session) -> Result<bool, CommitError> {
         let Some(script) = OneTrip::of(self.dialect, ops) else {
             return Ok(false); // an id that cannot be inlined: the bound row-by-row path
         };
+        let if_committed = || Settled::Seats(vec![SeatResult::Applied; ops.len()]);
         let Some(commit_pool) = &self.commit_pool else {
             let mut tx = self.pool.begin().await.map_err(not_committed)?;
-            if !script.run(&mut tx).await.map_err(not_committed)? {
+            if !script.run(&mut tx, session).await.map_err(not_committed)? {
                 return Ok(false); // dropping `tx` rolls back
             }
+            session.commit_sent(ops.first().map(probe_of), if_committed());
             tx.commit().await.map_err(|e| CommitError::Unknown(e.into()))?;
             return Ok(true);
         };
         // Autocommit is off on these connections, so the first statement opens the
         // transaction: no BEGIN round trip.
         let mut conn = OpenTransaction::new(commit_pool.acquire().await.map_err(not_committed)?);
-        let end = if self.bounded(script.run(conn.get())).await.map_err(not_committed)? {
-            "COMMIT"
-        } else {
-            "ROLLBACK"
-        };
-        let ended = if end == "COMMIT" {
-            // Never bounded: once COMMIT is sent, only the store knows the outcome.
-            sqlx::query(end).execute(conn.get()).await
-        } else {
-            self.bounded(sqlx::query(end).execute(conn.get())).await
-        };
-        match ended {
-            Ok(_) => {
-                conn.ended();
-                Ok(end == "COMMIT")
-            }
-            Err(e) if end == "COMMIT" => Err(CommitError::Unknown(e.into())),
-            Err(e) => Err(not_committed(e)),
+        if !script.run(conn.get(), session).await.map_err(not_committed)? {
+            sqlx::query("ROLLBACK").execute(conn.get()).await.map_err(not_committed)?;
+            conn.ended();
+            return Ok(false);
         }
+        session.commit_sent(ops.first().map(probe_of), if_committed());
+        sqlx::query("COMMIT")
+            .execute(conn.get())
+            .await
+            .map_err(|e| CommitError::Unknown(e.into()))?;
+        conn.ended();
+        Ok(true)
     }
 
     /// Each op on its own, in order, in one transaction, with the guarded counter update
     /// (`enrolled + 1 <= capacity`): the store is the final arbiter across nodes.
-    async fn commit_row_by_row(&self, ops: &[SeatOp]) -> Result<Vec<SeatResult>, CommitError> {
-        // A plain BEGIN on a connection we own, so one that times out is closed, never
+    async fn commit_row_by_row(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        // A plain BEGIN on a connection we own, so one that is cut off is closed, never
         // pooled half-read.
         let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
-        self.bounded(sqlx::query("BEGIN").execute(conn.get()))
-            .await
-            .map_err(not_committed)?;
+        sqlx::query("BEGIN").execute(conn.get()).await.map_err(not_committed)?;
+        if self.dialect == Dialect::Mysql {
+            session.id.set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
+        }
         let mut results = Vec::with_capacity(ops.len());
         let mut probe = None;
         let insert = format!(
@@ -377,25 +471,22 @@ impl Store {
             let (course, student) = op.key();
             let result = match op {
                 SeatOp::Enroll { at, .. } => {
-                    let inserted = self
-                        .bounded(
-                            sqlx::query(&insert)
+                    let inserted = sqlx::query(&insert)
                                 .bind(course.as_str())
                                 .bind(student.as_str())
                                 .bind(*at)
-                                .execute(conn.get()),
-                        )
+                                .execute(conn.get())
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
                     if inserted == 0 {
                         SeatResult::Applied // already held in the store: idempotent
                     } else {
-                        let counted = self.bounded(sqlx::query(
+                        let counted = sqlx::query(
                             "UPDATE courses SET enrolled = enrolled + 1 WHERE id = ? AND enrolled + 1 <= capacity",
                         )
                         .bind(course.as_str())
-                        .execute(conn.get()))
+                        .execute(conn.get())
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
@@ -403,12 +494,10 @@ impl Store {
                             probe.get_or_insert_with(|| probe_of(op));
                             SeatResult::Applied
                         } else {
-                            self.bounded(
-                                sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
+                            sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
                                     .bind(course.as_str())
                                     .bind(student.as_str())
-                                    .execute(conn.get()),
-                            )
+                                    .execute(conn.get())
                             .await
                             .map_err(not_committed)?;
                             SeatResult::Full
@@ -416,22 +505,17 @@ impl Store {
                     }
                 }
                 SeatOp::Drop { .. } => {
-                    let deleted = self
-                        .bounded(
-                            sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
+                    let deleted = sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
                                 .bind(course.as_str())
                                 .bind(student.as_str())
-                                .execute(conn.get()),
-                        )
+                                .execute(conn.get())
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
                     if deleted == 1 {
-                        self.bounded(
-                            sqlx::query("UPDATE courses SET enrolled = enrolled - 1 WHERE id = ?")
+                        sqlx::query("UPDATE courses SET enrolled = enrolled - 1 WHERE id = ?")
                                 .bind(course.as_str())
-                                .execute(conn.get()),
-                        )
+                                .execute(conn.get())
                         .await
                         .map_err(not_committed)?;
                         probe.get_or_insert_with(|| probe_of(op));
@@ -441,40 +525,69 @@ impl Store {
             };
             results.push(result);
         }
-        // Never bounded: once COMMIT is sent, only the store knows the outcome.
-        if let Err(e) = sqlx::query("COMMIT").execute(conn.get()).await {
-            let e = CommitError::Unknown(e.into());
-            return match probe {
-                Some(p) => self.settle_unknown(e, p, results).await,
-                // Nothing changed, so either outcome leaves the store as it was.
-                None => Ok(results),
-            };
-        }
+        session.commit_sent(probe, Settled::Seats(results.clone()));
+        sqlx::query("COMMIT")
+            .execute(conn.get())
+            .await
+            .map_err(|e| CommitError::Unknown(e.into()))?;
         conn.ended();
         Ok(results)
     }
 
-    /// After COMMIT went unanswered: read one changed row back, retrying with capped
-    /// backoff until the store answers. Nobody is answered before that.
-    async fn settle_unknown(
-        &self,
-        cause: CommitError,
-        probe: Probe,
-        if_committed: Vec<SeatResult>,
-    ) -> Result<Vec<SeatResult>, CommitError> {
-        tracing::warn!(error = %cause, "reading the batch back to learn its outcome");
-        let mut backoff_ms = 20;
-        loop {
-            match self.seat_present(&probe.course, &probe.student).await {
-                Ok(present) if present == probe.present_if_committed => return Ok(if_committed),
-                Ok(_) => return Err(CommitError::NotCommitted(anyhow::anyhow!("{cause}"))),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), backoff_ms, "read-back failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                    backoff_ms = (backoff_ms * 2).min(READBACK_BACKOFF_MS_MAX);
-                }
+    /// After COMMIT went unanswered: makes sure the old session can no longer commit,
+    /// then reads back what it changed. True when the transaction applied.
+    ///
+    /// Reading back at once could run before a COMMIT that is still on its way lands (the
+    /// first session may be alive behind a proxy that cut only our side), and report
+    /// "nothing recorded" for a commit that lands a moment later. So first, on MySQL,
+    /// `KILL` the session and wait until it has left the process list: its COMMIT has then
+    /// either applied or never will. On SQLite the read-back begins with
+    /// `BEGIN IMMEDIATE`, which waits for the writer lock, held until any COMMIT in
+    /// progress has finished. Unbounded here; the caller bounds it.
+    pub async fn read_back(&self, session: &Session, probe: &Probe) -> anyhow::Result<bool> {
+        let mut conn = OpenTransaction::new(self.pool.acquire().await?);
+        match (self.dialect, session.id.get()) {
+            (Dialect::Mysql, Some(id)) => {
+                fence_session(conn.get(), id).await?;
+                sqlx::query("BEGIN").execute(conn.get()).await?;
+            }
+            (Dialect::Mysql, None) => {
+                bail!("a MySQL transaction reached COMMIT without its session id");
+            }
+            (Dialect::Sqlite, _) => {
+                sqlx::query("BEGIN IMMEDIATE").execute(conn.get()).await?;
             }
         }
+        let applied = match probe {
+            Probe::Seat {
+                course,
+                student,
+                present_if_committed,
+            } => {
+                let row = sqlx::query("SELECT 1 FROM enrollments WHERE course_id = ? AND student_id = ?")
+                    .bind(course.as_str())
+                    .bind(student.as_str())
+                    .fetch_optional(conn.get())
+                    .await?;
+                row.is_some() == *present_if_committed
+            }
+            Probe::Course {
+                course,
+                version_if_committed,
+            } => {
+                let row = sqlx::query("SELECT version FROM courses WHERE id = ?")
+                    .bind(course.as_str())
+                    .fetch_optional(conn.get())
+                    .await?;
+                match row {
+                    Some(row) => row.try_get::<i64, _>(0)? as u64 == *version_if_committed,
+                    None => false,
+                }
+            }
+        };
+        sqlx::query("ROLLBACK").execute(conn.get()).await?;
+        conn.ended();
+        Ok(applied)
     }
 
     pub async fn seat_present(&self, course: &CourseId, student: &StudentId) -> anyhow::Result<bool> {
@@ -488,8 +601,13 @@ impl Store {
 
     /// Creates or updates a course. Capacity may not go below the committed count: the
     /// update is guarded in SQL, so a concurrent node cannot slip under it.
-    pub async fn put_course(&self, id: &CourseId, spec: &CourseSpec) -> Result<PutResult, CommitError> {
-        let mut tx = self.pool.begin().await.map_err(not_committed)?;
+    pub async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError> {
+        let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
+        sqlx::query("BEGIN").execute(conn.get()).await.map_err(not_committed)?;
+        if self.dialect == Dialect::Mysql {
+            session.id.set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
+        }
+        let tx = conn.get();
         let capacity = i64::from(spec.capacity);
         let updated = sqlx::query(
             "UPDATE courses SET title = ?, capacity = ?, opens_at_ms = ?, closes_at_ms = ?, version = version + 1 \
@@ -521,6 +639,8 @@ impl Store {
                 .await
                 .map_err(not_committed)?;
             if exists.is_some() {
+                sqlx::query("ROLLBACK").execute(&mut *tx).await.map_err(not_committed)?;
+                conn.ended();
                 return Ok(PutResult::BelowEnrolled);
             }
             sqlx::query(
@@ -537,9 +657,20 @@ impl Store {
             .map_err(not_committed)?;
             PutResult::Created { version: 1 }
         };
-        // An unknown commit of an admin change is reported as not committed: the admin
-        // retries the idempotent PUT, and the shard never widened capacity meanwhile.
-        tx.commit().await.map_err(|e| CommitError::NotCommitted(e.into()))?;
+        let version = match result {
+            PutResult::Created { version } | PutResult::Updated { version } => version,
+            PutResult::BelowEnrolled => unreachable!("returned above"),
+        };
+        let probe = Probe::Course {
+            course: id.clone(),
+            version_if_committed: version,
+        };
+        session.commit_sent(Some(probe), Settled::Put(result));
+        sqlx::query("COMMIT")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| CommitError::Unknown(e.into()))?;
+        conn.ended();
         Ok(result)
     }
 
@@ -560,15 +691,43 @@ impl Store {
     }
 }
 
-/// Longest wait between two read-backs of an unknown commit.
-const READBACK_BACKOFF_MS_MAX: u64 = 1_000;
-
 fn probe_of(op: &SeatOp) -> Probe {
     let (course, student) = op.key();
-    Probe {
+    Probe::Seat {
         course: course.clone(),
         student: student.clone(),
         present_if_committed: matches!(op, SeatOp::Enroll { .. }),
+    }
+}
+
+/// This connection's MySQL session id.
+async fn connection_id(conn: &mut sqlx::AnyConnection) -> Result<u64, sqlx::Error> {
+    let row = sqlx::query("SELECT CONNECTION_ID()").fetch_one(conn).await?;
+    Ok(row.try_get::<i64, _>(0)? as u64)
+}
+
+/// How often the process list is asked whether a killed session has gone.
+const FENCE_POLL_MS: u64 = 10;
+
+/// Ends MySQL session `id` and returns once it has left the process list, so nothing it
+/// was doing (a COMMIT included) can still apply. Unbounded here; the caller bounds it.
+async fn fence_session(conn: &mut sqlx::AnyConnection, id: u64) -> anyhow::Result<()> {
+    // `KILL` of a session that already ended is ER_NO_SUCH_THREAD (1094): fine.
+    if let Err(e) = sqlx::query(&format!("KILL CONNECTION {id}")).execute(&mut *conn).await {
+        let gone = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("HY000") || d.message().contains("Unknown thread"));
+        if !gone {
+            return Err(e).context("killing the session of an unanswered COMMIT");
+        }
+    }
+    loop {
+        let row = sqlx::query("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?")
+            .bind(id as i64)
+            .fetch_one(&mut *conn)
+            .await?;
+        if row.try_get::<i64, _>(0)? == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(FENCE_POLL_MS)).await;
     }
 }
 
@@ -609,6 +768,8 @@ struct OneTrip {
     sql: String,
     /// Rows each statement must change, in order.
     expected: Vec<u64>,
+    /// The script opens with `SELECT CONNECTION_ID()` (MySQL).
+    session_id_first: bool,
 }
 
 impl OneTrip {
@@ -622,6 +783,11 @@ impl OneTrip {
             return None;
         }
         let mut sql = String::with_capacity(192 + ops.len() * 64);
+        if dialect == Dialect::Mysql {
+            // The session's id, first: if the COMMIT that follows goes unanswered, the
+            // read-back ends this session before it looks (see `Store::read_back`).
+            sql.push_str("SELECT CONNECTION_ID();\n");
+        }
         let mut expected = Vec::with_capacity(3);
         let w = "writing to a String";
         let mut deletes = 0;
@@ -674,19 +840,32 @@ impl OneTrip {
             sql.push(')');
             expected.push(deltas.len() as u64);
         }
-        Some(OneTrip { sql, expected })
+        Some(OneTrip {
+            sql,
+            expected,
+            session_id_first: dialect == Dialect::Mysql,
+        })
     }
 
     /// `Ok(false)`: a statement changed other than the expected rows, or the server refused
     /// one (the schema's CHECK on an overflowing course); the caller rolls back.
-    async fn run(&self, conn: &mut sqlx::AnyConnection) -> Result<bool, sqlx::Error> {
+    async fn run(&self, conn: &mut sqlx::AnyConnection, session: &Session) -> Result<bool, sqlx::Error> {
         use futures_util::TryStreamExt;
-        let mut results = sqlx::raw_sql(&self.sql).execute_many(conn);
+        use sqlx::Either;
+        let mut results = sqlx::raw_sql(&self.sql).fetch_many(conn);
         let mut changed = Vec::with_capacity(self.expected.len());
+        // The SELECT's own end-of-results, which is not a change count.
+        let mut select_end_pending = self.session_id_first;
         loop {
             match results.try_next().await {
-                Ok(Some(done)) => changed.push(done.rows_affected()),
-                Ok(None) => return Ok(changed == self.expected),
+                Ok(Some(Either::Right(row))) => {
+                    session.id.set(Some(row.try_get::<i64, _>(0)? as u64));
+                }
+                Ok(Some(Either::Left(_))) if select_end_pending && session.id.get().is_some() => {
+                    select_end_pending = false;
+                }
+                Ok(Some(Either::Left(done))) => changed.push(done.rows_affected()),
+                Ok(None) => return Ok(changed == self.expected && session.id.get().is_some() == self.session_id_first),
                 Err(sqlx::Error::Database(e)) => {
                     tracing::debug!(error = %e, statement = changed.len(), "fast path refused by the store");
                     return Ok(false);
@@ -761,7 +940,6 @@ mod tests {
         let opts = StoreOptions {
             pool_connections_max: 2,
             acquire_timeout_ms: 1_000,
-            statement_timeout_ms: 5_000,
         };
         let store = Store::open(&format!("sqlite://{}", path.display()), &opts)
             .await
@@ -773,21 +951,69 @@ mod tests {
             opens_at: None,
             closes_at: None,
         };
-        store.put_course(&c, &spec).await.unwrap();
+        store.put_course(&c, &spec, &Session::default()).await.unwrap();
         let op = SeatOp::Enroll {
             course: c.clone(),
             student: s,
             at: 1,
         };
         assert!(
-            store.try_fast(std::slice::from_ref(&op)).await.unwrap(),
+            store
+                .try_fast(std::slice::from_ref(&op), &Session::default())
+                .await
+                .unwrap(),
             "committed fast"
         );
-        assert!(!store.try_fast(&[op]).await.unwrap(), "a stored row refuses the batch");
+        assert!(
+            !store.try_fast(&[op], &Session::default()).await.unwrap(),
+            "a stored row refuses the batch"
+        );
         store.close().await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }
+    }
+
+    /// On MariaDB too the fast path commits (its script opens with the session id, which
+    /// must not be mistaken for a change count), and the session id is captured.
+    #[tokio::test]
+    async fn mysql_takes_the_fast_path_and_knows_its_session() {
+        let base = std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
+        let db = format!("enrolld_unit_fast_{}", std::process::id());
+        sqlx::any::install_default_drivers();
+        let admin = AnyPool::connect(&format!("{base}/enrolld")).await.expect("MariaDB for tests");
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let opts = StoreOptions {
+            pool_connections_max: 2,
+            acquire_timeout_ms: 1_000,
+        };
+        let store = Store::open(&format!("{base}/{db}"), &opts).await.unwrap();
+        store.check_guarantees().await.expect("MariaDB enforces CHECK and flushes at commit");
+        let (c, s) = ids("F-1", "s1");
+        let spec = CourseSpec {
+            title: "fast".into(),
+            capacity: 5,
+            opens_at: None,
+            closes_at: None,
+        };
+        store.put_course(&c, &spec, &Session::default()).await.unwrap();
+        let op = SeatOp::Enroll {
+            course: c.clone(),
+            student: s.clone(),
+            at: 1,
+        };
+        let session = Session::default();
+        assert!(store.try_fast(std::slice::from_ref(&op), &session).await.unwrap(), "committed fast");
+        assert!(session.id.get().is_some(), "the session id was read");
+        assert!(session.committing.borrow().is_some(), "COMMIT was marked as sent");
+        // A read-back after the fact fences a session that already ended, and sees the row.
+        let probe = probe_of(&op);
+        assert!(store.read_back(&session, &probe).await.unwrap());
+        store.close().await;
+        sqlx::raw_sql(&format!("DROP DATABASE {db}")).execute(&admin).await.unwrap();
     }
 
     #[test]
@@ -813,7 +1039,8 @@ mod tests {
         let script = OneTrip::of(Dialect::Mysql, &ops).expect("valid ids inline");
         assert_eq!(
             script.sql,
-            "DELETE FROM enrollments WHERE (course_id = 'A-1' AND student_id = 's-2');\n\
+            "SELECT CONNECTION_ID();\n\
+             DELETE FROM enrollments WHERE (course_id = 'A-1' AND student_id = 's-2');\n\
              INSERT IGNORE INTO enrollments (course_id, student_id, enrolled_at_ms) VALUES ('A-1','s.1',17),('B_2','s.1',18);\n\
              UPDATE courses SET enrolled = enrolled + CASE id WHEN 'B_2' THEN 1 END WHERE id IN ('B_2')"
         );

@@ -46,6 +46,10 @@ pub struct Course {
     committed: u32,
     /// While an admin change is in flight: the capacity both old and new specs allow.
     capacity_in_flight: Option<u32>,
+    /// Seats above capacity that were loaded from the store (a hand edit, or a MySQL that
+    /// ignored the CHECK). Never hidden or dropped: the course sells nothing until drops
+    /// bring it under capacity, and this only shrinks.
+    loaded_over: u32,
     /// Requests seen in the current heat window (metrics only).
     window_requests: std::cell::Cell<u32>,
     /// The course's answer to `GET /v1/courses/{id}`, rendered once until the course
@@ -97,6 +101,7 @@ impl Course {
             held: 0,
             committed: 0,
             capacity_in_flight: None,
+            loaded_over: 0,
             window_requests: std::cell::Cell::new(0),
             outcomes: Default::default(),
             rendered: Default::default(),
@@ -104,16 +109,24 @@ impl Course {
     }
 
     /// Adds a committed seat read back from the store at start. Returns false (and adds
-    /// nothing) when the student is already on the roster or the course is full.
+    /// nothing) when the student is already on the roster. A seat beyond capacity is still
+    /// loaded (an acknowledged enrollment is never dropped or hidden): the course is then
+    /// [`Course::overfull`] and sells nothing until drops bring it under capacity.
     pub fn load_enrolled(&mut self, student: StudentId, at: UnixMs) -> bool {
-        if self.held >= self.sellable_capacity() || self.seats.contains_key(&student) {
+        if self.seats.contains_key(&student) {
             return false;
         }
         self.seats.insert(student, Seat::Enrolled { at });
         self.held += 1;
         self.committed += 1;
+        self.loaded_over = self.held.saturating_sub(self.sellable_capacity());
         self.check();
         true
+    }
+
+    /// Seats held above capacity (loaded so from the store); 0 in a healthy course.
+    pub fn overfull(&self) -> u32 {
+        self.held.saturating_sub(self.spec.capacity)
     }
 
     /// Counts a request for heat detection.
@@ -144,7 +157,7 @@ impl Course {
     }
     /// Seats a new student could still take right now.
     pub fn seats_left(&self) -> u32 {
-        self.sellable_capacity() - self.held
+        self.sellable_capacity().saturating_sub(self.held)
     }
     /// Capacity usable now: while an admin change is in flight, the lower of old and new.
     fn sellable_capacity(&self) -> u32 {
@@ -241,6 +254,7 @@ impl Course {
         );
         self.held -= 1;
         self.committed -= 1;
+        self.loaded_over = self.loaded_over.min(self.held.saturating_sub(self.sellable_capacity()));
         self.check();
     }
 
@@ -284,6 +298,7 @@ impl Course {
             self.spec = spec;
             self.version = version;
         }
+        self.loaded_over = self.loaded_over.min(self.held.saturating_sub(self.sellable_capacity()));
         self.check();
     }
 
@@ -306,11 +321,12 @@ impl Course {
     fn check(&self) {
         self.rendered.take();
         assert!(
-            self.held <= self.sellable_capacity(),
-            "oversold {:?}: held {} > capacity {}",
+            self.held <= self.sellable_capacity() + self.loaded_over,
+            "oversold {:?}: held {} > capacity {} (+{} loaded over it)",
             self.id,
             self.held,
-            self.sellable_capacity()
+            self.sellable_capacity(),
+            self.loaded_over
         );
         assert!(self.committed <= self.held, "{:?}: committed > held", self.id);
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::ids::{now_ms, CourseId, ShardId, StudentId, UnixMs};
+use crate::ids::{CourseId, ShardClock, ShardId, StudentId, UnixMs};
 use crate::limit::{Admission, Dimension, ShardLimiter};
 use crate::metrics::{Attempt, ShardMetrics, HOT_COURSES_MAX, HOT_WINDOW_MS};
 use crate::persist::store::{PutResult, SeatOp};
@@ -34,6 +34,12 @@ pub const INBOX_MESSAGES_MAX: usize = 8_192;
 pub const SEAT_WAITERS_MAX: usize = 16;
 /// Times a request decides again (after waiting on an in-flight change or on admission).
 const IN_FLIGHT_RETRIES_MAX: usize = 4;
+/// How long a request waits at most for the store's outcome of its change, in statement
+/// timeouts: a commit is bounded by one, and a commit whose answer was lost is settled
+/// (old session fenced, row read back) within about one more. Past this the client's
+/// connection is closed ([`Reply::OutcomeUnknown`]) while the seat stays held until the
+/// persist thread learns the outcome.
+pub const ANSWER_WAIT_STATEMENT_TIMEOUTS: u32 = 3;
 
 /// The shard that owns a course: the peer nginx's `hash $course_key;` upstream picks for
 /// the id among `shards` equal servers listed in shard order (its Cache::Memcached-style
@@ -94,7 +100,12 @@ pub enum Reply {
     NotEnrolled,
     Dropped,
     /// The store is unreachable, a queue is full, or the seat is busy: retry shortly.
+    /// Nothing was recorded for this request.
     Unavailable,
+    /// The outcome is not known within the answer bound (the store did not answer, or the
+    /// owner shard went away with the command). net/ closes the connection instead of
+    /// answering: the contract allows a cut connection to go either way, never a 503.
+    OutcomeUnknown,
     /// A rate limit refused a request that could take a seat (retry after these seconds).
     RateLimited(Dimension, u64),
     BelowEnrolled,
@@ -128,6 +139,11 @@ pub struct Shard {
     pub limiter: Rc<ShardLimiter>,
     /// Renders a course for `GET /v1/courses/{id}` (net/'s JSON; shard/ keeps the bytes).
     render_course: RenderCourse,
+    /// The wall clock, read once per decision.
+    clock: ShardClock,
+    /// How long a request waits for the outcome of its change (see
+    /// [`ANSWER_WAIT_STATEMENT_TIMEOUTS`]).
+    answer_wait: std::time::Duration,
 }
 
 /// How net/ renders a course; the shard caches the bytes until the course changes.
@@ -141,8 +157,12 @@ impl Shard {
         metrics: Arc<ShardMetrics>,
         limiter: Rc<ShardLimiter>,
         render_course: RenderCourse,
+        clock: ShardClock,
+        answer_wait: std::time::Duration,
     ) -> Shard {
         Shard {
+            clock,
+            answer_wait,
             id,
             table: RefCell::new(table),
             persist,
@@ -166,12 +186,20 @@ impl Shard {
     pub async fn run(self: &Rc<Self>, cmd: Command) -> Reply {
         match self.answer_now(cmd) {
             Ok(reply) => reply,
-            Err(cmd) => {
-                let me = self.clone();
-                tokio::task::spawn_local(async move { me.execute(cmd).await })
-                    .await
-                    .unwrap_or(Reply::Unavailable)
-            }
+            Err(cmd) => self.clone().execute_bounded(cmd).await,
+        }
+    }
+
+    /// Runs a store-bound command in a detached task (the seat is settled even if the
+    /// caller goes away) and waits for it at most `answer_wait`: past that, the outcome is
+    /// unknown to the caller, never "nothing recorded".
+    async fn execute_bounded(self: Rc<Self>, cmd: Command) -> Reply {
+        let wait = self.answer_wait;
+        let task = tokio::task::spawn_local(async move { self.execute(cmd).await });
+        match tokio::time::timeout(wait, task).await {
+            Ok(Ok(reply)) => reply,
+            // The task was cancelled (the runtime is going down) or outlived the bound.
+            Ok(Err(_)) | Err(_) => Reply::OutcomeUnknown,
         }
     }
 
@@ -216,7 +244,7 @@ impl Shard {
             return Some(Reply::NotFound);
         };
         c.note_request();
-        let reply = match c.peek_enroll(student, now_ms()) {
+        let reply = match c.peek_enroll(student, self.clock.now_ms()) {
             EnrollDecision::Already { at } => enrolled(course.clone(), student.clone(), at, false),
             EnrollDecision::Closed => Reply::Closed,
             EnrollDecision::Full => Reply::Full,
@@ -252,21 +280,25 @@ impl Shard {
 
     /// Memory decides first; only a request that could take a seat is checked against the
     /// course's (and the cross-node) limits, and the decision is made again after that
-    /// await, since the course may have changed meanwhile.
+    /// await, since the course may have changed meanwhile. The clock is read once per
+    /// decision, and no decision is asserted on: a clock step between two decisions only
+    /// changes the answer.
     async fn enroll(&self, course: CourseId, student: StudentId, admission: Admission) -> Reply {
         let mut admitted = false;
         for _ in 0..IN_FLIGHT_RETRIES_MAX {
-            let decision = match self.table.borrow().get(&course) {
+            let now = self.clock.now_ms();
+            let decision = match self.table.borrow_mut().get_mut(&course) {
                 None => return Reply::NotFound,
-                Some(c) => c.peek_enroll(&student, now_ms()),
+                Some(c) if admitted => c.enroll(&student, now),
+                Some(c) => c.peek_enroll(&student, now),
             };
-            match decision {
+            let at = match decision {
                 EnrollDecision::Already { at } => return enrolled(course, student, at, false),
                 EnrollDecision::Closed => return Reply::Closed,
                 EnrollDecision::Full => return Reply::Full,
                 EnrollDecision::InFlight => {
                     if !self.wait_settled(&course, &student).await {
-                        return Reply::Unavailable;
+                        break;
                     }
                     continue;
                 }
@@ -277,14 +309,7 @@ impl Shard {
                     admitted = true;
                     continue;
                 }
-                EnrollDecision::Reserved { .. } => {}
-            }
-            let decision = match self.table.borrow_mut().get_mut(&course) {
-                None => return Reply::NotFound,
-                Some(c) => c.enroll(&student, now_ms()),
-            };
-            let EnrollDecision::Reserved { at } = decision else {
-                unreachable!("no await since the peek said Reserved")
+                EnrollDecision::Reserved { at } => at,
             };
             let op = SeatOp::Enroll {
                 course: course.clone(),
@@ -310,7 +335,23 @@ impl Shard {
                 }
             };
         }
-        Reply::Unavailable
+        self.enroll_settled_elsewhere(&course, &student)
+    }
+
+    /// The answer to a POST that stopped waiting on another request's change to the same
+    /// seat (too many waiters, or too many rounds): what memory holds now. A seat that
+    /// committed meanwhile is the student's (200); one still in flight may go either way.
+    /// Only a seat that is not held at all is "nothing recorded".
+    fn enroll_settled_elsewhere(&self, course: &CourseId, student: &StudentId) -> Reply {
+        let table = self.table.borrow();
+        let Some(c) = table.get(course) else {
+            return Reply::NotFound;
+        };
+        match c.seat(student) {
+            Some(course::Seat::Enrolled { at }) => enrolled(course.clone(), student.clone(), at, false),
+            Some(_) => Reply::OutcomeUnknown,
+            None => Reply::Unavailable,
+        }
     }
 
     async fn drop_seat(&self, course: CourseId, student: StudentId) -> Reply {
@@ -323,7 +364,7 @@ impl Shard {
                 DropDecision::NotEnrolled => return Reply::NotEnrolled,
                 DropDecision::InFlight => {
                     if !self.wait_settled(&course, &student).await {
-                        return Reply::Unavailable;
+                        break;
                     }
                     continue;
                 }
@@ -345,7 +386,12 @@ impl Shard {
                 Reply::Unavailable
             };
         }
-        Reply::Unavailable
+        // Stopped waiting on another request's change to this seat: what memory holds now.
+        match self.table.borrow().get(&course).and_then(|c| c.seat(&student)) {
+            None => Reply::NotEnrolled,
+            Some(course::Seat::Enrolled { .. }) => Reply::Unavailable,
+            Some(_) => Reply::OutcomeUnknown,
+        }
     }
 
     /// Sends a seat op to the store and waits for its outcome, marking the seat in flight
@@ -494,7 +540,9 @@ impl Router {
         if self.peers[owner.0].try_send(Envelope { cmd, reply }).is_err() {
             return Reply::Unavailable;
         }
-        rx.await.unwrap_or(Reply::Unavailable)
+        // The owner had the command: a lost reply (the owner is shutting down) may hide a
+        // committed change, so it is not "nothing recorded".
+        rx.await.unwrap_or(Reply::OutcomeUnknown)
     }
 
     /// Asks every shard (for reads that span the catalog) and returns the answers in shard
@@ -529,7 +577,7 @@ pub async fn serve_inbox(shard: Rc<Shard>, mut inbox: mpsc::Receiver<Envelope>) 
             Err(cmd) => {
                 let shard = shard.clone();
                 tokio::task::spawn_local(async move {
-                    let _ = reply.send(shard.execute(cmd).await);
+                    let _ = reply.send(shard.execute_bounded(cmd).await);
                 });
             }
         }

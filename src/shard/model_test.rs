@@ -82,6 +82,9 @@ struct Model {
     /// The admin change begun and not yet applied or aborted.
     spec_in_flight: Option<CourseSpec>,
     seats: BTreeMap<usize, ModelSeat>,
+    /// Most seats held right after a load: loads may go beyond capacity (the store is
+    /// never second-guessed), reservations never do.
+    load_peak: u32,
 }
 
 impl Model {
@@ -154,10 +157,11 @@ impl Model {
     }
 
     fn load_enrolled(&mut self, s: usize, at: UnixMs) -> bool {
-        if self.held() >= self.sellable() || self.seats.contains_key(&s) {
+        if self.seats.contains_key(&s) {
             return false;
         }
         self.seats.insert(s, ModelSeat::Enrolled(at));
+        self.load_peak = self.load_peak.max(self.held());
         true
     }
 
@@ -266,6 +270,7 @@ impl Sim {
                 version,
                 spec_in_flight: None,
                 seats: BTreeMap::new(),
+                load_peak: 0,
             },
             coverage: Coverage::default(),
             weights,
@@ -525,7 +530,7 @@ impl Sim {
     fn check_state(&self) {
         let (c, m) = (&self.course, &self.model);
         assert!(
-            m.held() <= c.capacity() && m.held() <= m.sellable(),
+            m.held() <= c.capacity().max(m.load_peak) && m.held() <= m.sellable().max(m.load_peak),
             "oversold: held {} capacity {} sellable {}; {}",
             m.held(),
             c.capacity(),
@@ -536,7 +541,7 @@ impl Sim {
         assert_eq!(c.spec, m.spec, "spec; {}", self.ctx());
         assert_eq!(c.version, m.version, "version; {}", self.ctx());
         assert_eq!(c.enrolled(), m.committed(), "enrolled (committed); {}", self.ctx());
-        assert_eq!(c.seats_left(), m.sellable() - m.held(), "seats_left; {}", self.ctx());
+        assert_eq!(c.seats_left(), m.sellable().saturating_sub(m.held()), "seats_left; {}", self.ctx());
         let mut roster: Vec<StudentId> = m
             .seats
             .iter()
