@@ -379,11 +379,16 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
+/// The file part of a SQLite store URL, as sqlx reads it: `sqlite://data/e.db?mode=rwc` →
+/// `data/e.db` (`:memory:` for an in-memory store).
+pub fn sqlite_path(store: &str) -> &str {
+    let file = store.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    file.split('?').next().unwrap_or(file)
+}
+
 /// `sqlite://enrolld.db?mode=rwc` → `enrolld.db.secret`.
 fn secret_path(store: &str) -> PathBuf {
-    let file = store.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
-    let file = file.split('?').next().unwrap_or(file);
-    PathBuf::from(format!("{file}.secret"))
+    PathBuf::from(format!("{}.secret", sqlite_path(store)))
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {

@@ -7,6 +7,7 @@
 //! - [`persist`]: the persist thread, group commit, the SQL stores, recovery;
 //! - [`config`]: flags, environment and the TOML file, validated once;
 //! - [`server`]: start-up order, threads, signals, shutdown;
+//! - [`single_writer`]: one SQLite file, one process (an OS lock held for the process's life);
 //! - [`limit`]: token buckets, flow rules, circuit breakers;
 //! - [`metrics`]: per-shard counters summed at scrape time;
 //! - [`ids`]: validated ids and the time unit.
@@ -19,3 +20,4 @@ pub mod net;
 pub mod persist;
 pub mod server;
 pub mod shard;
+pub mod single_writer;

@@ -62,8 +62,8 @@ fn main() {
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(()) => 0,
-        Err(e) if e.downcast_ref::<enrolld::config::ConfigError>().is_some() => {
-            eprintln!("enrolld: {e}");
+        Err(e) if refused(&e) => {
+            eprintln!("enrolld: {e:#}");
             2
         }
         Err(e) => {
@@ -72,6 +72,16 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Exit code 2 (API.md): a bad flag, file or key, or a listen address or SQLite file that
+/// another live process holds. Nothing was started.
+fn refused(e: &anyhow::Error) -> bool {
+    use enrolld::net::BindError;
+    use enrolld::single_writer::StoreLockError;
+    e.downcast_ref::<enrolld::config::ConfigError>().is_some()
+        || matches!(e.downcast_ref::<BindError>(), Some(BindError::InUse(_)))
+        || matches!(e.downcast_ref::<StoreLockError>(), Some(StoreLockError::Held { .. }))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
