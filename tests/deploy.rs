@@ -1,14 +1,17 @@
 //! The operations files in deploy/ checked with the real tools: promtool and a real
 //! Prometheus scraping enrolld, `systemd-analyze` on the unit, nginx terminating TLS in
-//! front of enrolld, and the Grafana dashboard's JSON and queries. The tools come from
+//! front of enrolld (and answering 503 only when no node was sent the request, 502/504
+//! `outcome_unknown` once one was), and the Grafana dashboard's JSON and queries. The tools come from
 //! `scripts/ops-tools.sh`; a missing one fails its test with a message naming it.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{admin_token, free_port, put_course, token, Conn, Server, TempDir};
@@ -655,7 +658,8 @@ fn systemd_unit_is_sandboxed() {
 // nginx
 
 /// A temp dir holding a throwaway certificate, the shipped include rewritten to it (and to
-/// a free loopback port, `upstream`, and logs in the dir), and a wrapper nginx.conf.
+/// a free loopback port, one `server` line per address of `upstreams`, and logs in the
+/// dir), and a wrapper nginx.conf.
 struct NginxSetup {
     dir: TempDir,
     conf: String,
@@ -664,7 +668,7 @@ struct NginxSetup {
 }
 
 impl NginxSetup {
-    fn new(upstream: SocketAddr) -> NginxSetup {
+    fn new(upstreams: &[SocketAddr]) -> NginxSetup {
         let dir = TempDir::new("deploy_nginx");
         check(Command::new(tool("openssl")).args([
             "req",
@@ -687,7 +691,15 @@ impl NginxSetup {
         inc = replace(&inc, "/etc/enrolld/tls/cert.pem", &dir.path("cert.pem"));
         inc = replace(&inc, "/etc/enrolld/tls/key.pem", &dir.path("key.pem"));
         inc = replace(&inc, "listen 443 ssl;", &format!("listen {addr} ssl;"));
-        inc = replace(&inc, "server 127.0.0.1:8080 ", &format!("server {upstream} "));
+        let servers: Vec<String> = upstreams
+            .iter()
+            .map(|a| format!("server {a} max_fails=3 fail_timeout=5s;"))
+            .collect();
+        inc = replace(
+            &inc,
+            "server 127.0.0.1:8080 max_fails=3 fail_timeout=5s;",
+            &servers.join("\n    "),
+        );
         inc = replace(&inc, "/var/log/nginx/enrolld.access.log", &access_log);
         inc = replace(&inc, "/var/log/nginx/enrolld.error.log", &dir.path("enrolld.error.log"));
         let include = dir.path("enrolld.conf");
@@ -728,11 +740,28 @@ impl NginxSetup {
             .args(["-c", &self.conf]);
         c
     }
+
+    /// Rewrites the include in the temp dir (`replace`: `from` must be there).
+    fn edit(&self, from: &str, to: &str) {
+        let path = self.dir.path("enrolld.conf");
+        let inc = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, replace(&inc, from, to)).unwrap();
+    }
+
+    /// Checks the config (`nginx -t`) and runs nginx in the foreground until the returned
+    /// process is dropped; returns once it listens. The second value is its output's file.
+    fn start(&self) -> (Proc, String) {
+        check(self.nginx().arg("-t"));
+        let log = self.dir.path("nginx.out");
+        let mut nginx = Proc::spawn("nginx", self.nginx().args(["-g", "daemon off;"]), &log);
+        wait_listening(self.addr, &mut nginx, &log);
+        (nginx, log)
+    }
 }
 
 #[test]
 fn nginx_accepts_the_shipped_config() {
-    let setup = NginxSetup::new("127.0.0.1:8080".parse().unwrap());
+    let setup = NginxSetup::new(&["127.0.0.1:8080".parse().unwrap()]);
     let out = check(setup.nginx().arg("-t"));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("test is successful"), "{said}");
@@ -818,24 +847,9 @@ async fn nginx_hash_over_the_shard_ports_reaches_each_course_owner() {
         3,
         "the ready line names every shard's address"
     );
-    let setup = NginxSetup::new(server.addr);
-    let inc = std::fs::read_to_string(setup.dir.path("enrolld.conf")).unwrap();
-    let servers: String = server
-        .shard_addrs
-        .iter()
-        .map(|a| format!("server {a} max_fails=3 fail_timeout=5s;\n    "))
-        .collect();
-    let inc = replace(&inc, "hash $course_key consistent;", "hash $course_key;");
-    let inc = replace(
-        &inc,
-        &format!("server {} max_fails=3 fail_timeout=5s;", server.addr),
-        &servers,
-    );
-    std::fs::write(setup.dir.path("enrolld.conf"), inc).unwrap();
-    check(setup.nginx().arg("-t"));
-    let nginx_log = setup.dir.path("nginx.out");
-    let mut nginx = Proc::spawn("nginx", setup.nginx().args(["-g", "daemon off;"]), &nginx_log);
-    wait_listening(setup.addr, &mut nginx, &nginx_log);
+    let setup = NginxSetup::new(&server.shard_addrs);
+    setup.edit("hash $course_key consistent;", "hash $course_key;");
+    let (mut nginx, nginx_log) = setup.start();
 
     let mut conn = server.conn().await;
     let courses: Vec<String> = (0..24).map(|i| format!("HOP{i}-01")).collect();
@@ -890,11 +904,8 @@ async fn hops(conn: &mut Conn) -> f64 {
 fn enroll_through_nginx_over_tls_with_one_request_id() {
     let edir = TempDir::new("deploy_e2e");
     let server = start_enrolld(&edir, &["--access-log"]);
-    let setup = NginxSetup::new(server.addr);
-    check(setup.nginx().arg("-t"));
-    let nginx_log = setup.dir.path("nginx.out");
-    let mut nginx = Proc::spawn("nginx", setup.nginx().args(["-g", "daemon off;"]), &nginx_log);
-    wait_listening(setup.addr, &mut nginx, &nginx_log);
+    let setup = NginxSetup::new(&[server.addr]);
+    let (mut nginx, nginx_log) = setup.start();
 
     let rid = format!("deploy-test-{:016x}", rand::random::<u64>());
     let (status, _, body) = curl_tls(
@@ -953,5 +964,151 @@ fn enroll_through_nginx_over_tls_with_one_request_id() {
     // /metrics is not published through the front.
     let (status, _, _) = curl_tls(&setup, "GET", "/metrics", &[], None);
     assert_eq!(status, 404);
+    nginx.assert_running(&nginx_log);
+}
+
+// ---------------------------------------------------------------------------------------
+// nginx when no answer comes back: "nothing recorded" (503) only when nothing was sent
+
+/// What a stand-in for enrolld does with each request it has read.
+#[derive(Clone, Copy)]
+enum NoAnswer {
+    /// Closes the connection at once.
+    HangUp,
+    /// Keeps the connection open without a word until nginx gives up on it.
+    Silent,
+}
+
+/// A stand-in for enrolld on a free loopback port that reads every request head and never
+/// answers. Counts the requests it read (so a request nginx sent twice shows).
+struct FakeNode {
+    addr: SocketAddr,
+    requests_read: Arc<AtomicUsize>,
+}
+
+impl FakeNode {
+    fn start(how: NoAnswer) -> FakeNode {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests_read = Arc::new(AtomicUsize::new(0));
+        let counter = requests_read.clone();
+        // Lives as long as the test binary; it only ever blocks in accept.
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let counter = counter.clone();
+                std::thread::spawn(move || FakeNode::serve(conn, how, &counter));
+            }
+        });
+        FakeNode { addr, requests_read }
+    }
+
+    fn serve(mut conn: TcpStream, how: NoAnswer, counter: &AtomicUsize) {
+        conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        counter.fetch_add(1, Ordering::SeqCst);
+        if let NoAnswer::Silent = how {
+            // Until nginx closes (its proxy_read_timeout) or the read timeout.
+            while matches!(conn.read(&mut chunk), Ok(n) if n > 0) {}
+        }
+    }
+
+    fn requests_read(&self) -> usize {
+        self.requests_read.load(Ordering::SeqCst)
+    }
+}
+
+/// Checks one answer of nginx's own: `status`, the contract's JSON error `code` with a
+/// message, a request id, and `Retry-After` exactly when the code is `unavailable`.
+fn assert_nginx_error(what: &str, answer: &(u16, String, String), status: u16, code: &str) {
+    let (got, head, body) = answer;
+    assert_eq!(*got, status, "{what}:\n{head}{body}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+    assert_eq!(v["error"], code, "{what}: {body}");
+    assert!(
+        v["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: no message: {body}"
+    );
+    let ct = header(head, "content-type").unwrap_or("");
+    assert!(ct.starts_with("application/json"), "{what}: content type {ct:?}");
+    assert!(header(head, "x-request-id").is_some(), "{what}: no request id:\n{head}");
+    let retry_after = header(head, "retry-after");
+    if code == "unavailable" {
+        assert_eq!(retry_after, Some("1"), "{what}:\n{head}");
+    } else {
+        assert_eq!(retry_after, None, "{what}: Retry-After on an unknown outcome:\n{head}");
+    }
+}
+
+/// Nothing listens on either node: nginx never got a request out, so nothing can have
+/// been recorded: the contract's `503 unavailable` with Retry-After, after trying both.
+#[test]
+fn nginx_answers_503_unavailable_when_no_node_takes_the_connection() {
+    let dead: Vec<SocketAddr> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
+        .collect();
+    let setup = NginxSetup::new(&dead);
+    let (mut nginx, nginx_log) = setup.start();
+    let student = format!("Authorization: Bearer {}", token("dead-student"));
+    let path = "/v1/courses/DEAD101-01/enrollment";
+    let answer = curl_tls(&setup, "POST", path, &[student.clone()], None);
+    assert_nginx_error("POST, both nodes refuse", &answer, 503, "unavailable");
+    let answer = curl_tls(&setup, "GET", "/v1/courses/DEAD101-01", &[student], None);
+    assert_nginx_error("GET, both nodes refuse", &answer, 503, "unavailable");
+    // The POST was offered to both (a connection that never opened sent nothing).
+    wait_access_log(&setup, "the POST tried on both nodes", |t| {
+        t.lines()
+            .any(|l| l.contains(&format!("POST {path}")) && dead.iter().all(|a| l.contains(&a.to_string())))
+    });
+    nginx.assert_running(&nginx_log);
+}
+
+/// Both nodes read the request and hang up without a word. The request was sent, so
+/// whether a seat was taken is unknown: `502 outcome_unknown`, never the 503 that means
+/// nothing was recorded. The POST reached one node only: nginx does not resend a
+/// non-idempotent request once sent. The GET that follows is resent to the other node
+/// (proxy_next_upstream), which shows the count would have seen a resent POST.
+#[test]
+fn nginx_answers_502_outcome_unknown_when_a_node_hangs_up_after_reading() {
+    let nodes = [FakeNode::start(NoAnswer::HangUp), FakeNode::start(NoAnswer::HangUp)];
+    let setup = NginxSetup::new(&[nodes[0].addr, nodes[1].addr]);
+    let (mut nginx, nginx_log) = setup.start();
+    let read_by_nodes = || nodes.iter().map(FakeNode::requests_read).sum::<usize>();
+    let student = format!("Authorization: Bearer {}", token("cut-student"));
+
+    let answer = curl_tls(
+        &setup,
+        "POST",
+        "/v1/courses/CUT101-01/enrollment",
+        &[student.clone()],
+        None,
+    );
+    assert_nginx_error("POST, node hung up", &answer, 502, "outcome_unknown");
+    assert_eq!(read_by_nodes(), 1, "the POST was sent to a node exactly once");
+
+    let answer = curl_tls(&setup, "GET", "/v1/courses/CUT101-01", &[student], None);
+    assert_nginx_error("GET, both nodes hung up", &answer, 502, "outcome_unknown");
+    assert_eq!(read_by_nodes(), 3, "the GET was tried on both nodes");
+    nginx.assert_running(&nginx_log);
+}
+
+/// The node reads the request and never answers: past proxy_read_timeout (1 s here,
+/// 30 s shipped) nginx gives up, and the outcome is unknown: `504 outcome_unknown`.
+#[test]
+fn nginx_answers_504_outcome_unknown_when_a_node_never_answers() {
+    let node = FakeNode::start(NoAnswer::Silent);
+    let setup = NginxSetup::new(&[node.addr]);
+    setup.edit("proxy_read_timeout 30s;", "proxy_read_timeout 1s;");
+    let (mut nginx, nginx_log) = setup.start();
+    let student = format!("Authorization: Bearer {}", token("slow-student"));
+    let answer = curl_tls(&setup, "POST", "/v1/courses/SLOW101-01/enrollment", &[student], None);
+    assert_nginx_error("POST, node silent", &answer, 504, "outcome_unknown");
+    assert_eq!(node.requests_read(), 1, "the POST was sent once");
     nginx.assert_running(&nginx_log);
 }
