@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
 scripts/ops-tools.sh   # promtool, prometheus, nginx, openssl, systemd-analyze for tests/deploy.rs
+scripts/py-tools.sh    # schemathesis in target/py for tests/openapi.rs
 if ! command -v python3 >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
 fi
