@@ -886,6 +886,17 @@ async fn live_reload(by_signal: bool) {
         line.contains("limits.profiles.p.user"),
         "the refusal names the key: {line}"
     );
+    // A flow rate below FLOW_QPS_MIN is refused too: it once passed and panicked the
+    // first request it paced.
+    let tiny = "[limits.flow.read]\nqps = 1e-20\n";
+    reload(&limits_toml("", &rate(1000.0, 1000), HUGE, HUGE, tiny));
+    assert!(
+        wait_log(&server, &mut log, "limits.flow.read.qps"),
+        "refusal of qps = 1e-20 logged:\n{}",
+        log.join("\n")
+    );
+    let line = log.iter().find(|l| l.contains("limits.flow.read.qps")).unwrap();
+    assert!(line.contains("reload refused"), "{line}");
     for i in 0..50 {
         assert_eq!(
             send(&mut c, &get).await.status,
@@ -903,6 +914,42 @@ async fn sighup_reload_changes_a_limit_on_open_connections_and_refuses_an_invali
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saving_the_file_reloads_without_a_signal() {
     live_reload(false).await;
+}
+
+/// A flow rate below FLOW_QPS_MIN in the file at start: a bad key, exit 2, named.
+#[test]
+fn a_flow_rate_below_the_floor_is_refused_at_start() {
+    let dir = TempDir::new("lim_floor");
+    let cfg = dir.path("n.toml");
+    std::fs::write(&cfg, "[limits.flow.enroll]\nqps = 1e-20\n").unwrap();
+    let store = format!("sqlite://{}", dir.path("n.db"));
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET])
+        .args(["--config", &cfg, "--store", &store])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn enrolld");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("enrolld started with qps = 1e-20 instead of refusing it");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("limits.flow.enroll.qps"),
+        "the error names the key: {stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -47,6 +47,23 @@ impl Default for FlowRule {
 /// Warm-up starts at `qps / WARMUP_COLD_FACTOR` (Sentinel's cold factor).
 const WARMUP_COLD_FACTOR: f64 = 3.0;
 
+/// The smallest `qps` a rule may set other than 0 (off): one request per 1,000 s on the
+/// node. Validation refuses a rule below it (a tiny rate is a typo, not a policy).
+pub const FLOW_QPS_MIN: f64 = 0.001;
+
+/// The longest gap a pacer puts between two requests. The floor gives at most
+/// `SHARDS_MAX * WARMUP_COLD_FACTOR / FLOW_QPS_MIN` s (under 9 days); the cap only keeps
+/// the arithmetic finite for a rule that never went through validation.
+const FLOW_INTERVAL_MAX: Duration = Duration::from_secs(30 * 86_400);
+const _: () =
+    assert!(crate::config::SHARDS_MAX as f64 * WARMUP_COLD_FACTOR / FLOW_QPS_MIN <= FLOW_INTERVAL_MAX.as_secs() as f64);
+
+/// The gap between two requests at `qps_per_shard`, for any value at all: no rate is so
+/// small (or NaN) that it panics, none so large that it is negative.
+fn pacing_interval(qps_per_shard: f64) -> Duration {
+    Duration::try_from_secs_f64(1.0 / qps_per_shard).map_or(FLOW_INTERVAL_MAX, |d| d.min(FLOW_INTERVAL_MAX))
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum FlowDecision {
     Pass,
@@ -76,8 +93,7 @@ impl Pacer {
         if rule.qps <= 0.0 {
             return FlowDecision::Pass;
         }
-        let qps = self.warmed_qps(rule, now) / shards as f64;
-        let interval = Duration::from_secs_f64(1.0 / qps);
+        let interval = pacing_interval(self.warmed_qps(rule, now) / shards as f64);
         let slot = match self.next_slot.get() {
             Some(next) if next > now => next,
             _ => now,
@@ -90,7 +106,8 @@ impl Pacer {
         if wait > limit {
             return FlowDecision::Reject;
         }
-        self.next_slot.set(Some(slot + interval));
+        // The interval is capped, so this cannot overflow; were it to, pace from `slot`.
+        self.next_slot.set(Some(slot.checked_add(interval).unwrap_or(slot)));
         if wait.is_zero() {
             FlowDecision::Pass
         } else {
@@ -172,6 +189,54 @@ mod tests {
         // Cold: 100/s, so the next slot is 10 ms away, not 3.3.
         assert_eq!(p.admit(&rule, 1, t + Duration::from_millis(5)), FlowDecision::Reject);
         assert_eq!(p.admit(&rule, 1, t + Duration::from_millis(10)), FlowDecision::Pass);
+    }
+
+    #[test]
+    fn no_rate_panics_the_pacer() {
+        // 1e-20 once panicked in Duration::from_secs_f64 (validation now refuses it, but a
+        // request must never be the thing that finds out).
+        let t = Instant::now();
+        for qps in [
+            1e-20,
+            f64::MIN_POSITIVE,
+            5e-324,
+            f64::NAN,
+            f64::INFINITY,
+            f64::MAX,
+            FLOW_QPS_MIN,
+        ] {
+            for warmup_ms in [0, 1000] {
+                let p = Pacer::default();
+                let rule = FlowRule {
+                    qps,
+                    behaviour: Behaviour::Queue,
+                    max_queue_ms: u64::MAX,
+                    warmup_ms,
+                };
+                for i in 0..3 {
+                    p.admit(&rule, crate::config::SHARDS_MAX, t + Duration::from_millis(i));
+                }
+            }
+        }
+        assert_eq!(pacing_interval(1e-20), FLOW_INTERVAL_MAX);
+        assert_eq!(pacing_interval(f64::NAN), FLOW_INTERVAL_MAX);
+        assert_eq!(pacing_interval(f64::INFINITY), Duration::ZERO);
+        assert_eq!(pacing_interval(FLOW_QPS_MIN), Duration::from_secs(1000));
+    }
+
+    #[test]
+    fn the_floor_still_paces() {
+        let p = Pacer::default();
+        let rule = FlowRule {
+            qps: FLOW_QPS_MIN,
+            behaviour: Behaviour::Reject,
+            max_queue_ms: 0,
+            warmup_ms: 0,
+        };
+        let t = Instant::now();
+        assert_eq!(p.admit(&rule, 1, t), FlowDecision::Pass);
+        assert_eq!(p.admit(&rule, 1, t + Duration::from_secs(999)), FlowDecision::Reject);
+        assert_eq!(p.admit(&rule, 1, t + Duration::from_secs(1000)), FlowDecision::Pass);
     }
 
     #[test]

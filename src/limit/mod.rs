@@ -169,8 +169,12 @@ impl LimitsConfig {
             ("drop", &self.flow.drop),
             ("read", &self.flow.read),
         ] {
-            if !(rule.qps.is_finite() && rule.qps >= 0.0) {
-                return Err(format!("`limits.flow.{route}.qps` must be >= 0"));
+            if !(rule.qps == 0.0 || (rule.qps.is_finite() && rule.qps >= flow::FLOW_QPS_MIN)) {
+                return Err(format!(
+                    "`limits.flow.{route}.qps` = {:?}: must be 0 (off) or at least {} (FLOW_QPS_MIN)",
+                    rule.qps,
+                    flow::FLOW_QPS_MIN
+                ));
             }
         }
         if self.keys_max == 0 || self.redis_lease_tokens == 0 || self.adaptive.in_flight_max == 0 {
@@ -558,5 +562,33 @@ mod tests {
         let mut c = LimitsConfig::default();
         c.default_profile = "nobody".into();
         assert!(c.validate().unwrap_err().contains("default_profile"));
+    }
+
+    #[test]
+    fn flow_qps_is_off_or_at_least_the_floor() {
+        let check = |qps: f64, ok: bool| {
+            let mut c = LimitsConfig::default();
+            c.flow.drop.qps = qps;
+            match c.validate() {
+                Ok(()) => assert!(ok, "qps {qps} passed"),
+                Err(e) => {
+                    assert!(!ok, "qps {qps}: {e}");
+                    assert!(e.contains("`limits.flow.drop.qps`"), "{e}");
+                }
+            }
+        };
+        check(0.0, true);
+        check(flow::FLOW_QPS_MIN, true);
+        check(1e6, true);
+        for bad in [
+            1e-20,
+            f64::MIN_POSITIVE,
+            flow::FLOW_QPS_MIN / 2.0,
+            -1.0,
+            f64::NAN,
+            f64::INFINITY,
+        ] {
+            check(bad, false);
+        }
     }
 }
