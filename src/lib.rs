@@ -10,7 +10,8 @@
 //! - [`single_writer`]: one SQLite file, one process (an OS lock held for the process's life);
 //! - [`limit`]: token buckets, flow rules, circuit breakers;
 //! - [`metrics`]: per-shard counters summed at scrape time;
-//! - [`ids`]: validated ids and the time unit.
+//! - [`ids`]: validated ids, the time unit and the clock seam;
+//! - `sim` (tests only): the deterministic simulation of shard and persist.
 
 pub mod config;
 pub mod ids;
@@ -20,4 +21,6 @@ pub mod net;
 pub mod persist;
 pub mod server;
 pub mod shard;
+#[cfg(test)]
+mod sim;
 pub mod single_writer;

@@ -33,8 +33,11 @@ pub trait Backend {
     async fn ping(&self) -> anyhow::Result<()>;
     async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError>;
     async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError>;
-    /// After an unanswered COMMIT: fence the session, then tell whether it applied.
-    async fn read_back(&self, session: &Session, probe: &Probe) -> anyhow::Result<bool>;
+    /// After an unanswered COMMIT: makes sure the session can no longer commit (its
+    /// COMMIT has applied or never will).
+    async fn fence(&self, session: &Session) -> anyhow::Result<()>;
+    /// Whether what `probe` names is as a committed transaction left it.
+    async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool>;
 }
 
 impl Backend for Store {
@@ -47,8 +50,11 @@ impl Backend for Store {
     async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError> {
         Store::put_course(self, id, spec, session).await
     }
-    async fn read_back(&self, session: &Session, probe: &Probe) -> anyhow::Result<bool> {
-        Store::read_back(self, session, probe).await
+    async fn fence(&self, session: &Session) -> anyhow::Result<()> {
+        Store::fence(self, session).await
+    }
+    async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {
+        Store::read_back(self, probe).await
     }
 }
 
@@ -184,16 +190,7 @@ const PING_INTERVAL_MS: u64 = 250;
 /// asked, streams the committed state to `sink` and returns once that is done. The thread
 /// then serves the queue until every handle is dropped, and exits after the queue is empty.
 pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> anyhow::Result<Persist> {
-    assert!(cfg.commits_in_flight_max >= 1, "config guarantees a committer");
-    // The queue bound is shared out, so the changes waiting stay within queue_rows_max.
-    let per_queue = (cfg.queue_rows_max / cfg.commits_in_flight_max).max(1);
-    let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.commits_in_flight_max)
-        .map(|_| flume::bounded::<Job>(per_queue))
-        .unzip();
-    let handle = PersistHandle {
-        txs: txs.into(),
-        breaker: cfg.breaker.clone(),
-    };
+    let (handle, rxs) = queues(&cfg);
     let gauges = PersistGauges {
         rxs: rxs.clone(),
         breaker: cfg.breaker.clone(),
@@ -226,6 +223,21 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
         .context("spawning the persist thread")?;
     ready_rx.recv().context("persist thread died during start")??;
     Ok(Persist { handle, gauges, thread })
+}
+
+/// The committers' bounded queues and the shards' handle to them.
+pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Vec<flume::Receiver<Job>>) {
+    assert!(cfg.commits_in_flight_max >= 1, "config guarantees a committer");
+    // The queue bound is shared out, so the changes waiting stay within queue_rows_max.
+    let per_queue = (cfg.queue_rows_max / cfg.commits_in_flight_max).max(1);
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.commits_in_flight_max)
+        .map(|_| flume::bounded::<Job>(per_queue))
+        .unzip();
+    let handle = PersistHandle {
+        txs: txs.into(),
+        breaker: cfg.breaker.clone(),
+    };
+    (handle, rxs)
 }
 
 async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow::Result<Store> {
@@ -351,7 +363,13 @@ async fn settle<B: Backend>(store: &B, session: &Session, cfg: &PersistConfig) -
     let mut backoff_ms = 20;
     loop {
         let started = tokio::time::Instant::now();
-        match bounded(cfg, store.read_back(session, &probe)).await {
+        // Fence first: a read-back that runs while the old session's COMMIT is still on its
+        // way would see nothing, and the commit would land after "nothing recorded".
+        let fenced_then_read = async {
+            store.fence(session).await?;
+            store.read_back(&probe).await
+        };
+        match bounded(cfg, fenced_then_read).await {
             Ok(Ok(applied)) => {
                 cfg.breaker.record(Call::Ok, started.elapsed());
                 tracing::warn!(applied, "unanswered COMMIT settled");

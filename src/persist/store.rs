@@ -163,7 +163,8 @@ pub struct Session {
 }
 
 impl Session {
-    fn commit_sent(&self, probe: Option<Probe>, if_committed: Settled) {
+    /// Marks COMMIT as about to be sent (see `committing`).
+    pub fn commit_sent(&self, probe: Option<Probe>, if_committed: Settled) {
         *self.committing.borrow_mut() = Some((probe, if_committed));
     }
 }
@@ -534,60 +535,51 @@ impl Store {
         Ok(results)
     }
 
-    /// After COMMIT went unanswered: makes sure the old session can no longer commit,
-    /// then reads back what it changed. True when the transaction applied.
+    /// After COMMIT went unanswered: makes sure the old session can no longer commit.
     ///
     /// Reading back at once could run before a COMMIT that is still on its way lands (the
     /// first session may be alive behind a proxy that cut only our side), and report
-    /// "nothing recorded" for a commit that lands a moment later. So first, on MySQL,
-    /// `KILL` the session and wait until it has left the process list: its COMMIT has then
-    /// either applied or never will. On SQLite the read-back begins with
-    /// `BEGIN IMMEDIATE`, which waits for the writer lock, held until any COMMIT in
-    /// progress has finished. Unbounded here; the caller bounds it.
-    pub async fn read_back(&self, session: &Session, probe: &Probe) -> anyhow::Result<bool> {
+    /// "nothing recorded" for a commit that lands a moment later. So on MySQL, `KILL` the
+    /// session and wait until it has left the process list: its COMMIT has then either
+    /// applied or never will. On SQLite (one process, see `single_writer`), take the
+    /// writer lock with `BEGIN IMMEDIATE`: it is held until any COMMIT in progress has
+    /// finished. Unbounded here; the caller bounds it.
+    pub async fn fence(&self, session: &Session) -> anyhow::Result<()> {
         let mut conn = OpenTransaction::new(self.pool.acquire().await?);
         match (self.dialect, session.id.get()) {
-            (Dialect::Mysql, Some(id)) => {
-                fence_session(conn.get(), id).await?;
-                sqlx::query("BEGIN").execute(conn.get()).await?;
-            }
-            (Dialect::Mysql, None) => {
-                bail!("a MySQL transaction reached COMMIT without its session id");
-            }
+            (Dialect::Mysql, Some(id)) => fence_session(conn.get(), id).await?,
+            (Dialect::Mysql, None) => bail!("a MySQL transaction reached COMMIT without its session id"),
             (Dialect::Sqlite, _) => {
                 sqlx::query("BEGIN IMMEDIATE").execute(conn.get()).await?;
+                sqlx::query("ROLLBACK").execute(conn.get()).await?;
             }
         }
-        let applied = match probe {
+        conn.ended();
+        Ok(())
+    }
+
+    /// Whether what `probe` names is as its transaction, committed, left it.
+    pub async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {
+        Ok(match probe {
             Probe::Seat {
                 course,
                 student,
                 present_if_committed,
-            } => {
-                let row = sqlx::query("SELECT 1 FROM enrollments WHERE course_id = ? AND student_id = ?")
-                    .bind(course.as_str())
-                    .bind(student.as_str())
-                    .fetch_optional(conn.get())
-                    .await?;
-                row.is_some() == *present_if_committed
-            }
+            } => self.seat_present(course, student).await? == *present_if_committed,
             Probe::Course {
                 course,
                 version_if_committed,
             } => {
                 let row = sqlx::query("SELECT version FROM courses WHERE id = ?")
                     .bind(course.as_str())
-                    .fetch_optional(conn.get())
+                    .fetch_optional(&self.pool)
                     .await?;
                 match row {
                     Some(row) => row.try_get::<i64, _>(0)? as u64 == *version_if_committed,
                     None => false,
                 }
             }
-        };
-        sqlx::query("ROLLBACK").execute(conn.get()).await?;
-        conn.ended();
-        Ok(applied)
+        })
     }
 
     pub async fn seat_present(&self, course: &CourseId, student: &StudentId) -> anyhow::Result<bool> {
@@ -1009,9 +1001,9 @@ mod tests {
         assert!(store.try_fast(std::slice::from_ref(&op), &session).await.unwrap(), "committed fast");
         assert!(session.id.get().is_some(), "the session id was read");
         assert!(session.committing.borrow().is_some(), "COMMIT was marked as sent");
-        // A read-back after the fact fences a session that already ended, and sees the row.
-        let probe = probe_of(&op);
-        assert!(store.read_back(&session, &probe).await.unwrap());
+        // A fence after the fact ends a session that already ended; the row is there.
+        store.fence(&session).await.unwrap();
+        assert!(store.read_back(&probe_of(&op)).await.unwrap());
         store.close().await;
         sqlx::raw_sql(&format!("DROP DATABASE {db}")).execute(&admin).await.unwrap();
     }

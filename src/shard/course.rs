@@ -124,6 +124,16 @@ impl Course {
         true
     }
 
+    /// Nothing in flight: every seat committed, no admin change begun.
+    pub fn settled(&self) -> bool {
+        self.capacity_in_flight.is_none() && self.seats.values().all(|s| matches!(s, Seat::Enrolled { .. }))
+    }
+
+    /// An admin change is in flight.
+    pub fn spec_in_flight(&self) -> bool {
+        self.capacity_in_flight.is_some()
+    }
+
     /// Seats held above capacity (loaded so from the store); 0 in a healthy course.
     pub fn overfull(&self) -> u32 {
         self.held.saturating_sub(self.spec.capacity)

@@ -178,6 +178,12 @@ impl Shard {
         &self.persist
     }
 
+    /// The shard's courses, for the simulation's checker (it reads memory between steps).
+    #[cfg(test)]
+    pub(crate) fn table(&self) -> std::cell::Ref<'_, CourseTable> {
+        self.table.borrow()
+    }
+
     /// Runs a command on this (owner) shard. Answers that memory alone decides (every 409
     /// in a rush, and every read) are given inline, with no future of their own; commands
     /// that wait on the store run in a detached local task, so the seat is settled even if

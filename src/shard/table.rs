@@ -44,6 +44,10 @@ impl CourseTable {
     pub fn get_mut(&mut self, id: &CourseId) -> Option<&mut Course> {
         self.courses.get_mut(id)
     }
+    /// Every course, in id order.
+    pub fn courses(&self) -> impl Iterator<Item = &Course> {
+        self.courses.values()
+    }
     pub fn len(&self) -> usize {
         self.courses.len()
     }

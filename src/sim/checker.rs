@@ -1,0 +1,358 @@
+//! The simulation's checker: every answer held against the store and memory at the
+//! instant it is given, and the whole state once the faults heal.
+//!
+//! The promises it checks:
+//! - no oversell: no course holds more seats than capacity, in the store or in memory
+//!   (beyond what a hand edit put there, which only drops can lower);
+//! - every acknowledged seat (a 201/200 to a POST) is in the store when it is answered
+//!   and stays there, across crashes, until a DELETE of it is sent;
+//! - every acknowledged drop is out of the store, the same way;
+//! - 503 only when nothing was recorded: not while the seat is committed, and not while
+//!   another request's reservation of the same seat is in flight and then commits;
+//! - once the store answers again, every request is answered and no seat or admin
+//!   change is left pending;
+//! - memory equals the store after settling, and after every restart.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use crate::ids::{CourseId, StudentId};
+use crate::shard::course::{CourseSpec, Seat};
+use crate::shard::{Reply, Shard};
+
+use super::store::SimStore;
+
+/// Answers the coverage check needs every test run to reach.
+pub const COVERED: &[&str] = &[
+    "enroll: 201",
+    "enroll: 200",
+    "enroll: 409",
+    "enroll: 403",
+    "enroll: 503",
+    "enroll: unknown",
+    "drop: 200",
+    "drop: 404",
+    "drop: 503",
+    "put: 200",
+    "put: 409",
+    "put: 503",
+];
+
+#[derive(Clone, Debug)]
+pub enum Request {
+    Enroll { course: CourseId, student: StudentId },
+    Drop { course: CourseId, student: StudentId },
+    Put { course: CourseId, spec: CourseSpec },
+}
+
+impl Request {
+    pub fn course(&self) -> &CourseId {
+        match self {
+            Request::Enroll { course, .. } | Request::Drop { course, .. } | Request::Put { course, .. } => course,
+        }
+    }
+    fn seat(&self) -> Option<(CourseId, StudentId)> {
+        match self {
+            Request::Enroll { course, student } | Request::Drop { course, student } => {
+                Some((course.clone(), student.clone()))
+            }
+            Request::Put { .. } => None,
+        }
+    }
+}
+
+type SeatKey = (CourseId, StudentId);
+
+pub struct Checker {
+    store: Rc<SimStore>,
+    shards: Vec<Rc<Shard>>,
+    next_id: u64,
+    /// Requests sent and not yet answered, in this life, with the other requests for
+    /// the same seat that were in flight when they were sent.
+    open: BTreeMap<u64, (Request, Vec<u64>)>,
+    /// Requests for each seat in flight now.
+    open_by_seat: BTreeMap<SeatKey, Vec<u64>>,
+
+    /// Requests in flight per seat.
+    in_flight: BTreeMap<SeatKey, u32>,
+    /// What the store must say of a seat: `Some(true)` held, `Some(false)` not held, no
+    /// entry when not known (never acknowledged, or a request for it was sent since).
+    durable: BTreeMap<SeatKey, bool>,
+    /// POSTs answered 503 that were sent while other requests for the seat were in
+    /// flight: if one of those took the seat (201), the 503 was a lie (the request waited
+    /// on that reservation and should have answered what it came to).
+    suspects: Vec<(u64, Vec<u64>)>,
+    /// Courses a hand edit left overfull, and how many seats they may still hold.
+    overfull: BTreeMap<CourseId, u32>,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+impl Checker {
+    pub fn new(store: Rc<SimStore>) -> Checker {
+        Checker {
+            store,
+            shards: Vec::new(),
+            next_id: 0,
+            open: BTreeMap::new(),
+            open_by_seat: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            durable: BTreeMap::new(),
+            suspects: Vec::new(),
+            overfull: BTreeMap::new(),
+            counts: BTreeMap::new(),
+        }
+    }
+
+    pub fn set_shards(&mut self, shards: Vec<Rc<Shard>>) {
+        self.shards = shards;
+    }
+
+    pub fn allow_overfull(&mut self, course: &CourseId, seats: u32) {
+        self.overfull.insert(course.clone(), seats);
+    }
+
+    pub fn report(&self) -> super::Report {
+        super::Report {
+            requests: self.next_id,
+            counts: self.counts.clone(),
+            ..super::Report::default()
+        }
+    }
+
+    pub fn begin(&mut self, request: &Request) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        if std::env::var_os("ENROLLD_SIM_TRACE").is_some() {
+            eprintln!("#{id} sent {request:?}");
+        }
+        let concurrent = match request.seat() {
+            Some(key) => {
+                let open = self.open_by_seat.entry(key).or_default();
+                let before = open.clone();
+                open.push(id);
+                before
+            }
+            None => Vec::new(),
+        };
+        self.open.insert(id, (request.clone(), concurrent));
+        if let Some(key) = request.seat() {
+            *self.in_flight.entry(key.clone()).or_default() += 1;
+            self.durable.remove(&key);
+        }
+        id
+    }
+
+    fn shard_of(&self, course: &CourseId) -> &Shard {
+        &self.shards[crate::shard::owner_of(course, self.shards.len()).0]
+    }
+
+    fn memory_seat(&self, key: &SeatKey) -> Option<Seat> {
+        self.shard_of(&key.0).table().get(&key.0)?.seat(&key.1)
+    }
+
+    fn store_has(&self, key: &SeatKey) -> bool {
+        self.store.rows().seats.contains_key(key)
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.counts.entry(what).or_default() += 1;
+    }
+
+    /// Checks one answer at the instant it is given. Violations panic (the simulation
+    /// turns a panic into a failed seed, with its seed).
+    pub fn end(&mut self, id: u64, request: &Request, reply: &Reply) {
+        let (_, concurrent) = self.open.remove(&id).expect("begun");
+        if let Some(key) = request.seat() {
+            if let Some(open) = self.open_by_seat.get_mut(&key) {
+                open.retain(|&x| x != id);
+            }
+        }
+        if std::env::var_os("ENROLLD_SIM_TRACE").is_some() {
+            let seat = request.seat().and_then(|k| self.memory_seat(&k));
+            eprintln!("#{id} {request:?} -> {reply:?} (concurrent {concurrent:?}, memory now {seat:?})");
+        }
+        let acknowledged = match (request, reply) {
+            (Request::Enroll { .. }, Reply::Enrolled { created, .. }) => {
+                self.count(if *created { "enroll: 201" } else { "enroll: 200" });
+                if *created {
+                    if let Some((lied, _)) = self.suspects.iter().find(|(_, others)| others.contains(&id)) {
+                        panic!("request #{lied} answered 503 while #{id}, in flight for the same seat, took it");
+                    }
+                }
+                let key = request.seat().expect("a seat request");
+                assert!(self.store_has(&key), "{key:?} answered enrolled but the store does not hold it");
+                Some(true)
+            }
+            (Request::Enroll { .. }, Reply::Unavailable) => {
+                self.count("enroll: 503");
+                let key = request.seat().expect("a seat request");
+                // Still in flight, another request's reservation may commit: if it does (a
+                // 201 answered later), this 503 was a lie.
+                let others: Vec<u64> = self.open_by_seat.get(&key).cloned().unwrap_or_default();
+                let waited_on: Vec<u64> = concurrent.into_iter().filter(|x| others.contains(x)).collect();
+                if !waited_on.is_empty() {
+                    self.suspects.push((id, waited_on));
+                }
+                match self.memory_seat(&key) {
+                    Some(Seat::Enrolled { .. }) => panic!("{key:?}: a POST answered 503 while the seat is held"),
+                    None => assert!(!self.store_has(&key), "{key:?}: a POST answered 503; the store holds the seat"),
+                    Some(_) => {}
+                }
+                None
+            }
+            (Request::Enroll { .. }, r) => {
+                self.count(match r {
+                    Reply::Full => "enroll: 409",
+                    Reply::Closed => "enroll: 403",
+                    Reply::OutcomeUnknown => "enroll: unknown",
+                    Reply::NotFound => "enroll: 404",
+                    other => panic!("an enrollment answered {other:?}"),
+                });
+                None
+            }
+            (Request::Drop { .. }, Reply::Dropped) => {
+                self.count("drop: 200");
+                let key = request.seat().expect("a seat request");
+                assert!(!self.store_has(&key), "{key:?} answered dropped but the store holds it");
+                Some(false)
+            }
+            (Request::Drop { .. }, r) => {
+                self.count(match r {
+                    Reply::NotEnrolled => "drop: 404",
+                    Reply::Unavailable => "drop: 503",
+                    Reply::OutcomeUnknown => "drop: unknown",
+                    other => panic!("a drop answered {other:?}"),
+                });
+                None
+            }
+            (Request::Put { course, spec }, Reply::Put { course: view, .. }) => {
+                self.count("put: 200");
+                let rows = self.store.rows();
+                let stored = rows.courses.get(course).expect("an answered PUT is stored");
+                assert!(stored.version >= view.version, "{course:?} answered a version the store never had");
+                if stored.version == view.version {
+                    assert_eq!(&stored.spec, spec, "{course:?} answered with a spec the store does not hold");
+                }
+                None
+            }
+            (Request::Put { course, .. }, r) => {
+                self.count(match r {
+                    Reply::BelowEnrolled => "put: 409",
+                    Reply::Unavailable => "put: 503",
+                    Reply::OutcomeUnknown => "put: unknown",
+                    other => panic!("a PUT answered {other:?}"),
+                });
+                if matches!(r, Reply::Unavailable) {
+                    let table = self.shard_of(course).table();
+                    let memory = table.get(course).expect("simulated courses exist");
+                    if !memory.spec_in_flight() {
+                        let stored = self.store.rows().courses[course].version;
+                        assert_eq!(stored, memory.version, "{course:?}: a PUT answered 503 but its change is stored");
+                    }
+                }
+                None
+            }
+        };
+        if let Some(key) = request.seat() {
+            let n = self.in_flight.get_mut(&key).expect("counted at begin");
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight.remove(&key);
+                if let Some(held) = acknowledged {
+                    self.durable.insert(key, held);
+                }
+            }
+        }
+    }
+
+    /// Checks that hold after every step: no oversell in the store or memory, and every
+    /// acknowledged seat where it was acknowledged.
+    pub fn check_step(&self) -> Result<(), String> {
+        let rows = self.store.rows();
+        for (id, c) in &rows.courses {
+            let seats = rows.seats_of(id).len() as u32;
+            let allowed = c.spec.capacity.max(self.overfull.get(id).copied().unwrap_or(0));
+            if seats > allowed {
+                return Err(format!("{id:?} oversold in the store: {seats} seats, capacity {}", c.spec.capacity));
+            }
+        }
+        for (key, held) in &self.durable {
+            if rows.seats.contains_key(key) != *held {
+                return Err(format!("acknowledged {key:?} (held: {held}) but the store disagrees"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Right after a start: memory is what the store holds.
+    pub fn check_loaded(&self) -> Result<(), String> {
+        self.check_step()?;
+        self.check_memory_equals_store()
+    }
+
+    pub fn check_all_answered(&self) -> Result<(), String> {
+        match self.open.first_key_value() {
+            None => Ok(()),
+            Some((id, (r, _))) => Err(format!(
+                "{} requests never answered once the store healed (first: #{id} {r:?})",
+                self.open.len()
+            )),
+        }
+    }
+
+    /// Once healed and given time: nothing pending, memory equals the store, and no 503
+    /// hid a seat that committed.
+    pub fn check_settled(&self) -> Result<(), String> {
+        self.check_all_answered()?;
+        self.check_step()?;
+        for shard in &self.shards {
+            for c in shard.table().courses() {
+                if !c.settled() {
+                    return Err(format!("{:?} still has a change pending after the store healed", c.id));
+                }
+            }
+        }
+        self.check_memory_equals_store()?;
+        Ok(())
+    }
+
+    fn check_memory_equals_store(&self) -> Result<(), String> {
+        let rows = self.store.rows();
+        for (id, stored) in &rows.courses {
+            let table = self.shard_of(id).table();
+            let Some(memory) = table.get(id) else {
+                return Err(format!("{id:?} is stored but not in memory"));
+            };
+            let mut in_store = rows.seats_of(id);
+            in_store.sort();
+            if memory.roster() != in_store {
+                return Err(format!(
+                    "{id:?}: memory roster {:?} != store {:?}",
+                    memory.roster(),
+                    in_store
+                ));
+            }
+            if memory.spec != stored.spec || memory.version != stored.version {
+                return Err(format!("{id:?}: memory spec/version differ from the store"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The process died: requests in flight end unanswered (their outcome unknown), and
+    /// what was acknowledged must survive in the store.
+    pub fn after_crash(&mut self) -> Result<(), String> {
+        for (_, (request, _)) in std::mem::take(&mut self.open) {
+            if let Some(key) = request.seat() {
+                self.durable.remove(&key);
+            }
+        }
+        self.in_flight.clear();
+        self.open_by_seat.clear();
+        // A suspect's reservation can no longer be told from a later one once memory is
+        // gone; its check happened or not in its own life.
+        self.suspects.clear();
+        self.shards.clear();
+        self.check_step()
+    }
+}

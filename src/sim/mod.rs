@@ -1,0 +1,410 @@
+//! The deterministic simulation of shard and persist, after TigerBeetle's VOPR and
+//! FoundationDB's simulation testing.
+//!
+//! Why: the faults that break a seat promise (a COMMIT that hangs, an answer lost after
+//! the commit landed, a clock that steps back, a crash between two of those) are rare in
+//! example tests and common on registration day. Here the real [`Shard`] and the real
+//! persist committers ([`persist::serve`]) run on one thread, on a tokio runtime whose
+//! clock is paused (so hours of timeouts take milliseconds and a seed replays the same
+//! run), against the two seams they are written against: a [`Backend`] that fails,
+//! hangs, answers "unknown" and commits after its answer was lost ([`store::SimStore`]),
+//! and a [`Clock`] that steps back and forward ([`SimClock`]). A [`checker::Checker`]
+//! holds every answer against the store and memory, after every step and once the
+//! faults heal.
+//!
+//! Replay one run with `ENROLLD_SIM_SEED=n`; `ENROLLD_SIM_SEEDS` (seeds per run, default
+//! [`SEEDS_DEFAULT`]) and `ENROLLD_SIM_OPS` (requests per seed, default [`OPS_DEFAULT`])
+//! make a longer run.
+//! Must never: reach real time, the network or the disk; depend on anything but the seed.
+
+mod checker;
+mod store;
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, watch};
+
+use crate::ids::{Clock, CourseId, ShardClock, ShardId, StudentId, UnixMs};
+use crate::limit::breaker::{Breaker, BreakerConfig};
+use crate::limit::{Admission, Limiter, LimitsConfig, ShardLimiter};
+use crate::persist::store::StoreOptions;
+use crate::persist::store::LoadRow;
+use crate::persist::{self, PersistConfig};
+use crate::shard::course::CourseSpec;
+use crate::shard::table::CourseTable;
+use crate::shard::{owner_of, serve_inbox, Command, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS};
+use checker::{Checker, Request};
+use store::{SimStore, Weather};
+
+/// Seeds one test run tries unless `ENROLLD_SIM_SEEDS` says otherwise.
+pub const SEEDS_DEFAULT: u64 = 200;
+/// Requests per seed unless `ENROLLD_SIM_OPS` says otherwise.
+pub const OPS_DEFAULT: usize = 1_000;
+const SHARDS: usize = 2;
+const COURSES: usize = 5;
+const STUDENTS: usize = 14;
+const CAPACITY_MAX: u32 = 5;
+/// Identical requests a hammering script sends at once: more than may wait on one seat.
+const FLOOD_COPIES: usize = crate::shard::SEAT_WAITERS_MAX + 4;
+/// Lives (start, load, serve, crash) per seed, at most.
+const LIVES_MAX: u32 = 3;
+/// The store's statement timeout in the simulation.
+const STATEMENT_TIMEOUT_MS: u64 = 400;
+/// Simulated time the healed system gets to settle before the checker looks.
+const SETTLE_MS: u64 = 30_000;
+/// Wall-clock origin of the simulated clock.
+const T0_MS: UnixMs = 1_800_000_000_000;
+/// Largest step of the simulated clock, either way.
+const CLOCK_STEP_MS_MAX: i64 = 6_000;
+
+/// A wall clock that creeps forward on every read and now and then steps back or forward,
+/// as NTP, a VM resume or an operator make a real one do.
+pub struct SimClock {
+    now: AtomicI64,
+    rng: parking_lot::Mutex<StdRng>,
+    step_chance: f64,
+}
+
+impl SimClock {
+    fn new(seed: u64, step_chance: f64) -> SimClock {
+        SimClock {
+            now: AtomicI64::new(T0_MS),
+            rng: parking_lot::Mutex::new(StdRng::seed_from_u64(seed)),
+            step_chance,
+        }
+    }
+}
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> UnixMs {
+        let mut rng = self.rng.lock();
+        let mut now = self.now.load(Ordering::Relaxed) + rng.gen_range(0..=3);
+        if rng.gen_bool(self.step_chance) {
+            now += rng.gen_range(-CLOCK_STEP_MS_MAX..=CLOCK_STEP_MS_MAX);
+        }
+        self.now.store(now, Ordering::Relaxed);
+        now
+    }
+}
+
+/// What one seed did, summed for the coverage check.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub requests: u64,
+    pub lives: u64,
+    pub counts: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Report {
+    fn add(&mut self, other: &Report) {
+        self.requests += other.requests;
+        self.lives += other.lives;
+        for (k, v) in &other.counts {
+            *self.counts.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// Runs one seed to the end: several lives over one simulated store, each ending in a
+/// crash or in a heal-and-check. Err names the first violation.
+pub fn run(seed: u64, ops: usize) -> Result<Report, String> {
+    panics::watch();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let store = SimStore::new(rng.gen());
+    let courses: Vec<CourseId> = (0..COURSES)
+        .map(|i| CourseId::parse(&format!("C{i}")).expect("valid"))
+        .collect();
+    let students: Vec<StudentId> = (0..STUDENTS)
+        .map(|i| StudentId::parse(&format!("s{i:02}")).expect("valid"))
+        .collect();
+    for c in &courses {
+        store.create_course(c, random_spec(&mut rng));
+    }
+    let clock = Arc::new(SimClock::new(rng.gen(), rng.gen_range(0.0..0.05)));
+    let checker = Rc::new(std::cell::RefCell::new(Checker::new(store.clone())));
+    let lives = rng.gen_range(1..=LIVES_MAX);
+    let mut report = Report::default();
+    for life in 0..lives {
+        let last = life + 1 == lives;
+        if life > 0 && rng.gen_bool(0.2) {
+            // An operator's hand edit between two lives: capacity below the seats held.
+            if let Some((course, seats)) = store.lower_capacity_below_seats(&mut rng) {
+                checker.borrow_mut().allow_overfull(&course, seats);
+                *report.counts.entry("hand edit: overfull").or_default() += 1;
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let local = tokio::task::LocalSet::new();
+        let life_ops = ops / lives as usize;
+        let world = World {
+            store: store.clone(),
+            clock: clock.clone(),
+            checker: checker.clone(),
+            courses: courses.clone(),
+            students: students.clone(),
+        };
+        let result = local.block_on(&runtime, world.live(StdRng::seed_from_u64(rng.gen()), life_ops, last));
+        drop(local);
+        drop(runtime);
+        if let Some(message) = panics::take() {
+            return Err(format!("life {life}: a task panicked: {message}"));
+        }
+        result.map_err(|e| format!("life {life}: {e}"))?;
+        // The process is gone: commits still on their way land or roll back.
+        store.crash();
+        checker.borrow_mut().after_crash().map_err(|e| format!("after life {life}: {e}"))?;
+        report.lives += 1;
+    }
+    report.add(&checker.borrow().report());
+    report.add(&store.report());
+    Ok(report)
+}
+
+fn random_spec(rng: &mut StdRng) -> CourseSpec {
+    let opens_at = rng.gen_bool(0.5).then(|| T0_MS + rng.gen_range(-4_000..4_000));
+    let closes_at = rng
+        .gen_bool(0.4)
+        .then(|| opens_at.unwrap_or(T0_MS) + rng.gen_range(1_000..12_000));
+    CourseSpec {
+        title: "simulated".into(),
+        capacity: rng.gen_range(0..=CAPACITY_MAX),
+        opens_at,
+        closes_at,
+    }
+}
+
+/// One process's worth of the simulation.
+struct World {
+    store: Rc<SimStore>,
+    clock: Arc<SimClock>,
+    checker: Rc<std::cell::RefCell<Checker>>,
+    courses: Vec<CourseId>,
+    students: Vec<StudentId>,
+}
+
+impl World {
+    /// Starts persist and the shards from the store, runs `ops` requests under changing
+    /// weather, then either crashes (returns with work in flight) or heals and checks.
+    async fn live(self, mut rng: StdRng, ops: usize, last: bool) -> Result<(), String> {
+        let breaker = Arc::new(Breaker::new(
+            "store",
+            BreakerConfig {
+                window_calls: 20,
+                calls_min: 5,
+                slow_call_ms: 150,
+                open_ms: 300,
+                ..BreakerConfig::default()
+            },
+        ));
+        let pcfg = PersistConfig {
+            store_url: "sim://".into(),
+            store: StoreOptions {
+                pool_connections_max: 3,
+                acquire_timeout_ms: STATEMENT_TIMEOUT_MS,
+            },
+            commits_in_flight_max: 2,
+            batch_rows_max: 6,
+            batch_linger_us: 300,
+            queue_rows_max: 64,
+            demo: false,
+            statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
+            metrics: Arc::default(),
+            breaker: breaker.clone(),
+        };
+        let (handle, rxs) = persist::queues(&pcfg);
+        let store = self.store.clone();
+        tokio::task::spawn_local(async move { persist::serve(&*store, &pcfg, rxs).await });
+        let shards = self.start_shards(handle, breaker)?;
+        self.checker.borrow_mut().set_shards(shards.iter().map(|r| r.me.clone()).collect());
+        self.checker.borrow().check_loaded()?;
+        let routers: Vec<Rc<Router>> = shards.into_iter().map(Rc::new).collect();
+        self.store.set_weather(Weather::calm());
+        for _ in 0..ops {
+            tokio::time::sleep(Duration::from_micros(rng.gen_range(0..3_000))).await;
+            if rng.gen_bool(0.03) {
+                self.store.set_weather(Weather::random(&mut rng));
+            }
+            let router = routers[rng.gen_range(0..routers.len())].clone();
+            let request = self.random_request(&mut rng);
+            // Now and then a double click, or a script hammering one seat.
+            let copies = match rng.gen_range(0..100) {
+                0 => FLOOD_COPIES,
+                1..=5 => 2,
+                _ => 1,
+            };
+            for _ in 0..copies {
+                self.spawn_request(router.clone(), request.clone());
+            }
+            self.checker.borrow().check_step()?;
+        }
+        if !last && rng.gen_bool(0.7) {
+            // Crash with work in flight.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..STATEMENT_TIMEOUT_MS * 2))).await;
+            return Ok(());
+        }
+        self.store.set_weather(Weather::calm());
+        let answer_bound = Duration::from_millis(STATEMENT_TIMEOUT_MS) * ANSWER_WAIT_STATEMENT_TIMEOUTS;
+        tokio::time::sleep(answer_bound + Duration::from_millis(STATEMENT_TIMEOUT_MS)).await;
+        self.checker.borrow().check_all_answered()?;
+        tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
+        self.checker.borrow().check_settled()
+    }
+
+    fn start_shards(&self, persist: persist::PersistHandle, breaker: Arc<Breaker>) -> Result<Vec<Router>, String> {
+        let mut tables: Vec<CourseTable> = (0..SHARDS).map(|_| CourseTable::default()).collect();
+        self.store.load(|row| match row {
+            LoadRow::Course { id, spec, version } => tables[owner_of(&id, SHARDS).0].upsert(&id, spec, version),
+            LoadRow::Enrollment { course, student, at } => {
+                let loaded = tables[owner_of(&course, SHARDS).0].load_enrollment(&course, student, at);
+                assert!(loaded, "the store has no duplicate seats");
+            }
+        });
+        let limits = LimitsConfig {
+            enabled: false,
+            ..LimitsConfig::default()
+        };
+        let (_tx, rx) = watch::channel(Arc::new(limits));
+        let limiter = Arc::new(Limiter::new(rx, None, breaker).map_err(|e| e.to_string())?);
+        let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..SHARDS).map(|_| mpsc::channel::<Envelope>(64)).unzip();
+        let answer_wait = Duration::from_millis(STATEMENT_TIMEOUT_MS) * ANSWER_WAIT_STATEMENT_TIMEOUTS;
+        let mut routers = Vec::new();
+        for (i, (table, inbox)) in tables.into_iter().zip(inbox_rx).enumerate() {
+            let clock: Arc<dyn Clock> = self.clock.clone();
+            let shard = Rc::new(Shard::new(
+                ShardId(i),
+                table,
+                persist.clone(),
+                Arc::default(),
+                Rc::new(ShardLimiter::new(limiter.clone(), SHARDS)),
+                |_| bytes::Bytes::new(),
+                ShardClock::new(clock),
+                answer_wait,
+            ));
+            tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
+            routers.push(Router {
+                me: shard,
+                peers: inbox_tx.clone(),
+            });
+        }
+        Ok(routers)
+    }
+
+    fn random_request(&self, rng: &mut StdRng) -> Request {
+        let course = self.courses[rng.gen_range(0..self.courses.len())].clone();
+        let student = self.students[rng.gen_range(0..self.students.len())].clone();
+        match rng.gen_range(0..100) {
+            0..=59 => Request::Enroll { course, student },
+            60..=89 => Request::Drop { course, student },
+            _ => Request::Put {
+                course,
+                spec: random_spec(rng),
+            },
+        }
+    }
+
+    fn spawn_request(&self, router: Rc<Router>, request: Request) {
+        let checker = self.checker.clone();
+        let id = checker.borrow_mut().begin(&request);
+        tokio::task::spawn_local(async move {
+            let reply = router.call(request.course(), command_of(&request)).await;
+            checker.borrow_mut().end(id, &request, &reply);
+        });
+    }
+}
+
+fn command_of(request: &Request) -> Command {
+    match request.clone() {
+        Request::Enroll { course, student } => Command::Enroll {
+            course,
+            student,
+            admission: Admission {
+                profile: LimitsConfig::default().profiles["student"],
+                ipseg: 0,
+            },
+        },
+        Request::Drop { course, student } => Command::Drop { course, student },
+        Request::Put { course, spec } => Command::Put { course, spec },
+    }
+}
+
+/// Panics inside simulated tasks: tokio turns a task's panic into a `JoinError` (which the
+/// shard would answer as an unknown outcome), while production aborts the process on
+/// any panic. So the simulation records every panic on its thread and fails the seed.
+mod panics {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static PANICKED: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    pub fn watch() {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| {
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                PANICKED.with(|p| {
+                    p.borrow_mut().get_or_insert_with(|| info.to_string());
+                });
+                default(info);
+            }));
+        });
+        take();
+    }
+
+    pub fn take() -> Option<String> {
+        PANICKED.with(|p| p.borrow_mut().take())
+    }
+}
+
+/// Seeds from `ENROLLD_SIM_SEED` (one) or `ENROLLD_SIM_SEEDS` fresh ones from the OS.
+fn seeds() -> Vec<u64> {
+    if let Some(seed) = std::env::var("ENROLLD_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        return vec![seed];
+    }
+    let count = std::env::var("ENROLLD_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SEEDS_DEFAULT);
+    let base: u64 = rand::random::<u32>() as u64 * 1_000;
+    (base..base + count).collect()
+}
+
+#[test]
+fn simulation_holds_every_promise_under_faults() {
+    let ops = std::env::var("ENROLLD_SIM_OPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(OPS_DEFAULT);
+    let seeds = seeds();
+    let mut total = Report::default();
+    for &seed in &seeds {
+        match run(seed, ops) {
+            Ok(report) => total.add(&report),
+            Err(e) => panic!("simulation seed {seed} failed: {e}\nreplay: ENROLLD_SIM_SEED={seed} cargo test --release --lib sim::"),
+        }
+    }
+    eprintln!(
+        "simulation: {} seeds ({}..={}), {} requests, {} lives; {:?}",
+        seeds.len(),
+        seeds[0],
+        seeds[seeds.len() - 1],
+        total.requests,
+        total.lives,
+        total.counts
+    );
+    if seeds.len() >= 16 {
+        // The generator must keep reaching every fault and every kind of answer.
+        for what in checker::COVERED.iter().chain(store::COVERED) {
+            assert!(total.counts.get(what).copied().unwrap_or(0) > 0, "no seed reached {what:?}: {:?}", total.counts);
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! A store that misbehaves on purpose, for the simulation: the same rules as the SQL store
+//! (the guarded counter, idempotent inserts, one transaction per call), with the faults a
+//! real MySQL shows. It fails before anything is done, hangs (before COMMIT or at it),
+//! answers "unknown" after committing or after not committing, and commits late: the
+//! session lives on behind a cut connection and its COMMIT lands after the answer was
+//! lost, unless a fence ([`Backend::read_back`]) ends the session first.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::{Rc, Weak};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::ids::{CourseId, StudentId, UnixMs};
+use crate::persist::store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
+use crate::persist::Backend;
+use crate::shard::course::CourseSpec;
+
+/// Store faults the coverage check needs every test run to reach.
+pub const COVERED: &[&str] = &[
+    "fault: fail",
+    "fault: hang before commit",
+    "fault: hang at commit",
+    "fault: unknown, applied",
+    "fault: unknown, not applied",
+    "fault: late commit",
+    "late commit landed",
+    "late commit fenced",
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCourse {
+    pub spec: CourseSpec,
+    /// The guarded counter (capped at capacity, like the SQL store's).
+    pub enrolled: u32,
+    pub version: u64,
+}
+
+/// The committed state.
+#[derive(Clone, Debug, Default)]
+pub struct Rows {
+    pub courses: BTreeMap<CourseId, StoredCourse>,
+    pub seats: BTreeMap<(CourseId, StudentId), UnixMs>,
+}
+
+impl Rows {
+    pub fn seats_of(&self, course: &CourseId) -> Vec<StudentId> {
+        self.seats
+            .keys()
+            .filter(|(c, _)| c == course)
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+}
+
+/// One change a transaction makes, applied at its COMMIT.
+#[derive(Clone, Debug)]
+enum Effect {
+    Insert(CourseId, StudentId, UnixMs),
+    Delete(CourseId, StudentId),
+    Counter(CourseId, i64),
+    Course(CourseId, StoredCourse),
+}
+
+/// Chances of each fault per call.
+#[derive(Clone, Copy, Debug)]
+pub struct Weather {
+    fail: f64,
+    hang_before: f64,
+    hang_at_commit: f64,
+    unknown_applied: f64,
+    unknown_lost: f64,
+    late: f64,
+    latency_us_max: u64,
+}
+
+impl Weather {
+    pub fn calm() -> Weather {
+        Weather {
+            fail: 0.0,
+            hang_before: 0.0,
+            hang_at_commit: 0.0,
+            unknown_applied: 0.0,
+            unknown_lost: 0.0,
+            late: 0.0,
+            latency_us_max: 2_000,
+        }
+    }
+
+    pub fn random(rng: &mut StdRng) -> Weather {
+        if rng.gen_bool(0.4) {
+            return Weather::calm();
+        }
+        // Mostly drizzle; now and then an outage in which most calls hang or fail.
+        let worst = if rng.gen_bool(0.2) { 0.8 } else { 0.15 };
+        let mut chance = || if rng.gen_bool(0.5) { rng.gen_range(0.0..worst) } else { 0.0 };
+        Weather {
+            fail: chance(),
+            hang_before: chance(),
+            hang_at_commit: chance(),
+            unknown_applied: chance(),
+            unknown_lost: chance(),
+            late: chance(),
+            latency_us_max: 5_000,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    None,
+    Fail,
+    HangBefore,
+    HangAtCommit,
+    UnknownApplied,
+    UnknownLost,
+    Late,
+}
+
+pub struct SimStore {
+    me: Weak<SimStore>,
+    rows: RefCell<Rows>,
+    weather: Cell<Weather>,
+    rng: RefCell<StdRng>,
+    next_session: Cell<u64>,
+    /// Sessions whose COMMIT is on its way: they land unless fenced first.
+    late: RefCell<BTreeMap<u64, Vec<Effect>>>,
+    counts: RefCell<BTreeMap<&'static str, u64>>,
+}
+
+impl SimStore {
+    pub fn new(seed: u64) -> Rc<SimStore> {
+        Rc::new_cyclic(|me| SimStore {
+            me: me.clone(),
+            rows: RefCell::default(),
+            weather: Cell::new(Weather::calm()),
+            rng: RefCell::new(StdRng::seed_from_u64(seed)),
+            next_session: Cell::new(1),
+            late: RefCell::default(),
+            counts: RefCell::default(),
+        })
+    }
+
+    pub fn rows(&self) -> std::cell::Ref<'_, Rows> {
+        self.rows.borrow()
+    }
+
+    pub fn set_weather(&self, weather: Weather) {
+        self.weather.set(weather);
+    }
+
+    pub fn create_course(&self, id: &CourseId, spec: CourseSpec) {
+        let course = StoredCourse {
+            spec,
+            enrolled: 0,
+            version: 1,
+        };
+        self.rows.borrow_mut().courses.insert(id.clone(), course);
+    }
+
+    /// A hand edit: lowers a course's capacity below its seats (bypassing every guard).
+    /// Returns the course and its seats.
+    pub fn lower_capacity_below_seats(&self, rng: &mut StdRng) -> Option<(CourseId, u32)> {
+        let mut rows = self.rows.borrow_mut();
+        let candidates: Vec<(CourseId, u32)> = rows
+            .courses
+            .keys()
+            .map(|c| (c.clone(), rows.seats_of(c).len() as u32))
+            .filter(|(_, n)| *n >= 1)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let (course, seats) = candidates[rng.gen_range(0..candidates.len())].clone();
+        let c = rows.courses.get_mut(&course).expect("listed");
+        c.spec.capacity = rng.gen_range(0..seats);
+        c.enrolled = c.spec.capacity;
+        c.version += 1;
+        Some((course, seats))
+    }
+
+    /// What a start reads, as `Store::load` streams it: courses, then their seats.
+    pub fn load(&self, mut sink: impl FnMut(LoadRow)) {
+        let rows = self.rows.borrow();
+        for (id, c) in &rows.courses {
+            sink(LoadRow::Course {
+                id: id.clone(),
+                spec: c.spec.clone(),
+                version: c.version,
+            });
+        }
+        for ((course, student), at) in &rows.seats {
+            sink(LoadRow::Enrollment {
+                course: course.clone(),
+                student: student.clone(),
+                at: *at,
+            });
+        }
+    }
+
+    /// The process died: every session it had ends, its COMMIT landing or not.
+    pub fn crash(&self) {
+        let late = std::mem::take(&mut *self.late.borrow_mut());
+        for (_, effects) in late {
+            if self.rng.borrow_mut().gen_bool(0.5) {
+                self.apply(&effects);
+                self.count("late commit landed");
+            } else {
+                self.count("late commit fenced");
+            }
+        }
+    }
+
+    pub fn report(&self) -> super::Report {
+        super::Report {
+            counts: self.counts.borrow().clone(),
+            ..super::Report::default()
+        }
+    }
+
+    fn count(&self, what: &'static str) {
+        *self.counts.borrow_mut().entry(what).or_default() += 1;
+    }
+
+    fn session(&self, session: &Session) -> u64 {
+        let id = self.next_session.get();
+        self.next_session.set(id + 1);
+        session.id.set(Some(id));
+        id
+    }
+
+    async fn latency(&self) {
+        let us = self.rng.borrow_mut().gen_range(0..=self.weather.get().latency_us_max);
+        tokio::time::sleep(Duration::from_micros(us)).await;
+    }
+
+    fn roll(&self) -> Fault {
+        let w = self.weather.get();
+        let mut rng = self.rng.borrow_mut();
+        let x: f64 = rng.gen();
+        let faults = [
+            (w.fail, Fault::Fail),
+            (w.hang_before, Fault::HangBefore),
+            (w.hang_at_commit, Fault::HangAtCommit),
+            (w.unknown_applied, Fault::UnknownApplied),
+            (w.unknown_lost, Fault::UnknownLost),
+            (w.late, Fault::Late),
+        ];
+        let mut edge = 0.0;
+        for (p, fault) in faults {
+            edge += p;
+            if x < edge {
+                return fault;
+            }
+        }
+        Fault::None
+    }
+
+    fn apply(&self, effects: &[Effect]) {
+        let mut rows = self.rows.borrow_mut();
+        for e in effects {
+            match e {
+                Effect::Insert(c, s, at) => {
+                    rows.seats.insert((c.clone(), s.clone()), *at);
+                }
+                Effect::Delete(c, s) => {
+                    rows.seats.remove(&(c.clone(), s.clone()));
+                }
+                Effect::Counter(c, d) => {
+                    let course = rows.courses.get_mut(c).expect("counted courses exist");
+                    course.enrolled = (i64::from(course.enrolled) + d).max(0) as u32;
+                }
+                Effect::Course(c, course) => {
+                    rows.courses.insert(c.clone(), course.clone());
+                }
+            }
+        }
+    }
+
+    /// The row-by-row rules of the SQL store, against the committed state: an insert of a
+    /// held seat is a no-op, a new seat needs `enrolled + 1 <= capacity`, a drop frees it.
+    fn plan_seats(&self, ops: &[SeatOp]) -> (Vec<SeatResult>, Vec<Effect>, Option<Probe>) {
+        let mut rows = self.rows.borrow().clone();
+        let mut results = Vec::with_capacity(ops.len());
+        let mut effects = Vec::new();
+        let mut probe = None;
+        for op in ops {
+            let (course, student) = op.key();
+            let key = (course.clone(), student.clone());
+            let Some(c) = rows.courses.get_mut(course) else {
+                results.push(SeatResult::Full);
+                continue;
+            };
+            let changed = match op {
+                SeatOp::Enroll { at, .. } if !rows.seats.contains_key(&key) => {
+                    if c.enrolled < c.spec.capacity {
+                        c.enrolled += 1;
+                        rows.seats.insert(key.clone(), *at);
+                        effects.push(Effect::Insert(course.clone(), student.clone(), *at));
+                        effects.push(Effect::Counter(course.clone(), 1));
+                        results.push(SeatResult::Applied);
+                        true
+                    } else {
+                        results.push(SeatResult::Full);
+                        false
+                    }
+                }
+                SeatOp::Enroll { .. } => {
+                    results.push(SeatResult::Applied);
+                    false
+                }
+                SeatOp::Drop { .. } => {
+                    results.push(SeatResult::Applied);
+                    if rows.seats.remove(&key).is_some() {
+                        c.enrolled = c.enrolled.saturating_sub(1);
+                        effects.push(Effect::Delete(course.clone(), student.clone()));
+                        effects.push(Effect::Counter(course.clone(), -1));
+                        true
+                    } else {
+                        false
+                    }
+                }
+            };
+            if changed && probe.is_none() {
+                probe = Some(Probe::Seat {
+                    course: course.clone(),
+                    student: student.clone(),
+                    present_if_committed: matches!(op, SeatOp::Enroll { .. }),
+                });
+            }
+        }
+        (results, effects, probe)
+    }
+
+    /// Runs a transaction's ending under the weather: `Ok` when it committed and the
+    /// answer came back.
+    async fn finish(&self, id: u64, fault: Fault, effects: Vec<Effect>) -> Result<(), CommitError> {
+        let unknown = || CommitError::Unknown(anyhow::anyhow!("simulated: the COMMIT's answer was lost"));
+        match fault {
+            Fault::None | Fault::Fail | Fault::HangBefore => {
+                self.apply(&effects);
+                Ok(())
+            }
+            Fault::UnknownApplied => {
+                self.count("fault: unknown, applied");
+                self.apply(&effects);
+                Err(unknown())
+            }
+            Fault::UnknownLost => {
+                self.count("fault: unknown, not applied");
+                Err(unknown())
+            }
+            Fault::Late | Fault::HangAtCommit => {
+                self.late.borrow_mut().insert(id, effects);
+                let delay_ms = self.rng.borrow_mut().gen_range(1..5_000);
+                let me = self.me.upgrade().expect("the store outlives its calls");
+                tokio::task::spawn_local(async move {
+                    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    let effects = me.late.borrow_mut().remove(&id);
+                    if let Some(effects) = effects {
+                        me.apply(&effects);
+                        me.count("late commit landed");
+                    }
+                });
+                if fault == Fault::HangAtCommit {
+                    self.count("fault: hang at commit");
+                    std::future::pending::<()>().await;
+                }
+                self.count("fault: late commit");
+                Err(unknown())
+            }
+        }
+    }
+
+    /// The faults that strike before COMMIT: nothing is applied.
+    async fn before_commit(&self, fault: Fault) -> Result<(), CommitError> {
+        match fault {
+            Fault::Fail => {
+                self.count("fault: fail");
+                Err(CommitError::NotCommitted(anyhow::Error::new(sqlx::Error::Io(
+                    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated: connection reset"),
+                ))))
+            }
+            Fault::HangBefore => {
+                self.count("fault: hang before commit");
+                std::future::pending().await
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Backend for SimStore {
+    async fn ping(&self) -> anyhow::Result<()> {
+        self.latency().await;
+        match self.roll() {
+            Fault::Fail => anyhow::bail!("simulated: ping failed"),
+            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            _ => Ok(()),
+        }
+    }
+
+    async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        let id = self.session(session);
+        self.latency().await;
+        let fault = self.roll();
+        self.before_commit(fault).await?;
+        let (results, effects, probe) = self.plan_seats(ops);
+        session.commit_sent(probe, Settled::Seats(results.clone()));
+        self.latency().await;
+        self.finish(id, fault, effects).await?;
+        Ok(results)
+    }
+
+    async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError> {
+        let sid = self.session(session);
+        self.latency().await;
+        let fault = self.roll();
+        self.before_commit(fault).await?;
+        let existing = self.rows.borrow().courses.get(id).cloned();
+        let (result, course) = match existing {
+            Some(c) if c.enrolled > spec.capacity => return Ok(PutResult::BelowEnrolled),
+            Some(c) => (
+                PutResult::Updated { version: c.version + 1 },
+                StoredCourse {
+                    spec: spec.clone(),
+                    enrolled: c.enrolled,
+                    version: c.version + 1,
+                },
+            ),
+            None => (
+                PutResult::Created { version: 1 },
+                StoredCourse {
+                    spec: spec.clone(),
+                    enrolled: 0,
+                    version: 1,
+                },
+            ),
+        };
+        let probe = Probe::Course {
+            course: id.clone(),
+            version_if_committed: course.version,
+        };
+        session.commit_sent(Some(probe), Settled::Put(result));
+        self.latency().await;
+        self.finish(sid, fault, vec![Effect::Course(id.clone(), course)]).await?;
+        Ok(result)
+    }
+
+    async fn fence(&self, session: &Session) -> anyhow::Result<()> {
+        self.latency().await;
+        match self.roll() {
+            Fault::Fail => anyhow::bail!("simulated: the fence failed"),
+            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            _ => {}
+        }
+        // The session ends now, its COMMIT landing first or never.
+        let id = session.id.get().expect("every simulated session has an id");
+        let pending = self.late.borrow_mut().remove(&id);
+        if let Some(effects) = pending {
+            if self.rng.borrow_mut().gen_bool(0.5) {
+                self.apply(&effects);
+                self.count("late commit landed");
+            } else {
+                self.count("late commit fenced");
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {
+        self.latency().await;
+        match self.roll() {
+            Fault::Fail => anyhow::bail!("simulated: read-back failed"),
+            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            _ => {}
+        }
+        let rows = self.rows.borrow();
+        Ok(match probe {
+            Probe::Seat {
+                course,
+                student,
+                present_if_committed,
+            } => rows.seats.contains_key(&(course.clone(), student.clone())) == *present_if_committed,
+            Probe::Course {
+                course,
+                version_if_committed,
+            } => rows.courses.get(course).is_some_and(|c| c.version == *version_if_committed),
+        })
+    }
+}
