@@ -92,7 +92,7 @@ pub struct ConfigArgs {
     /// Time to get a store connection before a batch fails [default: 1000]
     #[arg(long, env = "ENROLLD_STORE_ACQUIRE_TIMEOUT_MS")]
     pub store_acquire_timeout_ms: Option<u64>,
-    /// Time the store has to answer a batch's statements before its COMMIT; past it the batch fails, not committed (503), and its connection is closed [default: 5000]
+    /// Bound on every store call (a batch with its COMMIT, an admin change, a ping, a read-back); an unanswered COMMIT is read back after its session is ended; requests wait at most 3x this [default: 5000]
     #[arg(long, env = "ENROLLD_STORE_STATEMENT_TIMEOUT_MS")]
     pub store_statement_timeout_ms: Option<u64>,
 }
