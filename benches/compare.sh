@@ -19,7 +19,8 @@
 # the profile that says whether a run was bound by the cores or by waiting.
 #
 # Usage: benches/compare.sh [seconds=10] [connections=64]
-# Environment: SHARDS (default nproc), LIMITS=on to keep enrolld's rate limits on (off by
+# Environment: ENROLLD_BIN (the enrolld binary to measure; default: build this tree),
+# SHARDS (default nproc), LIMITS=on to keep enrolld's rate limits on (off by
 # default: wrk sends everything from one IP segment, and the 409 run from one student, which
 # the limits exist to refuse).
 # Never: FLUSHALL or touch another key of the shared Redis (only enrolld:bench:*), or leave a
@@ -44,8 +45,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --quiet
-bin=target/release/enrolld
+# ENROLLD_BIN: measure another build (say, the commit before a change) in the same run.
+if [ -n "${ENROLLD_BIN:-}" ]; then
+  bin=$ENROLLD_BIN
+else
+  cargo build --release --quiet
+  bin=target/release/enrolld
+fi
 
 export MYSQL_PWD=enrolld
 sql() { mariadb -h127.0.0.1 -P3306 -uenrolld -N -B "$@"; }

@@ -228,3 +228,27 @@ async fn json_logs_carry_request_ids() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// The ready line names the address once (it named `listen=` twice: as a field and in the
+/// message), so a script that takes the first `listen=` and one that takes the last agree.
+#[test]
+fn the_ready_line_names_the_address_once() {
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("enrolld-ready");
+    let store = format!("sqlite://{}", dir.path("e.db"));
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--store", &store])
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn enrolld");
+    let stderr = child.stderr.take().expect("piped");
+    let line = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("enrolld ready"))
+        .expect("a ready line");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(line.matches("listen=").count(), 1, "{line}");
+}
