@@ -10,6 +10,7 @@
 //! - [`single_writer`]: one SQLite file, one process (an OS lock held for the process's life);
 //! - [`limit`]: token buckets, flow rules, circuit breakers;
 //! - [`metrics`]: per-shard counters summed at scrape time;
+//! - [`model`]: the course spec both shard/ and persist/ speak of (below both);
 //! - [`ids`]: validated ids, the time unit and the clock seam;
 //! - `sim` (tests only): the deterministic simulation of shard and persist.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod ids;
 pub mod limit;
 pub mod metrics;
+pub mod model;
 pub mod net;
 pub mod persist;
 pub mod server;

@@ -98,23 +98,6 @@ pub struct HotCourse {
     pub outcomes: [u64; ATTEMPTS.len()],
 }
 
-impl Attempt {
-    /// The outcome an owner shard's reply stands for, if it is an enrollment answer.
-    pub fn of_reply(r: &crate::shard::Reply) -> Option<Attempt> {
-        use crate::shard::Reply;
-        Some(match r {
-            Reply::Enrolled { created: true, .. } => Attempt::Enrolled,
-            Reply::Enrolled { created: false, .. } => Attempt::Already,
-            Reply::Full => Attempt::Full,
-            Reply::Closed => Attempt::Closed,
-            Reply::NotFound => Attempt::NotFound,
-            Reply::RateLimited(..) => Attempt::RateLimited,
-            Reply::Unavailable => Attempt::Unavailable,
-            _ => return None,
-        })
-    }
-}
-
 /// One shard's counters. Written only by that shard's thread.
 #[repr(align(128))]
 #[derive(Default)]

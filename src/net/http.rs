@@ -23,7 +23,7 @@ use super::error::{ApiError, RETRY_AFTER_SECS};
 use crate::ids::{parse_rfc3339, rfc3339, CourseId, UnixMs};
 use crate::limit::{ClientAddr, Dimension, Refusal, RouteGroup};
 use crate::metrics::{Attempt, Metrics, Reject, ShardMetrics};
-use crate::shard::course::{CourseSpec, CAPACITY_MAX};
+use crate::model::{CourseSpec, CAPACITY_MAX};
 use crate::shard::table::{CourseView, EnrollmentView};
 use crate::shard::{Command, Reply, Router};
 

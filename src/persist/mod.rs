@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, Call};
-use crate::shard::course::CourseSpec;
+use crate::model::CourseSpec;
 use store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled, Store, StoreOptions};
 
 /// The store as the committers see it: the seam between the group-commit logic (batching,

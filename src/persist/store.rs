@@ -14,7 +14,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Row};
 
 use crate::ids::{CourseId, StudentId, UnixMs};
-use crate::shard::course::CourseSpec;
+use crate::model::CourseSpec;
 
 /// Rows in one multi-row statement at most. SQLite allows 32,766 bound variables and the
 /// widest statement binds 3 per row.
@@ -41,6 +41,13 @@ impl Dialect {
         match self {
             Dialect::Mysql => "INSERT IGNORE INTO",
             Dialect::Sqlite => "INSERT OR IGNORE INTO",
+        }
+    }
+    /// The scalar minimum of its arguments.
+    fn least(self) -> &'static str {
+        match self {
+            Dialect::Mysql => "LEAST",
+            Dialect::Sqlite => "MIN",
         }
     }
 }
@@ -306,10 +313,7 @@ impl Store {
     /// store, are not loaded, and are reported.
     pub async fn load(&self, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<LoadReport> {
         use futures_util::TryStreamExt;
-        let least = match self.dialect {
-            Dialect::Mysql => "LEAST",
-            Dialect::Sqlite => "MIN",
-        };
+        let least = self.dialect.least();
         let count = "(SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id)";
         let counters_fixed = sqlx::query(&format!(
             "UPDATE courses SET enrolled = {least}({count}, capacity) WHERE enrolled <> {least}({count}, capacity)"
@@ -468,6 +472,11 @@ impl Store {
             "{} enrollments (course_id, student_id, enrolled_at_ms) VALUES (?, ?, ?)",
             self.dialect.insert_ignore()
         );
+        let recount = format!(
+            "UPDATE courses SET enrolled = {}(capacity, (SELECT COUNT(*) FROM enrollments WHERE course_id = ?)) \
+             WHERE id = ?",
+            self.dialect.least()
+        );
         for op in ops {
             let (course, student) = op.key();
             let result = match op {
@@ -514,7 +523,13 @@ impl Store {
                         .map_err(not_committed)?
                         .rows_affected();
                     if deleted == 1 {
-                        sqlx::query("UPDATE courses SET enrolled = enrolled - 1 WHERE id = ?")
+                        // The rows left, capped at capacity, as the load sets it: a course
+                        // loaded with more rows than capacity keeps a counter of capacity,
+                        // and a decrement would break the CHECK (`enrolled >= 0`) before
+                        // drops bring it under capacity. This also heals a counter the
+                        // fast path's decrements left below its rows on such a course.
+                        sqlx::query(&recount)
+                                .bind(course.as_str())
                                 .bind(course.as_str())
                                 .execute(conn.get())
                         .await

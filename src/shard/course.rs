@@ -14,9 +14,8 @@
 use std::collections::HashMap;
 
 use crate::ids::{CourseId, StudentId, UnixMs};
+pub use crate::model::CourseSpec;
 
-/// Largest capacity a course may have (a lecture hall, not a stadium).
-pub const CAPACITY_MAX: u32 = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seat {
@@ -25,14 +24,6 @@ pub enum Seat {
     DropPending { at: UnixMs },
 }
 
-/// What an admin may set on a course.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CourseSpec {
-    pub title: String,
-    pub capacity: u32,
-    pub opens_at: Option<UnixMs>,
-    pub closes_at: Option<UnixMs>,
-}
 
 #[derive(Debug)]
 pub struct Course {

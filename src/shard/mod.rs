@@ -256,7 +256,7 @@ impl Shard {
             EnrollDecision::Full => Reply::Full,
             EnrollDecision::InFlight | EnrollDecision::Reserved { .. } => return None,
         };
-        if let Some(a) = Attempt::of_reply(&reply) {
+        if let Some(a) = attempt_of(&reply) {
             c.note_outcome(a);
         }
         Some(reply)
@@ -271,7 +271,7 @@ impl Shard {
                 admission,
             } => {
                 let reply = self.enroll(course.clone(), student, admission).await;
-                if let (Some(c), Some(a)) = (self.table.borrow().get(&course), Attempt::of_reply(&reply)) {
+                if let (Some(c), Some(a)) = (self.table.borrow().get(&course), attempt_of(&reply)) {
                     c.note_outcome(a);
                 }
                 reply
@@ -486,6 +486,20 @@ impl Shard {
             created,
         }
     }
+}
+
+/// The outcome an owner shard's reply stands for, if it is an enrollment answer.
+fn attempt_of(r: &Reply) -> Option<Attempt> {
+    Some(match r {
+        Reply::Enrolled { created: true, .. } => Attempt::Enrolled,
+        Reply::Enrolled { created: false, .. } => Attempt::Already,
+        Reply::Full => Attempt::Full,
+        Reply::Closed => Attempt::Closed,
+        Reply::NotFound => Attempt::NotFound,
+        Reply::RateLimited(..) => Attempt::RateLimited,
+        Reply::Unavailable => Attempt::Unavailable,
+        _ => return None,
+    })
 }
 
 fn enrolled(course: CourseId, student: StudentId, at: UnixMs, created: bool) -> Reply {

@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::ids::{CourseId, StudentId};
-use crate::shard::course::{CourseSpec, Seat};
+use crate::model::CourseSpec;
+use crate::shard::course::Seat;
 use crate::shard::{Reply, Shard};
 
 use super::store::SimStore;

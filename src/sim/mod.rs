@@ -35,7 +35,7 @@ use crate::limit::{Admission, Limiter, LimitsConfig, ShardLimiter};
 use crate::persist::store::StoreOptions;
 use crate::persist::store::LoadRow;
 use crate::persist::{self, PersistConfig};
-use crate::shard::course::CourseSpec;
+use crate::model::CourseSpec;
 use crate::shard::table::CourseTable;
 use crate::shard::{owner_of, serve_inbox, Command, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS};
 use checker::{Checker, Request};

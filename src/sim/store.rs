@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::persist::store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
 use crate::persist::Backend;
-use crate::shard::course::CourseSpec;
+use crate::model::CourseSpec;
 
 /// Store faults the coverage check needs every test run to reach.
 pub const COVERED: &[&str] = &[
