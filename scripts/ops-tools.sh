@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the tools the operations tests (tests/deploy.rs) run: promtool and the
-# prometheus server, nginx, openssl, systemd-analyze and curl. Idempotent: when every tool
+# prometheus server, nginx, openssl, systemd-analyze and curl; and libfaketime, which
+# tests/clock_step.rs preloads into enrolld to step its clock. Idempotent: when every tool
 # is already there it changes nothing and runs no apt-get at all; otherwise it runs
 # `apt-get update` once and installs only the missing Debian packages (Debian 12, as root
 # or through sudo).
@@ -24,6 +25,9 @@ have nginx || missing+=(nginx-light)
 have openssl || missing+=(openssl)
 have systemd-analyze || missing+=(systemd)
 have curl || missing+=(curl)
+# The preload library itself (package libfaketime) comes with the `faketime` command.
+libfaketime() { compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null; }
+{ have faketime && libfaketime; } || missing+=(faketime)
 
 if [ "${#missing[@]}" = 0 ]; then
   exit 0
@@ -45,7 +49,8 @@ as_root apt-get update -qq
 as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
   "${missing[@]}" >/dev/null
 
-for t in promtool prometheus nginx openssl systemd-analyze curl; do
+for t in promtool prometheus nginx openssl systemd-analyze curl faketime; do
   have "$t" || { log "$t is still missing after installing ${missing[*]}"; exit 1; }
 done
-log "ready: promtool prometheus nginx openssl systemd-analyze curl"
+libfaketime || { log "libfaketimeMT.so.1 is still missing after installing ${missing[*]}"; exit 1; }
+log "ready: promtool prometheus nginx openssl systemd-analyze curl faketime"

@@ -97,6 +97,8 @@ pub struct Server {
     /// Each shard's own address, in shard order (with `--shard-listen`).
     pub shard_addrs: Vec<SocketAddr>,
     pub args: Vec<String>,
+    /// Extra environment variables of the process (kept for restarts).
+    pub env: Vec<(String, String)>,
     pub log: mpsc::Receiver<String>,
 }
 
@@ -107,6 +109,11 @@ pub fn bin() -> &'static str {
 impl Server {
     /// Starts the server with `--listen 127.0.0.1:0` and the test secret, plus `extra`.
     pub fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (e.g. an `LD_PRELOAD`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--listen".into(),
@@ -115,12 +122,18 @@ impl Server {
             SECRET.into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Server::start_args(args)
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Server::spawn(args, env)
     }
 
     pub fn start_args(args: Vec<String>) -> Server {
+        Server::spawn(args, Vec::new())
+    }
+
+    fn spawn(args: Vec<String>, env: Vec<(String, String)>) -> Server {
         let mut child = Command::new(bin())
             .args(&args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info,enrolld=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -164,6 +177,7 @@ impl Server {
             addr,
             shard_addrs,
             args,
+            env,
             log: rx,
         }
     }
@@ -176,7 +190,7 @@ impl Server {
         let listen_pos = args.iter().position(|a| a == "--listen").unwrap();
         let mut args = args;
         args[listen_pos + 1] = "127.0.0.1:0".into();
-        Server::start_args(args)
+        Server::spawn(args, std::mem::take(&mut self.env))
     }
 
     pub fn kill9(&mut self) {
