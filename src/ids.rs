@@ -113,13 +113,21 @@ impl Clock for SystemClock {
     }
 }
 
-/// A shard's view of the wall clock: never earlier than a time it already gave out.
+/// A step back of the wall clock up to this is absorbed (time stands still until the clock
+/// catches up); a larger one is taken as the correction of a clock that had jumped ahead.
+pub const CLOCK_BACKSTEP_ABSORB_MS: UnixMs = 60_000;
+
+/// A shard's view of the wall clock: never earlier than a time it already gave out, for
+/// steps back of up to [`CLOCK_BACKSTEP_ABSORB_MS`].
 ///
-/// A step back of the realtime clock would otherwise re-close a course that is open
-/// (`opens_at` passes again) or reopen one that closed, and date a new seat before an
-/// older one. So the shard's time stands still until the realtime clock catches up, and
-/// steps forward with it. A step forward cannot be told from time passing and is taken
-/// as is. Read it once per decision: two reads may differ.
+/// A small step back of the realtime clock (NTP, a VM resume) would otherwise re-close a
+/// course that is open (`opens_at` passes again) or reopen one that closed, and date a new
+/// seat before an older one. So the shard's time stands still until the realtime clock
+/// catches up, and steps forward with it. A step forward cannot be told from time passing
+/// and is taken as is; a large step back is the correction of a clock that had jumped
+/// ahead by mistake, and is followed (logged), or the shard's time would stand still for
+/// as long as the mistake was. Either way no seat is affected: a held seat is never
+/// re-decided. Read it once per decision: two reads may differ.
 pub struct ShardClock {
     source: std::sync::Arc<dyn Clock>,
     high_water: std::cell::Cell<UnixMs>,
@@ -134,9 +142,48 @@ impl ShardClock {
     }
 
     pub fn now_ms(&self) -> UnixMs {
-        let now = self.source.now_ms().max(self.high_water.get());
+        let source = self.source.now_ms();
+        let high_water = self.high_water.get();
+        let now = if source >= high_water {
+            source
+        } else if high_water - source <= CLOCK_BACKSTEP_ABSORB_MS {
+            high_water
+        } else {
+            tracing::warn!(
+                back_ms = high_water - source,
+                "the wall clock stepped far back; following it (it had jumped ahead)"
+            );
+            source
+        };
         self.high_water.set(now);
         now
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::Arc;
+
+    struct Manual(AtomicI64);
+    impl Clock for Manual {
+        fn now_ms(&self) -> UnixMs {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    #[test]
+    fn small_steps_back_stand_still_large_ones_are_followed() {
+        let source = Arc::new(Manual(AtomicI64::new(1_000_000)));
+        let clock = ShardClock::new(source.clone());
+        assert_eq!(clock.now_ms(), 1_000_000);
+        source.0.store(1_000_000 - CLOCK_BACKSTEP_ABSORB_MS, Ordering::Relaxed);
+        assert_eq!(clock.now_ms(), 1_000_000, "a small step back stands still");
+        source.0.store(1_000_500, Ordering::Relaxed);
+        assert_eq!(clock.now_ms(), 1_000_500, "forward with the clock");
+        source.0.store(1_000_500 - CLOCK_BACKSTEP_ABSORB_MS - 1, Ordering::Relaxed);
+        assert_eq!(clock.now_ms(), 1_000_500 - CLOCK_BACKSTEP_ABSORB_MS - 1, "a large one is followed");
     }
 }
 

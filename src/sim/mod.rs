@@ -61,6 +61,8 @@ const SETTLE_MS: u64 = 30_000;
 const T0_MS: UnixMs = 1_800_000_000_000;
 /// Largest step of the simulated clock, either way.
 const CLOCK_STEP_MS_MAX: i64 = 6_000;
+/// Largest jump of the simulated clock, either way (beyond `CLOCK_BACKSTEP_ABSORB_MS`).
+const CLOCK_JUMP_MS_MAX: i64 = 3 * crate::ids::CLOCK_BACKSTEP_ABSORB_MS;
 
 /// A wall clock that creeps forward on every read and now and then steps back or forward,
 /// as NTP, a VM resume or an operator make a real one do.
@@ -85,7 +87,10 @@ impl Clock for SimClock {
         let mut rng = self.rng.lock();
         let mut now = self.now.load(Ordering::Relaxed) + rng.gen_range(0..=3);
         if rng.gen_bool(self.step_chance) {
-            now += rng.gen_range(-CLOCK_STEP_MS_MAX..=CLOCK_STEP_MS_MAX);
+            // Mostly small steps (absorbed by the shard clock), now and then a large one
+            // (followed, as the correction of a clock that had jumped).
+            let max = if rng.gen_bool(0.1) { CLOCK_JUMP_MS_MAX } else { CLOCK_STEP_MS_MAX };
+            now += rng.gen_range(-max..=max);
         }
         self.now.store(now, Ordering::Relaxed);
         now
