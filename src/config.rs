@@ -95,6 +95,15 @@ pub struct ConfigArgs {
     /// Bound on every store call (a batch with its COMMIT, an admin change, a ping, a read-back); an unanswered COMMIT is read back after its session is ended; requests wait at most 3x this [default: 5000]
     #[arg(long, env = "ENROLLD_STORE_STATEMENT_TIMEOUT_MS")]
     pub store_statement_timeout_ms: Option<u64>,
+    /// Write the change feed (GET /v1/admin/events) in every change's transaction [default: true]
+    #[arg(long, env = "ENROLLD_EVENTS_ENABLED", num_args = 0..=1, default_missing_value = "true")]
+    pub events_enabled: Option<bool>,
+    /// Days the change feed keeps an event (fractions allowed; older ones are trimmed in small batches) [default: 30]
+    #[arg(long, env = "ENROLLD_EVENTS_RETENTION_DAYS")]
+    pub events_retention_days: Option<f64>,
+    /// Also append each committed event to this Redis Stream (best effort; needs --redis) [default: none]
+    #[arg(long, env = "ENROLLD_EVENTS_REDIS_STREAM")]
+    pub events_redis_stream: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -130,6 +139,9 @@ struct FileConfig {
     commits_in_flight_max: Option<usize>,
     store_acquire_timeout_ms: Option<u64>,
     store_statement_timeout_ms: Option<u64>,
+    events_enabled: Option<bool>,
+    events_retention_days: Option<f64>,
+    events_redis_stream: Option<String>,
     limits: Option<LimitsConfig>,
 }
 
@@ -160,6 +172,10 @@ pub struct Config {
     pub commits_in_flight_max: usize,
     pub store_acquire_timeout_ms: u64,
     pub store_statement_timeout_ms: u64,
+    pub events_enabled: bool,
+    pub events_retention_days: f64,
+    /// Redis Stream key the committed events are also appended to.
+    pub events_redis_stream: Option<String>,
     /// Rate limits, flow rules, breakers (reloadable).
     pub limits: LimitsConfig,
     /// The file it came from, for reloads.
@@ -172,6 +188,12 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 #[error("config: {0}")]
 pub struct ConfigError(pub String);
+
+/// How long the change feed keeps events unless configured.
+pub const EVENTS_RETENTION_DAYS_DEFAULT: f64 = 30.0;
+/// Shortest retention (about a second: for tests of trimming and expired cursors).
+pub const EVENTS_RETENTION_DAYS_MIN: f64 = 1e-5;
+pub const EVENTS_RETENTION_DAYS_MAX: f64 = 3_650.0;
 
 fn range<T: PartialOrd + std::fmt::Display + Copy>(key: &str, v: T, lo: T, hi: T) -> Result<T, ConfigError> {
     if v < lo || v > hi {
@@ -202,6 +224,15 @@ impl Config {
         if let Some(r) = &redis {
             if !(r.starts_with("redis://") || r.starts_with("rediss://")) {
                 return Err(ConfigError(format!("`redis` {r:?} must start with redis://")));
+            }
+        }
+        let events_redis_stream = args.events_redis_stream.clone().or(file.events_redis_stream.clone());
+        if let Some(stream) = &events_redis_stream {
+            if redis.is_none() {
+                return Err(ConfigError("`events_redis_stream` needs `redis`".into()));
+            }
+            if stream.is_empty() || stream.len() > 200 {
+                return Err(ConfigError(format!("`events_redis_stream` {stream:?} must be 1-200 bytes")));
             }
         }
         let jwt_secret = args.jwt_secret.clone().or(file.jwt_secret);
@@ -318,6 +349,16 @@ impl Config {
                 10,
                 600_000,
             )?,
+            events_enabled: args.events_enabled.or(file.events_enabled).unwrap_or(true),
+            events_retention_days: range(
+                "events_retention_days",
+                args.events_retention_days
+                    .or(file.events_retention_days)
+                    .unwrap_or(EVENTS_RETENTION_DAYS_DEFAULT),
+                EVENTS_RETENTION_DAYS_MIN,
+                EVENTS_RETENTION_DAYS_MAX,
+            )?,
+            events_redis_stream,
             limits,
             config_path: args.config.clone(),
             limits_enabled_flag: args.limits_enabled,

@@ -151,6 +151,11 @@ pub struct PersistMetrics {
     pub courses_overfull: prometheus::IntGauge,
     /// Stored seats of courses that do not exist, left in the store and not loaded.
     pub seats_orphaned: prometheus::IntGauge,
+    /// The change feed: the newest event's number (events written since the feed began),
+    /// the newest number any reader was served, and rows trimmed by retention.
+    pub feed_head: prometheus::IntGauge,
+    pub feed_served: prometheus::IntGauge,
+    pub events_trimmed: prometheus::IntCounter,
 }
 
 impl Default for PersistMetrics {
@@ -171,6 +176,21 @@ impl Default for PersistMetrics {
                 "Courses the last start loaded with more seats than capacity.",
             )
             .expect("valid gauge"),
+            feed_head: prometheus::IntGauge::new(
+                "enrolld_events_head_seq",
+                "Number of the newest committed change-feed event (events written since the feed began).",
+            )
+            .expect("valid gauge"),
+            feed_served: prometheus::IntGauge::new(
+                "enrolld_events_served_seq",
+                "Number of the newest change-feed event served to a reader (head minus this: the feed lag).",
+            )
+            .expect("valid gauge"),
+            events_trimmed: prometheus::IntCounter::new(
+                "enrolld_events_trimmed_total",
+                "Change-feed events removed by retention.",
+            )
+            .expect("valid counter"),
             seats_orphaned: prometheus::IntGauge::new(
                 "enrolld_recovery_seats_orphaned",
                 "Stored seats of unknown courses the last start found (kept, not loaded).",
@@ -484,9 +504,17 @@ impl Metrics {
         registry
             .register(Box::new(persist.commit_seconds.clone()))
             .expect("unique name");
-        for gauge in [&persist.courses_overfull, &persist.seats_orphaned] {
+        for gauge in [
+            &persist.courses_overfull,
+            &persist.seats_orphaned,
+            &persist.feed_head,
+            &persist.feed_served,
+        ] {
             registry.register(Box::new(gauge.clone())).expect("unique name");
         }
+        registry
+            .register(Box::new(persist.events_trimmed.clone()))
+            .expect("unique name");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))

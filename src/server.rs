@@ -264,8 +264,12 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>
             // One connection per committer, one for pings and admin reads.
             pool_connections_max: cfg.commits_in_flight_max as u32 + 1,
             acquire_timeout_ms: cfg.store_acquire_timeout_ms,
+            events: cfg.events_enabled,
         },
         statement_timeout: std::time::Duration::from_millis(cfg.store_statement_timeout_ms),
+        events_retention: cfg
+            .events_enabled
+            .then(|| std::time::Duration::from_secs_f64(cfg.events_retention_days * 86_400.0)),
         commits_in_flight_max: cfg.commits_in_flight_max,
         batch_rows_max: cfg.batch_rows_max,
         batch_linger_us: cfg.batch_linger_us,

@@ -12,6 +12,7 @@ use enrolld::model::CourseSpec;
 const OPTS: StoreOptions = StoreOptions {
     pool_connections_max: 2,
     acquire_timeout_ms: 2_000,
+    events: true,
 };
 
 /// Runs `body` once per store kind, each on a fresh database.

@@ -44,12 +44,14 @@ pub enum ApiError {
     /// rather than answering (see `http::handle`); the body exists for completeness.
     #[error("the outcome is not known; retrying is safe")]
     OutcomeUnknown,
+    #[error("the cursor is older than the events kept; start again without `after`")]
+    CursorExpired,
 }
 
 /// One rendered body per error whose text never varies.
 static FIXED_BODIES: [std::sync::OnceLock<&'static [u8]>; FIXED_ERRORS] =
     [const { std::sync::OnceLock::new() }; FIXED_ERRORS];
-const FIXED_ERRORS: usize = 12;
+const FIXED_ERRORS: usize = 13;
 
 impl ApiError {
     /// An index into [`FIXED_BODIES`] for errors whose body never varies.
@@ -68,6 +70,7 @@ impl ApiError {
             ApiError::Unavailable => 9,
             ApiError::RateLimited { .. } => 10,
             ApiError::OutcomeUnknown => 11,
+            ApiError::CursorExpired => 12,
         })
     }
 
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::CursorExpired => StatusCode::GONE,
         }
     }
 
@@ -101,6 +105,7 @@ impl ApiError {
             ApiError::Unavailable => "unavailable",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::OutcomeUnknown => "outcome_unknown",
+            ApiError::CursorExpired => "cursor_expired",
         }
     }
 

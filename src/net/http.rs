@@ -368,7 +368,11 @@ async fn route(
                 other => reply(other),
             }
         }
-        (_, ["courses"] | ["courses", _] | ["me", "enrollments"] | ["admin", "courses", _, "roster"]) => {
+        (&Method::GET, ["admin", "events"]) => {
+            admin(&caller)?;
+            events(ctx, query.as_deref()).await
+        }
+        (_, ["courses"] | ["courses", _] | ["me", "enrollments"] | ["admin", "courses", _, "roster"] | ["admin", "events"]) => {
             Err(ApiError::MethodNotAllowed { allow: "GET" })
         }
         (_, ["courses", _, "enrollment"]) => Err(ApiError::MethodNotAllowed { allow: "POST, DELETE" }),
@@ -529,6 +533,101 @@ fn course_spec(body: &[u8]) -> Result<CourseSpec, ApiError> {
         opens_at,
         closes_at,
     })
+}
+
+/// Events one feed read returns unless the caller asks otherwise.
+const PAGE_EVENTS_DEFAULT: u32 = 100;
+/// Longest long poll a feed reader may ask for.
+const EVENTS_WAIT_MS_MAX: u64 = 30_000;
+
+/// `GET /v1/admin/events`: a page of the change feed after a cursor; with `wait_ms`, an
+/// empty page waits until a commit writes events (or the wait ends).
+async fn events(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
+    use crate::persist::feed;
+    let mut after = None;
+    let mut limit = PAGE_EVENTS_DEFAULT;
+    let mut wait_ms = 0;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*k {
+            "after" => {
+                after = Some(feed::parse_cursor(&v).ok_or_else(|| ApiError::BadRequest("after: not a cursor".into()))?)
+            }
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=feed::EVENTS_PAGE_MAX).contains(n))
+                    .ok_or_else(|| ApiError::BadRequest(format!("limit must be 1-{}", feed::EVENTS_PAGE_MAX)))?
+            }
+            "wait_ms" => {
+                wait_ms = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n <= EVENTS_WAIT_MS_MAX)
+                    .ok_or_else(|| ApiError::BadRequest(format!("wait_ms must be 0-{EVENTS_WAIT_MS_MAX}")))?
+            }
+            _ => return Err(ApiError::BadRequest(format!("unknown query parameter {k:?}"))),
+        }
+    }
+    let persist = ctx.router.me.persist();
+    // Subscribed before the first read, so a commit between the read and the wait wakes it.
+    let mut changes = persist.feed_changes();
+    changes.borrow_and_update();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    let page = loop {
+        let rx = persist.read_events(after, limit).map_err(|_| ApiError::Unavailable)?;
+        let page = match rx.await.map_err(|_| ApiError::Unavailable)? {
+            Ok(page) => page,
+            Err(feed::FeedError::Expired { .. }) => return Err(ApiError::CursorExpired),
+            Err(feed::FeedError::Ahead) => return Err(ApiError::BadRequest("after: a cursor ahead of the feed".into())),
+            Err(feed::FeedError::Store(e)) => {
+                tracing::warn!(error = %e, "reading the change feed failed");
+                return Err(ApiError::Unavailable);
+            }
+        };
+        if !page.events.is_empty() {
+            break page;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => after = Some(page.next),
+            Ok(Err(_)) | Err(_) => break page, // shutting down, or the wait is over
+        }
+    };
+    let events: Vec<EventJson> = page.events.iter().map(EventJson::from).collect();
+    Ok(json_of(
+        StatusCode::OK,
+        &serde_json::json!({"events": events, "next": feed::cursor_of(page.next)}),
+    ))
+}
+
+/// An event as the feed shows it (API.md's `Event`).
+#[derive(Serialize)]
+struct EventJson<'a> {
+    cursor: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    course_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    student_id: Option<&'a str>,
+    at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capacity: Option<u64>,
+}
+
+impl<'a> From<&'a crate::persist::feed::Event> for EventJson<'a> {
+    fn from(e: &'a crate::persist::feed::Event) -> Self {
+        EventJson {
+            cursor: crate::persist::feed::cursor_of(e.seq),
+            kind: e.kind.as_str(),
+            course_id: &e.course,
+            student_id: e.student.as_deref(),
+            at: crate::ids::rfc3339(e.at),
+            version: e.version,
+            capacity: e.capacity,
+        }
+    }
 }
 
 async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {

@@ -8,6 +8,7 @@
 //! Must never: answer a seat as committed before its transaction committed, reorder two
 //! changes of the same (course, student), or block a shard (shards only `try_send`).
 
+pub mod feed;
 pub mod store;
 
 use std::collections::HashSet;
@@ -38,6 +39,10 @@ pub trait Backend {
     async fn fence(&self, session: &Session) -> anyhow::Result<()>;
     /// Whether what `probe` names is as a committed transaction left it.
     async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool>;
+    /// A page of the change feed.
+    async fn read_events(&self, after: Option<u64>, limit: u32) -> Result<feed::Page, feed::FeedError>;
+    /// Trims a small batch of events written before `before_ms`; the rows removed.
+    async fn trim_events(&self, before_ms: crate::ids::UnixMs) -> anyhow::Result<u64>;
 }
 
 impl Backend for Store {
@@ -55,6 +60,12 @@ impl Backend for Store {
     }
     async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {
         Store::read_back(self, probe).await
+    }
+    async fn read_events(&self, after: Option<u64>, limit: u32) -> Result<feed::Page, feed::FeedError> {
+        Store::read_events(self, after, limit).await
+    }
+    async fn trim_events(&self, before_ms: crate::ids::UnixMs) -> anyhow::Result<u64> {
+        Store::trim_events(self, before_ms).await
     }
 }
 
@@ -107,6 +118,8 @@ pub struct PersistConfig {
     /// Bound on every store call: a batch (its COMMIT included), an admin change, a ping,
     /// one read-back.
     pub statement_timeout: Duration,
+    /// How long the change feed keeps events (None: the feed is off, nothing to trim).
+    pub events_retention: Option<Duration>,
     pub metrics: Arc<crate::metrics::PersistMetrics>,
     /// Opens on failing or slow commits; shards refuse seat changes while it is open.
     pub breaker: Arc<Breaker>,
@@ -117,6 +130,29 @@ pub struct PersistConfig {
 pub struct PersistHandle {
     txs: Arc<[flume::Sender<Job>]>,
     breaker: Arc<Breaker>,
+    /// Reads of the change feed, served by the persist thread's reader.
+    reads: flume::Sender<FeedRead>,
+    /// Bumped after every commit that wrote events: long polls wait on it.
+    committed: tokio::sync::watch::Receiver<u64>,
+}
+
+/// One read of the change feed.
+pub struct FeedRead {
+    pub after: Option<u64>,
+    pub limit: u32,
+    pub reply: oneshot::Sender<Result<feed::Page, feed::FeedError>>,
+}
+
+/// Feed reads waiting for the reader at most (beyond, the read answers 503).
+pub const FEED_READS_QUEUED_MAX: usize = 256;
+/// How often the retention trim runs (each run removes at most `feed::TRIM_ROWS_MAX`).
+const TRIM_INTERVAL_MS: u64 = 1_000;
+
+/// The persist side of the queues: what [`serve`] consumes.
+pub struct Queues {
+    pub jobs: Vec<flume::Receiver<Job>>,
+    pub reads: flume::Receiver<FeedRead>,
+    pub committed: tokio::sync::watch::Sender<u64>,
 }
 
 /// The committer that owns a course's changes: a hash of the id over the committers.
@@ -155,6 +191,24 @@ impl PersistHandle {
     pub fn queue_depth(&self) -> usize {
         self.txs.iter().map(flume::Sender::len).sum()
     }
+
+    /// Queues a read of the change feed; refuses at once when too many wait.
+    pub fn read_events(
+        &self,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<oneshot::Receiver<Result<feed::Page, feed::FeedError>>, SubmitError> {
+        let (reply, rx) = oneshot::channel();
+        self.reads
+            .try_send(FeedRead { after, limit, reply })
+            .map_err(|_| SubmitError::QueueFull)?;
+        Ok(rx)
+    }
+
+    /// Changes after every commit that wrote events (for long polls).
+    pub fn feed_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.clone()
+    }
 }
 
 /// What metrics read of the persist side. Holds the receiving end, not a sender, so it
@@ -190,9 +244,9 @@ const PING_INTERVAL_MS: u64 = 250;
 /// asked, streams the committed state to `sink` and returns once that is done. The thread
 /// then serves the queue until every handle is dropped, and exits after the queue is empty.
 pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> anyhow::Result<Persist> {
-    let (handle, rxs) = queues(&cfg);
+    let (handle, queues) = queues(&cfg);
     let gauges = PersistGauges {
-        rxs: rxs.clone(),
+        rxs: queues.jobs.clone(),
         breaker: cfg.breaker.clone(),
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
@@ -215,7 +269,7 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                serve(&store, &cfg, rxs).await;
+                serve(&store, &cfg, queues).await;
                 store.close().await;
                 tracing::info!("persist thread: queue drained, store closed");
             });
@@ -226,18 +280,27 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
 }
 
 /// The committers' bounded queues and the shards' handle to them.
-pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Vec<flume::Receiver<Job>>) {
+pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Queues) {
     assert!(cfg.commits_in_flight_max >= 1, "config guarantees a committer");
     // The queue bound is shared out, so the changes waiting stay within queue_rows_max.
     let per_queue = (cfg.queue_rows_max / cfg.commits_in_flight_max).max(1);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..cfg.commits_in_flight_max)
         .map(|_| flume::bounded::<Job>(per_queue))
         .unzip();
+    let (reads_tx, reads_rx) = flume::bounded(FEED_READS_QUEUED_MAX);
+    let (committed_tx, committed_rx) = tokio::sync::watch::channel(0);
     let handle = PersistHandle {
         txs: txs.into(),
         breaker: cfg.breaker.clone(),
+        reads: reads_tx,
+        committed: committed_rx,
     };
-    (handle, rxs)
+    let queues = Queues {
+        jobs: rxs,
+        reads: reads_rx,
+        committed: committed_tx,
+    };
+    (handle, queues)
 }
 
 async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow::Result<Store> {
@@ -286,12 +349,75 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
 }
 
 /// Runs one committer per queue until every queue is closed and empty.
-pub async fn serve<B: Backend>(store: &B, cfg: &PersistConfig, rxs: Vec<flume::Receiver<Job>>) {
-    let committers = rxs.into_iter().map(|rx| committer(store, cfg, rx));
-    futures_util::future::join_all(committers).await;
+/// The feed's reader and its retention trim run beside them and end with them.
+pub async fn serve<B: Backend>(store: &B, cfg: &PersistConfig, queues: Queues) {
+    let Queues {
+        jobs,
+        reads,
+        committed,
+    } = queues;
+    let committers = jobs.into_iter().map(|rx| committer(store, cfg, rx, &committed));
+    let committers = futures_util::future::join_all(committers);
+    let background = async {
+        tokio::join!(read_feed(store, cfg, reads), trim_feed(store, cfg));
+    };
+    tokio::select! {
+        biased;
+        _ = committers => {}
+        () = background => {}
+    }
 }
 
-async fn committer<B: Backend>(store: &B, cfg: &PersistConfig, rx: flume::Receiver<Job>) {
+/// Serves feed reads one at a time, each bounded like any store call.
+async fn read_feed<B: Backend>(store: &B, cfg: &PersistConfig, reads: flume::Receiver<FeedRead>) {
+    while let Ok(read) = reads.recv_async().await {
+        let page = match bounded(cfg, store.read_events(read.after, read.limit)).await {
+            Ok(page) => page,
+            Err(e) => Err(feed::FeedError::Store(e.into())),
+        };
+        if let Ok(p) = &page {
+            cfg.metrics.feed_head.set(p.head as i64);
+            if let Some(last) = p.events.last() {
+                cfg.metrics.feed_served.set(cfg.metrics.feed_served.get().max(last.seq as i64));
+            }
+        }
+        let _ = read.reply.send(page);
+    }
+    std::future::pending::<()>().await
+}
+
+/// Trims events older than the retention, a small batch per tick, so a trim never holds
+/// the feed row long enough to stall the commits.
+async fn trim_feed<B: Backend>(store: &B, cfg: &PersistConfig) {
+    let Some(retention) = cfg.events_retention else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(TRIM_INTERVAL_MS));
+    loop {
+        tick.tick().await;
+        // The head, for the feed-lag gauge even while nobody reads.
+        if let Ok(Ok(page)) = bounded(cfg, store.read_events(None, 0)).await {
+            cfg.metrics.feed_head.set(page.head as i64);
+        }
+        let before_ms = crate::ids::now_ms() - retention.as_millis() as i64;
+        match bounded(cfg, store.trim_events(before_ms)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(rows)) => {
+                cfg.metrics.events_trimmed.inc_by(rows);
+                tracing::debug!(rows, "trimmed the change feed");
+            }
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "trimming the change feed failed"),
+            Err(e) => tracing::warn!(error = %e, "trimming the change feed timed out"),
+        }
+    }
+}
+
+async fn committer<B: Backend>(
+    store: &B,
+    cfg: &PersistConfig,
+    rx: flume::Receiver<Job>,
+    committed: &tokio::sync::watch::Sender<u64>,
+) {
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.batch_rows_max);
     loop {
         let first = match tokio::time::timeout(Duration::from_millis(PING_INTERVAL_MS), rx.recv_async()).await {
@@ -321,6 +447,8 @@ async fn committer<B: Backend>(store: &B, cfg: &PersistConfig, rx: flume::Receiv
             continue;
         }
         run_batch(store, &mut batch, cfg).await;
+        // Long polls re-read the feed (cheap: one indexed range read) after any batch.
+        committed.send_modify(|n| *n += 1);
     }
 }
 

@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Row};
 
+use super::feed::{EventKind, EventRows, NewEvent};
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::model::CourseSpec;
 
@@ -57,6 +58,8 @@ impl Dialect {
 pub struct StoreOptions {
     pub pool_connections_max: u32,
     pub acquire_timeout_ms: u64,
+    /// Write the change feed's events in every change's transaction (`feed.rs`).
+    pub events: bool,
 }
 
 /// One seat change inside a batch.
@@ -184,6 +187,8 @@ pub struct Store {
     /// reads: a connection left in a transaction would read from a stale snapshot.
     commit_pool: Option<AnyPool>,
     dialect: Dialect,
+    /// Write the change feed's events (see `feed.rs`).
+    events: bool,
 }
 
 static MIGRATOR_MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -245,11 +250,24 @@ impl Store {
             pool,
             commit_pool,
             dialect,
+            events: opts.events,
         })
     }
 
     pub fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The feed's rows for these changes, when the feed is on.
+    fn event_rows(&self, events: &[NewEvent]) -> Option<EventRows> {
+        if !self.events {
+            return None;
+        }
+        EventRows::of(events, crate::ids::now_ms())
     }
 
     /// A round trip to the store (the caller bounds it; a connection cut off is closed).
@@ -426,9 +444,15 @@ impl Store {
     /// because a row was not as expected or a course would overflow; the row-by-row path
     /// decides each op.
     async fn try_fast(&self, ops: &[SeatOp], session: &Session) -> Result<bool, CommitError> {
-        let Some(script) = OneTrip::of(self.dialect, ops) else {
+        let Some(mut script) = OneTrip::of(self.dialect, ops) else {
             return Ok(false); // an id that cannot be inlined: the bound row-by-row path
         };
+        // Every op of a fast batch changes a row (or the batch rolls back), so each has its
+        // event, written by the same round trip.
+        let events: Vec<NewEvent> = ops.iter().map(NewEvent::of_seat).collect();
+        if let Some(rows) = self.event_rows(&events) {
+            script.append(&rows);
+        }
         let if_committed = || Settled::Seats(vec![SeatResult::Applied; ops.len()]);
         let Some(commit_pool) = &self.commit_pool else {
             let mut tx = self.pool.begin().await.map_err(not_committed)?;
@@ -468,6 +492,7 @@ impl Store {
         }
         let mut results = Vec::with_capacity(ops.len());
         let mut probe = None;
+        let mut events = Vec::new();
         let insert = format!(
             "{} enrollments (course_id, student_id, enrolled_at_ms) VALUES (?, ?, ?)",
             self.dialect.insert_ignore()
@@ -502,6 +527,7 @@ impl Store {
                         .rows_affected();
                         if counted == 1 {
                             probe.get_or_insert_with(|| probe_of(op));
+                            events.push(NewEvent::of_seat(op));
                             SeatResult::Applied
                         } else {
                             sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
@@ -535,11 +561,15 @@ impl Store {
                         .await
                         .map_err(not_committed)?;
                         probe.get_or_insert_with(|| probe_of(op));
+                        events.push(NewEvent::of_seat(op));
                     }
                     SeatResult::Applied
                 }
             };
             results.push(result);
+        }
+        if let Some(rows) = self.event_rows(&events) {
+            rows.write(conn.get()).await.map_err(not_committed)?;
         }
         session.commit_sent(probe, Settled::Seats(results.clone()));
         sqlx::query("COMMIT")
@@ -668,6 +698,16 @@ impl Store {
             PutResult::Created { version } | PutResult::Updated { version } => version,
             PutResult::BelowEnrolled => unreachable!("returned above"),
         };
+        let changed = NewEvent {
+            kind: EventKind::CourseChanged,
+            course: id.clone(),
+            student: None,
+            version: Some(version),
+            capacity: Some(u64::from(spec.capacity)),
+        };
+        if let Some(rows) = self.event_rows(std::slice::from_ref(&changed)) {
+            rows.write(&mut *tx).await.map_err(not_committed)?;
+        }
         let probe = Probe::Course {
             course: id.clone(),
             version_if_committed: version,
@@ -854,6 +894,15 @@ impl OneTrip {
         })
     }
 
+    /// Adds the feed's statements (numbering, then the events) to the script.
+    fn append(&mut self, rows: &EventRows) {
+        if !self.sql.is_empty() && !self.sql.ends_with('\n') {
+            self.sql.push_str(";\n");
+        }
+        self.sql.push_str(&rows.sql);
+        self.expected.extend_from_slice(&rows.expected);
+    }
+
     /// `Ok(false)`: a statement changed other than the expected rows, or the server refused
     /// one (the schema's CHECK on an overflowing course); the caller rolls back.
     async fn run(&self, conn: &mut sqlx::AnyConnection, session: &Session) -> Result<bool, sqlx::Error> {
@@ -889,22 +938,22 @@ impl OneTrip {
 /// cancelled future), the connection is closed instead of pooled: the server rolls the
 /// work back, no later batch can commit it by accident, and no half-read answer is left
 /// on a pooled connection.
-struct OpenTransaction {
+pub(super) struct OpenTransaction {
     conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
     ended: bool,
 }
 
 impl OpenTransaction {
-    fn new(conn: sqlx::pool::PoolConnection<sqlx::Any>) -> Self {
+    pub(super) fn new(conn: sqlx::pool::PoolConnection<sqlx::Any>) -> Self {
         OpenTransaction {
             conn: Some(conn),
             ended: false,
         }
     }
-    fn get(&mut self) -> &mut sqlx::AnyConnection {
+    pub(super) fn get(&mut self) -> &mut sqlx::AnyConnection {
         self.conn.as_mut().expect("present until drop")
     }
-    fn ended(&mut self) {
+    pub(super) fn ended(&mut self) {
         self.ended = true;
     }
 }
@@ -947,6 +996,7 @@ mod tests {
         let opts = StoreOptions {
             pool_connections_max: 2,
             acquire_timeout_ms: 1_000,
+            events: true,
         };
         let store = Store::open(&format!("sqlite://{}", path.display()), &opts)
             .await
@@ -996,6 +1046,7 @@ mod tests {
         let opts = StoreOptions {
             pool_connections_max: 2,
             acquire_timeout_ms: 1_000,
+            events: true,
         };
         let store = Store::open(&format!("{base}/{db}"), &opts).await.unwrap();
         store.check_guarantees().await.expect("MariaDB enforces CHECK and flushes at commit");

@@ -18,6 +18,7 @@ use std::rc::Rc;
 
 use crate::ids::{CourseId, StudentId};
 use crate::model::CourseSpec;
+use crate::persist::feed::{Event, EventKind};
 use crate::shard::course::Seat;
 use crate::shard::{Reply, Shard};
 
@@ -314,6 +315,47 @@ impl Checker {
             }
         }
         self.check_memory_equals_store()?;
+        Ok(())
+    }
+
+    /// The change feed, read page by page, replayed from nothing: every event numbered in
+    /// turn, each seat enrolled before it is dropped and never twice (exactly once, in
+    /// commit order per course), every course's versions rising, and the replay ending
+    /// with exactly the store's rosters (no change without its event).
+    pub fn check_feed(&self, feed: &[Event]) -> Result<(), String> {
+        let mut rosters: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+        for (i, e) in feed.iter().enumerate() {
+            if e.seq != i as u64 + 1 {
+                return Err(format!("feed: event {} numbered {}", i + 1, e.seq));
+            }
+            let roster = rosters.entry(e.course.clone()).or_default();
+            let student = || e.student.clone().ok_or_else(|| format!("feed: {e:?} names no student"));
+            match e.kind {
+                EventKind::Enrolled if !roster.insert(student()?) => {
+                    return Err(format!("feed: {e:?} enrolls a student already enrolled"));
+                }
+                EventKind::Dropped if !roster.remove(&student()?) => {
+                    return Err(format!("feed: {e:?} drops a student not enrolled"));
+                }
+                EventKind::CourseChanged => {
+                    let v = e.version.ok_or("feed: course_changed without a version")?;
+                    let before = versions.insert(e.course.clone(), v).unwrap_or(0);
+                    if v <= before {
+                        return Err(format!("feed: {e:?} after version {before}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let rows = self.store.rows();
+        for id in rows.courses.keys() {
+            let stored: std::collections::BTreeSet<String> = rows.seats_of(id).iter().map(ToString::to_string).collect();
+            let replayed = rosters.remove(id.as_str()).unwrap_or_default();
+            if stored != replayed {
+                return Err(format!("feed: replaying {id:?} gives {replayed:?}, the store holds {stored:?}"));
+            }
+        }
         Ok(())
     }
 

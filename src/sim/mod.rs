@@ -33,6 +33,7 @@ use crate::ids::{Clock, CourseId, ShardClock, ShardId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, BreakerConfig};
 use crate::limit::{Admission, Limiter, LimitsConfig, ShardLimiter};
 use crate::persist::store::StoreOptions;
+use crate::persist::feed::Event;
 use crate::persist::store::LoadRow;
 use crate::persist::{self, PersistConfig};
 use crate::model::CourseSpec;
@@ -49,6 +50,8 @@ const SHARDS: usize = 2;
 const COURSES: usize = 5;
 const STUDENTS: usize = 14;
 const CAPACITY_MAX: u32 = 5;
+/// Largest page the simulation reads the change feed in.
+const FEED_PAGE_MAX: u32 = 9;
 /// Identical requests a hammering script sends at once: more than may wait on one seat.
 const FLOOD_COPIES: usize = crate::shard::SEAT_WAITERS_MAX + 4;
 /// Lives (start, load, serve, crash) per seed, at most.
@@ -215,6 +218,7 @@ impl World {
             store: StoreOptions {
                 pool_connections_max: 3,
                 acquire_timeout_ms: STATEMENT_TIMEOUT_MS,
+                events: true,
             },
             commits_in_flight_max: 2,
             batch_rows_max: 6,
@@ -222,13 +226,14 @@ impl World {
             queue_rows_max: 64,
             demo: false,
             statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
+            events_retention: None,
             metrics: Arc::default(),
             breaker: breaker.clone(),
         };
-        let (handle, rxs) = persist::queues(&pcfg);
+        let (handle, queues) = persist::queues(&pcfg);
         let store = self.store.clone();
-        tokio::task::spawn_local(async move { persist::serve(&*store, &pcfg, rxs).await });
-        let shards = self.start_shards(handle, breaker)?;
+        tokio::task::spawn_local(async move { persist::serve(&*store, &pcfg, queues).await });
+        let shards = self.start_shards(handle.clone(), breaker)?;
         self.checker.borrow_mut().set_shards(shards.iter().map(|r| r.me.clone()).collect());
         self.checker.borrow().check_loaded()?;
         let routers: Vec<Rc<Router>> = shards.into_iter().map(Rc::new).collect();
@@ -261,8 +266,12 @@ impl World {
         tokio::time::sleep(answer_bound + Duration::from_millis(STATEMENT_TIMEOUT_MS)).await;
         self.checker.borrow().check_all_answered()?;
         tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
-        self.checker.borrow().check_settled()
+        self.checker.borrow().check_settled()?;
+        let feed = read_feed(&handle, &mut rng).await?;
+        self.checker.borrow().check_feed(&feed)
     }
+
+
 
     fn start_shards(&self, persist: persist::PersistHandle, breaker: Arc<Breaker>) -> Result<Vec<Router>, String> {
         let mut tables: Vec<CourseTable> = (0..SHARDS).map(|_| CourseTable::default()).collect();
@@ -323,6 +332,26 @@ impl World {
             let reply = router.call(request.course(), command_of(&request)).await;
             checker.borrow_mut().end(id, &request, &reply);
         });
+    }
+}
+
+/// The whole change feed, through the persist read path, in pages of random size.
+async fn read_feed(persist: &persist::PersistHandle, rng: &mut StdRng) -> Result<Vec<Event>, String> {
+    let mut feed = Vec::new();
+    let mut after = None;
+    loop {
+        let rx = persist
+            .read_events(after, rng.gen_range(1..=FEED_PAGE_MAX))
+            .map_err(|e| e.to_string())?;
+        let page = rx
+            .await
+            .map_err(|_| "the feed reader went away".to_string())?
+            .map_err(|e| e.to_string())?;
+        if page.events.is_empty() {
+            return Ok(feed);
+        }
+        after = Some(page.next);
+        feed.extend(page.events);
     }
 }
 

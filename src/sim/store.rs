@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::ids::{CourseId, StudentId, UnixMs};
+use crate::persist::feed::{Event, EventKind, FeedError, NewEvent, Page};
 use crate::persist::store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
 use crate::persist::Backend;
 use crate::model::CourseSpec;
@@ -43,6 +44,8 @@ pub struct StoredCourse {
 pub struct Rows {
     pub courses: BTreeMap<CourseId, StoredCourse>,
     pub seats: BTreeMap<(CourseId, StudentId), UnixMs>,
+    /// The change feed, numbered from 1 in commit order.
+    pub events: Vec<Event>,
 }
 
 impl Rows {
@@ -62,6 +65,8 @@ enum Effect {
     Delete(CourseId, StudentId),
     Counter(CourseId, i64),
     Course(CourseId, StoredCourse),
+    /// The change's event, numbered when the transaction commits.
+    Event(NewEvent),
 }
 
 /// Chances of each fault per call.
@@ -275,6 +280,18 @@ impl SimStore {
                 Effect::Course(c, course) => {
                     rows.courses.insert(c.clone(), course.clone());
                 }
+                Effect::Event(e) => {
+                    let seq = rows.events.len() as u64 + 1;
+                    rows.events.push(Event {
+                        seq,
+                        kind: e.kind,
+                        course: e.course.to_string(),
+                        student: e.student.as_ref().map(ToString::to_string),
+                        at: 0,
+                        version: e.version,
+                        capacity: e.capacity,
+                    });
+                }
             }
         }
     }
@@ -300,6 +317,7 @@ impl SimStore {
                         rows.seats.insert(key.clone(), *at);
                         effects.push(Effect::Insert(course.clone(), student.clone(), *at));
                         effects.push(Effect::Counter(course.clone(), 1));
+                        effects.push(Effect::Event(NewEvent::of_seat(op)));
                         results.push(SeatResult::Applied);
                         true
                     } else {
@@ -317,6 +335,7 @@ impl SimStore {
                         c.enrolled = c.enrolled.saturating_sub(1);
                         effects.push(Effect::Delete(course.clone(), student.clone()));
                         effects.push(Effect::Counter(course.clone(), -1));
+                        effects.push(Effect::Event(NewEvent::of_seat(op)));
                         true
                     } else {
                         false
@@ -445,7 +464,15 @@ impl Backend for SimStore {
         };
         session.commit_sent(Some(probe), Settled::Put(result));
         self.latency().await;
-        self.finish(sid, fault, vec![Effect::Course(id.clone(), course)]).await?;
+        let event = NewEvent {
+            kind: EventKind::CourseChanged,
+            course: id.clone(),
+            student: None,
+            version: Some(course.version),
+            capacity: Some(u64::from(spec.capacity)),
+        };
+        self.finish(sid, fault, vec![Effect::Course(id.clone(), course), Effect::Event(event)])
+            .await?;
         Ok(result)
     }
 
@@ -489,5 +516,28 @@ impl Backend for SimStore {
                 version_if_committed,
             } => rows.courses.get(course).is_some_and(|c| c.version == *version_if_committed),
         })
+    }
+
+    async fn read_events(&self, after: Option<u64>, limit: u32) -> Result<Page, FeedError> {
+        self.latency().await;
+        match self.roll() {
+            Fault::Fail => return Err(FeedError::Store(anyhow::anyhow!("simulated: read failed"))),
+            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            _ => {}
+        }
+        let rows = self.rows.borrow();
+        let head = rows.events.len() as u64;
+        let from = match after {
+            Some(a) if a > head => return Err(FeedError::Ahead),
+            Some(a) => a,
+            None => 0,
+        };
+        let events: Vec<Event> = rows.events[from as usize..].iter().take(limit as usize).cloned().collect();
+        let next = events.last().map_or(from, |e| e.seq);
+        Ok(Page { events, next, head })
+    }
+
+    async fn trim_events(&self, _before_ms: UnixMs) -> anyhow::Result<u64> {
+        Ok(0) // the simulation keeps every event: the checker replays them all
     }
 }
