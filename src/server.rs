@@ -270,6 +270,13 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>
         events_retention: cfg
             .events_enabled
             .then(|| std::time::Duration::from_secs_f64(cfg.events_retention_days * 86_400.0)),
+        events_stream: match (&cfg.events_redis_stream, &cfg.redis) {
+            (Some(key), Some(url)) if cfg.events_enabled => Some(persist::stream::StreamTarget {
+                redis_url: url.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        },
         commits_in_flight_max: cfg.commits_in_flight_max,
         batch_rows_max: cfg.batch_rows_max,
         batch_linger_us: cfg.batch_linger_us,

@@ -10,6 +10,7 @@
 
 pub mod feed;
 pub mod store;
+pub mod stream;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -120,6 +121,8 @@ pub struct PersistConfig {
     pub statement_timeout: Duration,
     /// How long the change feed keeps events (None: the feed is off, nothing to trim).
     pub events_retention: Option<Duration>,
+    /// Where committed events are also pushed (`events_redis_stream`), best effort.
+    pub events_stream: Option<stream::StreamTarget>,
     pub metrics: Arc<crate::metrics::PersistMetrics>,
     /// Opens on failing or slow commits; shards refuse seat changes while it is open.
     pub breaker: Arc<Breaker>,
@@ -358,8 +361,15 @@ pub async fn serve<B: Backend>(store: &B, cfg: &PersistConfig, queues: Queues) {
     } = queues;
     let committers = jobs.into_iter().map(|rx| committer(store, cfg, rx, &committed));
     let committers = futures_util::future::join_all(committers);
+    let subscribed = committed.subscribe();
+    let push = async {
+        match &cfg.events_stream {
+            Some(target) => stream::push(store, cfg, target, subscribed).await,
+            None => std::future::pending().await,
+        }
+    };
     let background = async {
-        tokio::join!(read_feed(store, cfg, reads), trim_feed(store, cfg));
+        tokio::join!(read_feed(store, cfg, reads), trim_feed(store, cfg), push);
     };
     tokio::select! {
         biased;

@@ -227,6 +227,7 @@ impl World {
             demo: false,
             statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
             events_retention: None,
+            events_stream: None,
             metrics: Arc::default(),
             breaker: breaker.clone(),
         };
