@@ -12,9 +12,11 @@
 //! - [`metrics`]: per-shard counters summed at scrape time;
 //! - [`model`]: the course spec both shard/ and persist/ speak of (below both);
 //! - [`ids`]: validated ids, the time unit and the clock seam;
+//! - [`follow`]: `enrolld events follow`, the change feed's consumer (a client, not the server);
 //! - `sim` (tests only): the deterministic simulation of shard and persist.
 
 pub mod config;
+pub mod follow;
 pub mod ids;
 pub mod limit;
 pub mod metrics;

@@ -1,6 +1,6 @@
-//! The `enrolld` binary: `serve` and `token` (API.md's command-line contract), and
-//! `shard-of`, which names the shard that owns a course (for proxies and load generators
-//! that send each course to its owner's own port).
+//! The `enrolld` binary: `serve` and `token` (API.md's command-line contract), `shard-of`,
+//! which names the shard that owns a course (for proxies and load generators that send
+//! each course to its owner's own port), and `events follow`, the change feed's consumer.
 
 use clap::{Parser, Subcommand};
 
@@ -9,7 +9,10 @@ use clap::{Parser, Subcommand};
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use enrolld::config::{Config, ConfigArgs};
+use std::path::PathBuf;
+
+use enrolld::config::{Config, ConfigArgs, ConfigError};
+use enrolld::follow::FollowError;
 use enrolld::ids::{CourseId, StudentId};
 use enrolld::net::auth::{Auth, Role};
 
@@ -50,6 +53,80 @@ enum Cmd {
         #[arg(required = true)]
         courses: Vec<String>,
     },
+    /// The change feed (GET /v1/admin/events)
+    Events {
+        #[command(subcommand)]
+        cmd: EventsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCmd {
+    /// Follow the change feed: print each event as one JSON line, run a command per event
+    ///
+    /// Long-polls GET /v1/admin/events until SIGINT/SIGTERM (or, with --once, until it has
+    /// read what is there) and prints each event as one JSON line on stdout. Without
+    /// --exec the cursor is saved after each page is printed. With --exec, `sh -c CMD` runs
+    /// once per event, in feed order, with the event's JSON on stdin and
+    /// ENROLLD_EVENT_CURSOR and ENROLLD_EVENT_TYPE in its environment (its stdout goes to
+    /// stderr); the event's line is printed and the cursor saved only once CMD exits 0. A
+    /// failing CMD is run again for the same event, with backoff from 100 ms to 30 s,
+    /// logged on stderr: an event is never skipped.
+    ///
+    /// Idempotent side effects: delivery is at least once. A crash (or a second signal)
+    /// after CMD succeeded and before the cursor was saved runs that event again, so make
+    /// the side effect idempotent with the event's `cursor` as the deduplication key (it
+    /// is unique and never changes): e.g. `INSERT ... ON CONFLICT (cursor) DO NOTHING` in
+    /// the same transaction as the effect, or an `Idempotency-Key: <cursor>` header.
+    ///
+    /// Without --after, it resumes from --cursor-file, or starts from the oldest event
+    /// kept. Network errors, 408, 429 and 5xx are retried with the same backoff (with
+    /// --once, 5 tries). A signal while waiting on the server exits at once; while an
+    /// event is in hand, after that event.
+    ///
+    /// Exit codes: 0 done (--once) or stopped by a signal; 2 a bad flag or cursor file,
+    /// a token the server refused (401/403), or a request it refused (400: a cursor it did
+    /// not give or ahead of its feed); 3 the cursor expired (410 cursor_expired: older
+    /// than events_retention_days, events were missed; reconcile, then start again
+    /// without a cursor); 1 anything else (the cursor could not be saved, stdout closed).
+    Follow(FollowArgs),
+}
+
+#[derive(clap::Args)]
+struct FollowArgs {
+    /// The server's base URL (plain http)
+    #[arg(long, default_value = enrolld::follow::URL_DEFAULT)]
+    url: String,
+    /// Start after this cursor (an event's `cursor` or a page's `next`), not the cursor file's
+    #[arg(long, value_name = "CURSOR")]
+    after: Option<String>,
+    /// Keep the cursor in FILE (replaced atomically: temp file, fsync, rename) and resume from it
+    #[arg(long, value_name = "FILE")]
+    cursor_file: Option<PathBuf>,
+    /// Run `sh -c CMD` per event, JSON on stdin; the cursor passes an event only once CMD exits 0
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Events per request (1-1000)
+    #[arg(long, default_value_t = enrolld::follow::LIMIT_DEFAULT)]
+    limit: u32,
+    /// Long poll: how long a request waits for a new event (0-30000)
+    #[arg(long, default_value_t = enrolld::follow::WAIT_MS_DEFAULT)]
+    wait_ms: u64,
+    /// Read what is there now and exit (for tests and cron)
+    #[arg(long)]
+    once: bool,
+    /// An admin token to send, instead of minting short-lived ones with the secret
+    #[arg(long)]
+    token: Option<String>,
+    /// The server's HS256 secret [default: the secret file beside the SQLite --store]
+    #[arg(long, env = "ENROLLD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// The server's store, for the secret kept beside its SQLite file [default: sqlite://enrolld.db]
+    #[arg(long, env = "ENROLLD_STORE")]
+    store: Option<String>,
+    /// The server's configuration file, for its jwt_secret or store
+    #[arg(long, env = "ENROLLD_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -62,13 +139,13 @@ fn main() {
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(()) => 0,
-        Err(e) if refused(&e) => {
-            eprintln!("enrolld: {e:#}");
-            2
-        }
         Err(e) => {
             eprintln!("enrolld: {e:#}");
-            1
+            match e.downcast_ref::<FollowError>() {
+                Some(f) => f.exit_code(),
+                None if refused(&e) => 2,
+                None => 1,
+            }
         }
     };
     std::process::exit(code);
@@ -79,7 +156,7 @@ fn main() {
 fn refused(e: &anyhow::Error) -> bool {
     use enrolld::net::BindError;
     use enrolld::single_writer::StoreLockError;
-    e.downcast_ref::<enrolld::config::ConfigError>().is_some()
+    e.downcast_ref::<ConfigError>().is_some()
         || matches!(e.downcast_ref::<BindError>(), Some(BindError::InUse(_)))
         || matches!(e.downcast_ref::<StoreLockError>(), Some(StoreLockError::Held { .. }))
 }
@@ -104,8 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 RoleArg::Student => Role::Student,
                 RoleArg::Admin => Role::Admin,
             };
-            let bad_sub =
-                || enrolld::config::ConfigError(format!("--sub {sub:?} must be 1-64 chars of [A-Za-z0-9_.-]"));
+            let bad_sub = || ConfigError(format!("--sub {sub:?} must be 1-64 chars of [A-Za-z0-9_.-]"));
             match count {
                 None => println!("{}", auth.mint(&StudentId::parse(&sub).ok_or_else(bad_sub)?, role, ttl)),
                 Some(n) => {
@@ -122,15 +198,61 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ShardOf { shards, courses } => {
             if !(1..=enrolld::config::SHARDS_MAX).contains(&shards) {
                 let max = enrolld::config::SHARDS_MAX;
-                return Err(enrolld::config::ConfigError(format!("--shards {shards} must be 1-{max}")).into());
+                return Err(ConfigError(format!("--shards {shards} must be 1-{max}")).into());
             }
             for c in &courses {
-                let id = CourseId::parse(c).ok_or_else(|| {
-                    enrolld::config::ConfigError(format!("course id {c:?} must be 1-32 chars of [A-Za-z0-9_.-]"))
-                })?;
+                let id = CourseId::parse(c)
+                    .ok_or_else(|| ConfigError(format!("course id {c:?} must be 1-32 chars of [A-Za-z0-9_.-]")))?;
                 println!("{c} {}", enrolld::shard::owner_of(&id, shards).0);
             }
             Ok(())
         }
+        Cmd::Events {
+            cmd: EventsCmd::Follow(args),
+        } => follow(args),
     }
+}
+
+fn follow(args: FollowArgs) -> anyhow::Result<()> {
+    use enrolld::follow::{Credentials, Options};
+    let credentials = match args.token {
+        Some(token) => Credentials::Token(token),
+        None => Credentials::Secret(follow_secret(args.config, args.store, args.jwt_secret)?),
+    };
+    enrolld::follow::run(Options {
+        url: args.url,
+        after: args.after,
+        cursor_file: args.cursor_file,
+        exec: args.exec,
+        limit: args.limit,
+        wait_ms: args.wait_ms,
+        once: args.once,
+        credentials,
+    })?;
+    Ok(())
+}
+
+/// The secret `serve` uses, resolved as `token` resolves it, except that a follower never
+/// makes one: with no secret configured, the server's SQLite file must exist (its secret
+/// file was made beside it when the server first started).
+fn follow_secret(
+    config: Option<PathBuf>,
+    store: Option<String>,
+    jwt_secret: Option<String>,
+) -> anyhow::Result<Vec<u8>> {
+    let cfg = Config::load(&ConfigArgs {
+        config,
+        store,
+        jwt_secret,
+        ..ConfigArgs::default()
+    })?;
+    let db = enrolld::config::sqlite_path(&cfg.store);
+    if cfg.jwt_secret.is_none() && !std::path::Path::new(db).exists() {
+        return Err(ConfigError(format!(
+            "no secret to mint an admin token with: {db} does not exist; pass --store with the \
+             server's SQLite store, its --jwt-secret, or an admin --token"
+        ))
+        .into());
+    }
+    Ok(cfg.resolve_jwt_secret()?)
 }

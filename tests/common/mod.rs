@@ -476,3 +476,161 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A throwaway MariaDB server for fault tests, on its own port and data directory (the
+/// shared server is never touched), with a database `enrolld`. Killed when dropped.
+pub struct PrivateMariadb {
+    dir: TempDir,
+    pub port: u16,
+    /// Extra `mariadbd` options, kept for restarts.
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl PrivateMariadb {
+    pub fn new() -> PrivateMariadb {
+        PrivateMariadb::with_args(&[])
+    }
+
+    /// Started with extra `mariadbd` options (e.g. `--innodb-flush-log-at-trx-commit=2`).
+    pub fn with_args(args: &[&str]) -> PrivateMariadb {
+        let dir = TempDir::new("enrolld-mariadb");
+        // A temporary directory of its own: bootstraps running side by side in the shared
+        // /tmp lost each other's temporary tables now and then.
+        std::fs::create_dir_all(dir.path("tmp")).unwrap();
+        let out = Command::new("mariadb-install-db")
+            .args([
+                "--no-defaults",
+                &format!("--datadir={}", dir.path("data")),
+                &format!("--tmpdir={}", dir.path("tmp")),
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .env("TMPDIR", dir.path("tmp"))
+            .output()
+            .expect("mariadb-install-db (scripts/services.sh installs mariadb-server)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut db = PrivateMariadb {
+            dir,
+            port: free_port(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        db.start();
+        db.sql("CREATE DATABASE enrolld; USE enrolld; SELECT 1");
+        db
+    }
+
+    pub fn start(&mut self) {
+        let child = Command::new("mariadbd")
+            .args([
+                "--no-defaults".to_string(),
+                format!("--datadir={}", self.dir.path("data")),
+                format!("--tmpdir={}", self.dir.path("tmp")),
+                format!("--socket={}", self.dir.path("sock")),
+                format!("--pid-file={}", self.dir.path("pid")),
+                format!("--port={}", self.port),
+                "--bind-address=127.0.0.1".into(),
+                "--user=root".into(),
+                "--skip-grant-tables".into(),
+                "--innodb-buffer-pool-size=32M".into(),
+            ])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mariadbd");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !self.ping() {
+            assert!(std::time::Instant::now() < deadline, "private mariadbd did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        Command::new("mariadb-admin")
+            .args([
+                "-h127.0.0.1",
+                &format!("-P{}", self.port),
+                "-uroot",
+                "--connect-timeout=1",
+                "ping",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// Runs SQL in database `enrolld` (one session) and returns the rows, tab-separated.
+    pub fn sql(&self, sql: &str) -> String {
+        let with_db = if sql.starts_with("CREATE DATABASE") {
+            sql.to_string()
+        } else {
+            format!("USE enrolld; {sql}")
+        };
+        let out = Command::new("mariadb")
+            .args([
+                "-h127.0.0.1",
+                &format!("-P{}", self.port),
+                "-uroot",
+                "-N",
+                "-B",
+                "-e",
+                &with_db,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: the server keeps its connections open but stops answering.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        signal(pid, sig);
+    }
+
+    pub fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/enrolld", self.port)
+    }
+}
+
+impl Drop for PrivateMariadb {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
+        self.kill();
+    }
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`, `-TERM`, ...) to process `pid`; panics if it cannot.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Enrolls `student`, retrying while the answer is 503 (the breaker may still be open), for
+/// at most 30 s; the last status.
+pub async fn enroll_once_the_store_is_back(c: &mut Conn, course: &str, student: &str) -> u16 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let path = format!("/v1/courses/{course}/enrollment");
+        let r = c.request("POST", &path, Some(&token(student)), None).await;
+        if r.status != 503 || std::time::Instant::now() > deadline {
+            return r.status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
