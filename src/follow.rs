@@ -85,7 +85,7 @@ pub enum FollowError {
          again from the oldest event kept: remove the cursor file, or leave out --after"
     )]
     CursorExpired { cursor: String },
-    #[error("{0:#}")]
+    #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
 
@@ -105,6 +105,12 @@ impl FollowError {
 /// Follows the feed until `--once` has read what is there, a signal stops it (exit 0), or
 /// an error that retrying cannot mend.
 pub fn run(opts: Options) -> Result<(), FollowError> {
+    if !opts.url.starts_with("http://") {
+        return Err(FollowError::Usage(format!(
+            "--url {}: must start with http:// (no TLS here)",
+            opts.url
+        )));
+    }
     let saved = match &opts.cursor_file {
         Some(path) => read_cursor_file(path)?,
         None => None,
@@ -269,12 +275,11 @@ impl Follower {
                 Err(Attempt::Retry(why)) => why,
             };
             if self.opts.once && tries >= ONCE_TRIES_MAX {
-                return Err(anyhow::anyhow!("reading {}: {why} ({tries} tries)", self.events_url).into());
+                return Err(anyhow::anyhow!("reading the feed: {why} (gave up after {tries} tries)").into());
             }
             let delay = backoff.next();
             eprintln!(
-                "enrolld: reading {}: {why}; trying again in {} ms",
-                self.events_url,
+                "enrolld: reading the feed: {why}; trying again in {} ms",
                 delay.as_millis()
             );
             // The cursor file is exact here, so a signal ends the process at once.
@@ -305,16 +310,32 @@ impl Follower {
             Ok(resp) => {
                 let body = resp
                     .into_string()
-                    .map_err(|e| Attempt::Retry(format!("reading the answer: {e}")))?;
+                    .map_err(|e| Attempt::Retry(format!("{}: reading the answer: {e}", self.events_url)))?;
                 parse_page(&body)
                     .with_context(|| format!("the answer of {} is not a feed page", self.events_url))
                     .map_err(|e| Attempt::Fatal(e.into()))
             }
             Err(ureq::Error::Status(status, resp)) => {
                 let body = resp.into_string().unwrap_or_default();
-                Err(refusal(status, &body, self.cursor.as_deref()))
+                Err(refusal(status, &body, self.cursor.as_deref())
+                    .map_retry(|why| format!("{}: {why}", self.events_url)))
             }
-            Err(ureq::Error::Transport(t)) => Err(Attempt::Retry(t.to_string())),
+            Err(ureq::Error::Transport(t)) => match t.kind() {
+                // Not worth asking again: --url is wrong (https included: no TLS here).
+                ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => Err(Attempt::Fatal(
+                    FollowError::Usage(format!("--url {}: {t}", self.opts.url)),
+                )),
+                _ => Err(Attempt::Retry(t.to_string())),
+            },
+        }
+    }
+}
+
+impl Attempt {
+    fn map_retry(self, f: impl FnOnce(String) -> String) -> Attempt {
+        match self {
+            Attempt::Retry(why) => Attempt::Retry(f(why)),
+            fatal => fatal,
         }
     }
 }

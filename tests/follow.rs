@@ -365,11 +365,16 @@ async fn bad_future_and_expired_cursors_and_refused_tokens_exit_non_zero_naming_
         2,
         &["nowhere.db"],
     );
+    assert_exit(
+        &follow(&["--once", "--url", "https://127.0.0.1:1", "--jwt-secret", SECRET], &[]),
+        2,
+        &["--url"],
+    );
     let closed = format!("http://127.0.0.1:{}", free_port());
     assert_exit(
         &follow(&["--once", "--url", &closed, "--jwt-secret", SECRET], &[]),
         1,
-        &["trying again", "5 tries"],
+        &["trying again", "after 5 tries"],
     );
 
     // A second server keeps events about a second, with its secret beside its store.
