@@ -267,7 +267,7 @@ impl Store {
         if !self.events {
             return None;
         }
-        EventRows::of(events, crate::ids::now_ms())
+        EventRows::of(self.dialect, events, crate::ids::now_ms())
     }
 
     /// A round trip to the store (the caller bounds it; a connection cut off is closed).

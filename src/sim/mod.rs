@@ -443,3 +443,66 @@ fn simulation_holds_every_promise_under_faults() {
         }
     }
 }
+
+/// A seat command forwarded to its owner shard whose reply is lost (the owner's runtime
+/// went down at shutdown with the command in hand) may have been committed: the caller
+/// answers "unknown" (the connection is closed), never 503 "nothing recorded".
+#[test]
+fn a_forwarded_command_whose_reply_is_lost_is_unknown_not_unavailable() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async {
+        let store = SimStore::new(1);
+        let world = World {
+            store: store.clone(),
+            clock: Arc::new(SimClock::new(1, 0.0)),
+            checker: Rc::new(std::cell::RefCell::new(Checker::new(store))),
+            courses: Vec::new(),
+            students: Vec::new(),
+        };
+        let breaker = Arc::new(Breaker::new("store", BreakerConfig::default()));
+        let pcfg = PersistConfig {
+            store_url: "sim://".into(),
+            store: StoreOptions {
+                pool_connections_max: 1,
+                acquire_timeout_ms: STATEMENT_TIMEOUT_MS,
+                events: true,
+            },
+            commits_in_flight_max: 1,
+            batch_rows_max: 1,
+            batch_linger_us: 0,
+            queue_rows_max: 1,
+            demo: false,
+            statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
+            events_retention: None,
+            events_stream: None,
+            metrics: Arc::default(),
+            breaker: breaker.clone(),
+        };
+        let (handle, _queues) = persist::queues(&pcfg);
+        let mut routers = world.start_shards(handle, breaker).expect("shards");
+        let me = routers.swap_remove(0);
+        // Shard 1's inbox: takes the command, then goes down without answering.
+        let (tx, mut rx) = mpsc::channel::<Envelope>(1);
+        let router = Router {
+            me: me.me.clone(),
+            peers: vec![me.peers[0].clone(), tx],
+        };
+        tokio::task::spawn_local(async move {
+            let envelope = rx.recv().await.expect("the forwarded command");
+            drop(envelope);
+        });
+        let course = (0..)
+            .map(|i| CourseId::parse(&format!("X{i}")).expect("valid"))
+            .find(|c| owner_of(c, SHARDS).0 == 1)
+            .expect("a course of shard 1");
+        let student = StudentId::parse("s1").expect("valid");
+        let request = Request::Enroll { course, student };
+        let reply = router.call(request.course(), command_of(&request)).await;
+        assert_eq!(reply, crate::shard::Reply::OutcomeUnknown);
+    });
+}
