@@ -232,7 +232,9 @@ impl Config {
                 return Err(ConfigError("`events_redis_stream` needs `redis`".into()));
             }
             if stream.is_empty() || stream.len() > 200 {
-                return Err(ConfigError(format!("`events_redis_stream` {stream:?} must be 1-200 bytes")));
+                return Err(ConfigError(format!(
+                    "`events_redis_stream` {stream:?} must be 1-200 bytes"
+                )));
             }
         }
         let jwt_secret = args.jwt_secret.clone().or(file.jwt_secret);

@@ -182,8 +182,14 @@ mod clock_tests {
         assert_eq!(clock.now_ms(), 1_000_000, "a small step back stands still");
         source.0.store(1_000_500, Ordering::Relaxed);
         assert_eq!(clock.now_ms(), 1_000_500, "forward with the clock");
-        source.0.store(1_000_500 - CLOCK_BACKSTEP_ABSORB_MS - 1, Ordering::Relaxed);
-        assert_eq!(clock.now_ms(), 1_000_500 - CLOCK_BACKSTEP_ABSORB_MS - 1, "a large one is followed");
+        source
+            .0
+            .store(1_000_500 - CLOCK_BACKSTEP_ABSORB_MS - 1, Ordering::Relaxed);
+        assert_eq!(
+            clock.now_ms(),
+            1_000_500 - CLOCK_BACKSTEP_ABSORB_MS - 1,
+            "a large one is followed"
+        );
     }
 }
 

@@ -237,7 +237,15 @@ fn the_ready_line_names_the_address_once() {
     let dir = TempDir::new("enrolld-ready");
     let store = format!("sqlite://{}", dir.path("e.db"));
     let mut child = Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET, "--store", &store])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            SECRET,
+            "--store",
+            &store,
+        ])
         .env("NO_COLOR", "1")
         .stderr(std::process::Stdio::piped())
         .spawn()

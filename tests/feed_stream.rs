@@ -32,7 +32,12 @@ fn stream_cursors(key: &str) -> Vec<String> {
 /// The feed's cursors after `after`, from the server.
 async fn feed_cursors(conn: &mut Conn, after: &str) -> Vec<String> {
     let r = conn
-        .request("GET", &format!("/v1/admin/events?limit=1000&after={after}"), Some(&admin_token()), None)
+        .request(
+            "GET",
+            &format!("/v1/admin/events?limit=1000&after={after}"),
+            Some(&admin_token()),
+            None,
+        )
         .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     r.json()["events"]
@@ -72,10 +77,14 @@ async fn committed_events_reach_the_stream_in_order_and_a_restart_resumes() {
     let mut c = server.conn().await;
     put_course(&mut c, "S-1", 3).await;
     for s in ["ann", "bob"] {
-        let r = c.request("POST", "/v1/courses/S-1/enrollment", Some(&token(s)), None).await;
+        let r = c
+            .request("POST", "/v1/courses/S-1/enrollment", Some(&token(s)), None)
+            .await;
         assert_eq!(r.status, 201);
     }
-    let r = c.request("DELETE", "/v1/courses/S-1/enrollment", Some(&token("ann")), None).await;
+    let r = c
+        .request("DELETE", "/v1/courses/S-1/enrollment", Some(&token("ann")), None)
+        .await;
     assert_eq!(r.status, 200);
     // A fresh stream starts at the feed's head when the server started (empty here), so
     // it holds the whole feed: the course, two enrollments, one drop.
@@ -86,7 +95,9 @@ async fn committed_events_reach_the_stream_in_order_and_a_restart_resumes() {
     drop(c);
     let server = server.restart();
     let mut c = server.conn().await;
-    let r = c.request("POST", "/v1/courses/S-1/enrollment", Some(&token("cy")), None).await;
+    let r = c
+        .request("POST", "/v1/courses/S-1/enrollment", Some(&token("cy")), None)
+        .await;
     assert_eq!(r.status, 201);
     let feed = feed_cursors(&mut c, "c0000000000000000").await;
     assert_eq!(feed.len(), 5);

@@ -92,7 +92,16 @@ fn run(server: &Server, dir: &TempDir, name: &str, admin_role: &str, extra: &[&s
     let (examples, seed_arg) = (EXAMPLES_PER_OPERATION.to_string(), seed.to_string());
     let document = repo().join("docs/openapi.yaml");
     let mut args: Vec<&str> = vec!["--config-file", &config, "run", document.to_str().unwrap()];
-    args.extend(["--url", &url, "--exclude-tag", "planned", "--exclude-tag", "long-poll", "--checks", "all"]);
+    args.extend([
+        "--url",
+        &url,
+        "--exclude-tag",
+        "planned",
+        "--exclude-tag",
+        "long-poll",
+        "--checks",
+        "all",
+    ]);
     args.extend(["--max-examples", &examples, "--seed", &seed_arg, "--no-color"]);
     args.extend(["--request-timeout", "10", "--generation-database", "none"]);
     args.extend(extra);

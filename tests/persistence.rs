@@ -6,8 +6,8 @@ mod common;
 
 use common::*;
 use enrolld::ids::{CourseId, StudentId};
-use enrolld::persist::store::{LoadRow, PutResult, SeatOp, SeatResult, Session, Store, StoreOptions};
 use enrolld::model::CourseSpec;
+use enrolld::persist::store::{LoadRow, PutResult, SeatOp, SeatResult, Session, Store, StoreOptions};
 
 const OPTS: StoreOptions = StoreOptions {
     pool_connections_max: 2,
@@ -80,11 +80,17 @@ async fn loaded(store: &Store) -> (Vec<(String, u32, u64)>, Vec<(String, String)
 async fn group_commit_applies_a_batch_atomically() {
     each_store(|store, kind| async move {
         assert_eq!(
-            store.put_course(&cid("A"), &spec(3), &Session::default()).await.unwrap(),
+            store
+                .put_course(&cid("A"), &spec(3), &Session::default())
+                .await
+                .unwrap(),
             PutResult::Created { version: 1 }
         );
         assert_eq!(
-            store.put_course(&cid("B"), &spec(5), &Session::default()).await.unwrap(),
+            store
+                .put_course(&cid("B"), &spec(5), &Session::default())
+                .await
+                .unwrap(),
             PutResult::Created { version: 1 }
         );
         let batch = vec![
@@ -109,8 +115,14 @@ async fn group_commit_applies_a_batch_atomically() {
 #[tokio::test]
 async fn the_guard_refuses_seats_beyond_capacity() {
     each_store(|store, kind| async move {
-        store.put_course(&cid("G"), &spec(2), &Session::default()).await.unwrap();
-        store.put_course(&cid("H"), &spec(9), &Session::default()).await.unwrap();
+        store
+            .put_course(&cid("G"), &spec(2), &Session::default())
+            .await
+            .unwrap();
+        store
+            .put_course(&cid("H"), &spec(9), &Session::default())
+            .await
+            .unwrap();
         // Three seats for a course of two in one batch (as two nodes selling it could ask):
         // the store sells two, refuses the third, and the rest of the batch still applies.
         let batch = vec![enroll("G", "a"), enroll("H", "z"), enroll("G", "b"), enroll("G", "c")];
@@ -127,12 +139,21 @@ async fn the_guard_refuses_seats_beyond_capacity() {
         );
         assert_eq!(store.roster(&cid("G")).await.unwrap(), vec!["a", "b"], "{kind}");
         assert_eq!(store.roster(&cid("H")).await.unwrap(), vec!["z"], "{kind}");
-        let got = store.commit_seats(&[enroll("G", "d")], &Session::default()).await.unwrap();
+        let got = store
+            .commit_seats(&[enroll("G", "d")], &Session::default())
+            .await
+            .unwrap();
         assert_eq!(got, vec![SeatResult::Full], "{kind}");
         // Capacity 0 sells nothing.
-        store.put_course(&cid("Z"), &spec(0), &Session::default()).await.unwrap();
+        store
+            .put_course(&cid("Z"), &spec(0), &Session::default())
+            .await
+            .unwrap();
         assert_eq!(
-            store.commit_seats(&[enroll("Z", "a")], &Session::default()).await.unwrap(),
+            store
+                .commit_seats(&[enroll("Z", "a")], &Session::default())
+                .await
+                .unwrap(),
             vec![SeatResult::Full],
             "{kind}"
         );
@@ -144,8 +165,14 @@ async fn the_guard_refuses_seats_beyond_capacity() {
 #[tokio::test]
 async fn inserts_are_idempotent_and_drops_free_the_counter() {
     each_store(|store, kind| async move {
-        store.put_course(&cid("I"), &spec(2), &Session::default()).await.unwrap();
-        store.commit_seats(&[enroll("I", "a")], &Session::default()).await.unwrap();
+        store
+            .put_course(&cid("I"), &spec(2), &Session::default())
+            .await
+            .unwrap();
+        store
+            .commit_seats(&[enroll("I", "a")], &Session::default())
+            .await
+            .unwrap();
         // The same seat again (a retried batch): applied, no second seat, counter unchanged.
         assert_eq!(
             store
@@ -157,20 +184,35 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
         );
         assert_eq!(store.roster(&cid("I")).await.unwrap(), vec!["a", "b"], "{kind}");
         assert_eq!(
-            store.put_course(&cid("I"), &spec(1), &Session::default()).await.unwrap(),
+            store
+                .put_course(&cid("I"), &spec(1), &Session::default())
+                .await
+                .unwrap(),
             PutResult::BelowEnrolled,
             "{kind}"
         );
-        store.commit_seats(&[drop_op("I", "a")], &Session::default()).await.unwrap();
+        store
+            .commit_seats(&[drop_op("I", "a")], &Session::default())
+            .await
+            .unwrap();
         // Dropping a seat that is not there is harmless.
-        store.commit_seats(&[drop_op("I", "nobody")], &Session::default()).await.unwrap();
+        store
+            .commit_seats(&[drop_op("I", "nobody")], &Session::default())
+            .await
+            .unwrap();
         assert_eq!(
-            store.put_course(&cid("I"), &spec(1), &Session::default()).await.unwrap(),
+            store
+                .put_course(&cid("I"), &spec(1), &Session::default())
+                .await
+                .unwrap(),
             PutResult::Updated { version: 2 },
             "{kind}"
         );
         assert_eq!(
-            store.commit_seats(&[enroll("I", "c")], &Session::default()).await.unwrap(),
+            store
+                .commit_seats(&[enroll("I", "c")], &Session::default())
+                .await
+                .unwrap(),
             vec![SeatResult::Full],
             "{kind}"
         );
@@ -183,9 +225,15 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
 #[tokio::test]
 async fn order_per_key_holds_across_batches() {
     each_store(|store, kind| async move {
-        store.put_course(&cid("O"), &spec(1), &Session::default()).await.unwrap();
+        store
+            .put_course(&cid("O"), &spec(1), &Session::default())
+            .await
+            .unwrap();
         // Enroll, drop, enroll another, as the persist thread splits them (one key per batch).
-        store.commit_seats(&[enroll("O", "a")], &Session::default()).await.unwrap();
+        store
+            .commit_seats(&[enroll("O", "a")], &Session::default())
+            .await
+            .unwrap();
         store
             .commit_seats(&[drop_op("O", "a"), enroll("O", "b")], &Session::default())
             .await
@@ -201,13 +249,22 @@ async fn order_per_key_holds_across_batches() {
 async fn recovery_reloads_exactly_what_was_committed() {
     each_store(|store, kind| async move {
         for (c, cap) in [("R1", 3), ("R2", 1), ("R3", 0)] {
-            store.put_course(&cid(c), &spec(cap), &Session::default()).await.unwrap();
+            store
+                .put_course(&cid(c), &spec(cap), &Session::default())
+                .await
+                .unwrap();
         }
         store
-            .commit_seats(&[enroll("R1", "x"), enroll("R1", "y"), enroll("R2", "x")], &Session::default())
+            .commit_seats(
+                &[enroll("R1", "x"), enroll("R1", "y"), enroll("R2", "x")],
+                &Session::default(),
+            )
             .await
             .unwrap();
-        store.commit_seats(&[drop_op("R1", "y")], &Session::default()).await.unwrap();
+        store
+            .commit_seats(&[drop_op("R1", "y")], &Session::default())
+            .await
+            .unwrap();
         let (courses, seats) = loaded(&store).await;
         assert_eq!(
             courses,
@@ -220,9 +277,15 @@ async fn recovery_reloads_exactly_what_was_committed() {
             "{kind}"
         );
         // Ids differing only in case are two courses, as they are in memory.
-        store.put_course(&cid("case"), &spec(1), &Session::default()).await.unwrap();
+        store
+            .put_course(&cid("case"), &spec(1), &Session::default())
+            .await
+            .unwrap();
         assert_eq!(
-            store.put_course(&cid("CASE"), &spec(1), &Session::default()).await.unwrap(),
+            store
+                .put_course(&cid("CASE"), &spec(1), &Session::default())
+                .await
+                .unwrap(),
             PutResult::Created { version: 1 },
             "{kind}"
         );

@@ -372,9 +372,14 @@ async fn route(
             admin(&caller)?;
             events(ctx, query.as_deref()).await
         }
-        (_, ["courses"] | ["courses", _] | ["me", "enrollments"] | ["admin", "courses", _, "roster"] | ["admin", "events"]) => {
-            Err(ApiError::MethodNotAllowed { allow: "GET" })
-        }
+        (
+            _,
+            ["courses"]
+            | ["courses", _]
+            | ["me", "enrollments"]
+            | ["admin", "courses", _, "roster"]
+            | ["admin", "events"],
+        ) => Err(ApiError::MethodNotAllowed { allow: "GET" }),
         (_, ["courses", _, "enrollment"]) => Err(ApiError::MethodNotAllowed { allow: "POST, DELETE" }),
         (_, ["admin", "courses", _]) => Err(ApiError::MethodNotAllowed { allow: "PUT" }),
         _ => Err(ApiError::NotFound("no such route")),
@@ -579,7 +584,9 @@ async fn events(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<Bytes>>,
         let page = match rx.await.map_err(|_| ApiError::Unavailable)? {
             Ok(page) => page,
             Err(feed::FeedError::Expired { .. }) => return Err(ApiError::CursorExpired),
-            Err(feed::FeedError::Ahead) => return Err(ApiError::BadRequest("after: a cursor ahead of the feed".into())),
+            Err(feed::FeedError::Ahead) => {
+                return Err(ApiError::BadRequest("after: a cursor ahead of the feed".into()))
+            }
             Err(feed::FeedError::Store(e)) => {
                 tracing::warn!(error = %e, "reading the change feed failed");
                 return Err(ApiError::Unavailable);

@@ -190,7 +190,11 @@ impl EventRows {
         while let Some(done) = results.try_next().await? {
             changed.push(done.rows_affected());
         }
-        anyhow::ensure!(changed == self.expected, "event rows written: {changed:?}, expected {:?}", self.expected);
+        anyhow::ensure!(
+            changed == self.expected,
+            "event rows written: {changed:?}, expected {:?}",
+            self.expected
+        );
         Ok(())
     }
 }
@@ -244,8 +248,14 @@ impl Store {
                 course: row.try_get(2).context("events.course_id")?,
                 student: row.try_get(3).context("events.student_id")?,
                 at: row.try_get(4).context("events.at_ms")?,
-                version: row.try_get::<Option<i64>, _>(5).context("events.version")?.map(|v| v as u64),
-                capacity: row.try_get::<Option<i64>, _>(6).context("events.capacity")?.map(|v| v as u64),
+                version: row
+                    .try_get::<Option<i64>, _>(5)
+                    .context("events.version")?
+                    .map(|v| v as u64),
+                capacity: row
+                    .try_get::<Option<i64>, _>(6)
+                    .context("events.capacity")?
+                    .map(|v| v as u64),
             });
         }
         let next = events.last().map_or(from, |e| e.seq);
@@ -299,7 +309,15 @@ mod tests {
         for seq in [0, 1, 255, u64::MAX] {
             assert_eq!(parse_cursor(&cursor_of(seq)), Some(seq));
         }
-        for bad in ["", "c", "12", "c00000000000000zz", "C0000000000000001", "c000000000000001", "c00000000000000FF"] {
+        for bad in [
+            "",
+            "c",
+            "12",
+            "c00000000000000zz",
+            "C0000000000000001",
+            "c000000000000001",
+            "c00000000000000FF",
+        ] {
             assert_eq!(parse_cursor(bad), None, "{bad:?}");
         }
     }
@@ -332,7 +350,9 @@ mod tests {
         );
         assert_eq!(rows.expected, [1, 2]);
         let rows = EventRows::of(Dialect::Mysql, &events, 17).unwrap();
-        assert!(rows.sql.starts_with("UPDATE feed SET seq = LAST_INSERT_ID(seq + 2) WHERE id = 1;\n"));
+        assert!(rows
+            .sql
+            .starts_with("UPDATE feed SET seq = LAST_INSERT_ID(seq + 2) WHERE id = 1;\n"));
         assert!(rows.sql.contains("(LAST_INSERT_ID() - 1, 'enrolled'"));
         assert!(EventRows::of(Dialect::Mysql, &[], 1).is_none());
     }

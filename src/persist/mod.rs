@@ -354,11 +354,7 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
 /// Runs one committer per queue until every queue is closed and empty.
 /// The feed's reader and its retention trim run beside them and end with them.
 pub async fn serve<B: Backend>(store: &B, cfg: &PersistConfig, queues: Queues) {
-    let Queues {
-        jobs,
-        reads,
-        committed,
-    } = queues;
+    let Queues { jobs, reads, committed } = queues;
     let committers = jobs.into_iter().map(|rx| committer(store, cfg, rx, &committed));
     let committers = futures_util::future::join_all(committers);
     let subscribed = committed.subscribe();
@@ -388,7 +384,9 @@ async fn read_feed<B: Backend>(store: &B, cfg: &PersistConfig, reads: flume::Rec
         if let Ok(p) = &page {
             cfg.metrics.feed_head.set(p.head as i64);
             if let Some(last) = p.events.last() {
-                cfg.metrics.feed_served.set(cfg.metrics.feed_served.get().max(last.seq as i64));
+                cfg.metrics
+                    .feed_served
+                    .set(cfg.metrics.feed_served.get().max(last.seq as i64));
             }
         }
         let _ = read.reply.send(page);
@@ -594,11 +592,7 @@ async fn put_course<B: Backend>(store: &B, course: &CourseId, spec: &CourseSpec,
     }
 }
 
-async fn commit_seats<B: Backend>(
-    store: &B,
-    seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>,
-    cfg: &PersistConfig,
-) {
+async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>, cfg: &PersistConfig) {
     if seats.is_empty() {
         return;
     }

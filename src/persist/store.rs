@@ -146,7 +146,10 @@ pub enum Probe {
         present_if_committed: bool,
     },
     /// A course row whose version is this only if the admin change committed.
-    Course { course: CourseId, version_if_committed: u64 },
+    Course {
+        course: CourseId,
+        version_if_committed: u64,
+    },
 }
 
 /// What a transaction's callers are told if its unanswered COMMIT turns out to have
@@ -341,19 +344,26 @@ impl Store {
         .context("reconciling seat counters")?
         .rows_affected();
         if counters_fixed > 0 {
-            tracing::warn!(courses = counters_fixed, "seat counters disagreed with rosters; recomputed");
+            tracing::warn!(
+                courses = counters_fixed,
+                "seat counters disagreed with rosters; recomputed"
+            );
         }
         let mut conn = OpenTransaction::new(self.pool.acquire().await?);
         let begin = match self.dialect {
             Dialect::Mysql => "START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY",
             Dialect::Sqlite => "BEGIN",
         };
-        sqlx::query(begin).execute(conn.get()).await.context("opening the load snapshot")?;
+        sqlx::query(begin)
+            .execute(conn.get())
+            .await
+            .context("opening the load snapshot")?;
         let mut report = LoadReport {
             counters_fixed,
             ..LoadReport::default()
         };
-        let courses_sql = format!("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, {count} FROM courses");
+        let courses_sql =
+            format!("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, {count} FROM courses");
         let mut rows = sqlx::query(&courses_sql).fetch(conn.get());
         while let Some(row) = rows.try_next().await? {
             let id: String = row.try_get(0)?;
@@ -467,7 +477,10 @@ impl Store {
         // transaction: no BEGIN round trip.
         let mut conn = OpenTransaction::new(commit_pool.acquire().await.map_err(not_committed)?);
         if !script.run(conn.get(), session).await.map_err(not_committed)? {
-            sqlx::query("ROLLBACK").execute(conn.get()).await.map_err(not_committed)?;
+            sqlx::query("ROLLBACK")
+                .execute(conn.get())
+                .await
+                .map_err(not_committed)?;
             conn.ended();
             return Ok(false);
         }
@@ -488,7 +501,9 @@ impl Store {
         let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
         sqlx::query("BEGIN").execute(conn.get()).await.map_err(not_committed)?;
         if self.dialect == Dialect::Mysql {
-            session.id.set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
+            session
+                .id
+                .set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
         }
         let mut results = Vec::with_capacity(ops.len());
         let mut probe = None;
@@ -507,10 +522,10 @@ impl Store {
             let result = match op {
                 SeatOp::Enroll { at, .. } => {
                     let inserted = sqlx::query(&insert)
-                                .bind(course.as_str())
-                                .bind(student.as_str())
-                                .bind(*at)
-                                .execute(conn.get())
+                        .bind(course.as_str())
+                        .bind(student.as_str())
+                        .bind(*at)
+                        .execute(conn.get())
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
@@ -531,20 +546,20 @@ impl Store {
                             SeatResult::Applied
                         } else {
                             sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
-                                    .bind(course.as_str())
-                                    .bind(student.as_str())
-                                    .execute(conn.get())
-                            .await
-                            .map_err(not_committed)?;
+                                .bind(course.as_str())
+                                .bind(student.as_str())
+                                .execute(conn.get())
+                                .await
+                                .map_err(not_committed)?;
                             SeatResult::Full
                         }
                     }
                 }
                 SeatOp::Drop { .. } => {
                     let deleted = sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
-                                .bind(course.as_str())
-                                .bind(student.as_str())
-                                .execute(conn.get())
+                        .bind(course.as_str())
+                        .bind(student.as_str())
+                        .execute(conn.get())
                         .await
                         .map_err(not_committed)?
                         .rows_affected();
@@ -555,11 +570,11 @@ impl Store {
                         // drops bring it under capacity. This also heals a counter the
                         // fast path's decrements left below its rows on such a course.
                         sqlx::query(&recount)
-                                .bind(course.as_str())
-                                .bind(course.as_str())
-                                .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?;
+                            .bind(course.as_str())
+                            .bind(course.as_str())
+                            .execute(conn.get())
+                            .await
+                            .map_err(not_committed)?;
                         probe.get_or_insert_with(|| probe_of(op));
                         events.push(NewEvent::of_seat(op));
                     }
@@ -638,11 +653,18 @@ impl Store {
 
     /// Creates or updates a course. Capacity may not go below the committed count: the
     /// update is guarded in SQL, so a concurrent node cannot slip under it.
-    pub async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError> {
+    pub async fn put_course(
+        &self,
+        id: &CourseId,
+        spec: &CourseSpec,
+        session: &Session,
+    ) -> Result<PutResult, CommitError> {
         let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
         sqlx::query("BEGIN").execute(conn.get()).await.map_err(not_committed)?;
         if self.dialect == Dialect::Mysql {
-            session.id.set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
+            session
+                .id
+                .set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
         }
         let tx = conn.get();
         let capacity = i64::from(spec.capacity);
@@ -987,20 +1009,14 @@ mod tests {
         (CourseId::parse(c).unwrap(), StudentId::parse(s).unwrap())
     }
 
-    /// The fast path really commits on SQLite (a refusal would fall back to the row-by-row
-    /// path and still give right answers, hiding a broken script).
-    #[tokio::test]
-    async fn sqlite_takes_the_fast_path_and_refuses_a_duplicate() {
-        let path = std::env::temp_dir().join(format!("enrolld-fast-{}.db", std::process::id()));
-        let _ = std::fs::remove_file(&path);
+    /// A store at `url` holding course `F-1` (capacity 5), and a student for it.
+    async fn store_with_a_course(url: &str) -> (Store, CourseId, StudentId) {
         let opts = StoreOptions {
             pool_connections_max: 2,
             acquire_timeout_ms: 1_000,
             events: true,
         };
-        let store = Store::open(&format!("sqlite://{}", path.display()), &opts)
-            .await
-            .unwrap();
+        let store = Store::open(url, &opts).await.unwrap();
         let (c, s) = ids("F-1", "s1");
         let spec = CourseSpec {
             title: "fast".into(),
@@ -1009,6 +1025,16 @@ mod tests {
             closes_at: None,
         };
         store.put_course(&c, &spec, &Session::default()).await.unwrap();
+        (store, c, s)
+    }
+
+    /// The fast path really commits on SQLite (a refusal would fall back to the row-by-row
+    /// path and still give right answers, hiding a broken script).
+    #[tokio::test]
+    async fn sqlite_takes_the_fast_path_and_refuses_a_duplicate() {
+        let path = std::env::temp_dir().join(format!("enrolld-fast-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let (store, c, s) = store_with_a_course(&format!("sqlite://{}", path.display())).await;
         let op = SeatOp::Enroll {
             course: c.clone(),
             student: s,
@@ -1035,43 +1061,42 @@ mod tests {
     /// must not be mistaken for a change count), and the session id is captured.
     #[tokio::test]
     async fn mysql_takes_the_fast_path_and_knows_its_session() {
-        let base = std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
+        let base =
+            std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
         let db = format!("enrolld_unit_fast_{}", std::process::id());
         sqlx::any::install_default_drivers();
-        let admin = AnyPool::connect(&format!("{base}/enrolld")).await.expect("MariaDB for tests");
+        let admin = AnyPool::connect(&format!("{base}/enrolld"))
+            .await
+            .expect("MariaDB for tests");
         sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
             .execute(&admin)
             .await
             .unwrap();
-        let opts = StoreOptions {
-            pool_connections_max: 2,
-            acquire_timeout_ms: 1_000,
-            events: true,
-        };
-        let store = Store::open(&format!("{base}/{db}"), &opts).await.unwrap();
-        store.check_guarantees().await.expect("MariaDB enforces CHECK and flushes at commit");
-        let (c, s) = ids("F-1", "s1");
-        let spec = CourseSpec {
-            title: "fast".into(),
-            capacity: 5,
-            opens_at: None,
-            closes_at: None,
-        };
-        store.put_course(&c, &spec, &Session::default()).await.unwrap();
+        let (store, c, s) = store_with_a_course(&format!("{base}/{db}")).await;
+        store
+            .check_guarantees()
+            .await
+            .expect("MariaDB enforces CHECK and flushes at commit");
         let op = SeatOp::Enroll {
             course: c.clone(),
             student: s.clone(),
             at: 1,
         };
         let session = Session::default();
-        assert!(store.try_fast(std::slice::from_ref(&op), &session).await.unwrap(), "committed fast");
+        assert!(
+            store.try_fast(std::slice::from_ref(&op), &session).await.unwrap(),
+            "committed fast"
+        );
         assert!(session.id.get().is_some(), "the session id was read");
         assert!(session.committing.borrow().is_some(), "COMMIT was marked as sent");
         // A fence after the fact ends a session that already ended; the row is there.
         store.fence(&session).await.unwrap();
         assert!(store.read_back(&probe_of(&op)).await.unwrap());
         store.close().await;
-        sqlx::raw_sql(&format!("DROP DATABASE {db}")).execute(&admin).await.unwrap();
+        sqlx::raw_sql(&format!("DROP DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .unwrap();
     }
 
     #[test]

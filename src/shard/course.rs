@@ -16,14 +16,12 @@ use std::collections::HashMap;
 use crate::ids::{CourseId, StudentId, UnixMs};
 pub use crate::model::CourseSpec;
 
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seat {
     EnrollPending { at: UnixMs },
     Enrolled { at: UnixMs },
     DropPending { at: UnixMs },
 }
-
 
 #[derive(Debug)]
 pub struct Course {

@@ -541,7 +541,12 @@ impl Sim {
         assert_eq!(c.spec, m.spec, "spec; {}", self.ctx());
         assert_eq!(c.version, m.version, "version; {}", self.ctx());
         assert_eq!(c.enrolled(), m.committed(), "enrolled (committed); {}", self.ctx());
-        assert_eq!(c.seats_left(), m.sellable().saturating_sub(m.held()), "seats_left; {}", self.ctx());
+        assert_eq!(
+            c.seats_left(),
+            m.sellable().saturating_sub(m.held()),
+            "seats_left; {}",
+            self.ctx()
+        );
         let mut roster: Vec<StudentId> = m
             .seats
             .iter()

@@ -182,7 +182,10 @@ impl Checker {
                     }
                 }
                 let key = request.seat().expect("a seat request");
-                assert!(self.store_has(&key), "{key:?} answered enrolled but the store does not hold it");
+                assert!(
+                    self.store_has(&key),
+                    "{key:?} answered enrolled but the store does not hold it"
+                );
                 Some(true)
             }
             (Request::Enroll { .. }, Reply::Unavailable) => {
@@ -197,7 +200,10 @@ impl Checker {
                 }
                 match self.memory_seat(&key) {
                     Some(Seat::Enrolled { .. }) => panic!("{key:?}: a POST answered 503 while the seat is held"),
-                    None => assert!(!self.store_has(&key), "{key:?}: a POST answered 503; the store holds the seat"),
+                    None => assert!(
+                        !self.store_has(&key),
+                        "{key:?}: a POST answered 503; the store holds the seat"
+                    ),
                     Some(_) => {}
                 }
                 None
@@ -231,9 +237,15 @@ impl Checker {
                 self.count("put: 200");
                 let rows = self.store.rows();
                 let stored = rows.courses.get(course).expect("an answered PUT is stored");
-                assert!(stored.version >= view.version, "{course:?} answered a version the store never had");
+                assert!(
+                    stored.version >= view.version,
+                    "{course:?} answered a version the store never had"
+                );
                 if stored.version == view.version {
-                    assert_eq!(&stored.spec, spec, "{course:?} answered with a spec the store does not hold");
+                    assert_eq!(
+                        &stored.spec, spec,
+                        "{course:?} answered with a spec the store does not hold"
+                    );
                 }
                 None
             }
@@ -249,7 +261,10 @@ impl Checker {
                     let memory = table.get(course).expect("simulated courses exist");
                     if !memory.spec_in_flight() {
                         let stored = self.store.rows().courses[course].version;
-                        assert_eq!(stored, memory.version, "{course:?}: a PUT answered 503 but its change is stored");
+                        assert_eq!(
+                            stored, memory.version,
+                            "{course:?}: a PUT answered 503 but its change is stored"
+                        );
                     }
                 }
                 None
@@ -275,7 +290,10 @@ impl Checker {
             let seats = rows.seats_of(id).len() as u32;
             let allowed = c.spec.capacity.max(self.overfull.get(id).copied().unwrap_or(0));
             if seats > allowed {
-                return Err(format!("{id:?} oversold in the store: {seats} seats, capacity {}", c.spec.capacity));
+                return Err(format!(
+                    "{id:?} oversold in the store: {seats} seats, capacity {}",
+                    c.spec.capacity
+                ));
             }
         }
         for (key, held) in &self.durable {
@@ -350,10 +368,13 @@ impl Checker {
         }
         let rows = self.store.rows();
         for id in rows.courses.keys() {
-            let stored: std::collections::BTreeSet<String> = rows.seats_of(id).iter().map(ToString::to_string).collect();
+            let stored: std::collections::BTreeSet<String> =
+                rows.seats_of(id).iter().map(ToString::to_string).collect();
             let replayed = rosters.remove(id.as_str()).unwrap_or_default();
             if stored != replayed {
-                return Err(format!("feed: replaying {id:?} gives {replayed:?}, the store holds {stored:?}"));
+                return Err(format!(
+                    "feed: replaying {id:?} gives {replayed:?}, the store holds {stored:?}"
+                ));
             }
         }
         Ok(())

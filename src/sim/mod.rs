@@ -32,11 +32,11 @@ use tokio::sync::{mpsc, watch};
 use crate::ids::{Clock, CourseId, ShardClock, ShardId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, BreakerConfig};
 use crate::limit::{Admission, Limiter, LimitsConfig, ShardLimiter};
-use crate::persist::store::StoreOptions;
+use crate::model::CourseSpec;
 use crate::persist::feed::Event;
 use crate::persist::store::LoadRow;
+use crate::persist::store::StoreOptions;
 use crate::persist::{self, PersistConfig};
-use crate::model::CourseSpec;
 use crate::shard::table::CourseTable;
 use crate::shard::{owner_of, serve_inbox, Command, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS};
 use checker::{Checker, Request};
@@ -92,7 +92,11 @@ impl Clock for SimClock {
         if rng.gen_bool(self.step_chance) {
             // Mostly small steps (absorbed by the shard clock), now and then a large one
             // (followed, as the correction of a clock that had jumped).
-            let max = if rng.gen_bool(0.1) { CLOCK_JUMP_MS_MAX } else { CLOCK_STEP_MS_MAX };
+            let max = if rng.gen_bool(0.1) {
+                CLOCK_JUMP_MS_MAX
+            } else {
+                CLOCK_STEP_MS_MAX
+            };
             now += rng.gen_range(-max..=max);
         }
         self.now.store(now, Ordering::Relaxed);
@@ -169,12 +173,38 @@ pub fn run(seed: u64, ops: usize) -> Result<Report, String> {
         result.map_err(|e| format!("life {life}: {e}"))?;
         // The process is gone: commits still on their way land or roll back.
         store.crash();
-        checker.borrow_mut().after_crash().map_err(|e| format!("after life {life}: {e}"))?;
+        checker
+            .borrow_mut()
+            .after_crash()
+            .map_err(|e| format!("after life {life}: {e}"))?;
         report.lives += 1;
     }
     report.add(&checker.borrow().report());
     report.add(&store.report());
     Ok(report)
+}
+
+/// The persist side of a simulated process: small batches and queues, two committers, the
+/// simulation's statement timeout.
+fn persist_config(breaker: Arc<Breaker>) -> PersistConfig {
+    PersistConfig {
+        store_url: "sim://".into(),
+        store: StoreOptions {
+            pool_connections_max: 3,
+            acquire_timeout_ms: STATEMENT_TIMEOUT_MS,
+            events: true,
+        },
+        commits_in_flight_max: 2,
+        batch_rows_max: 6,
+        batch_linger_us: 300,
+        queue_rows_max: 64,
+        demo: false,
+        statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
+        events_retention: None,
+        events_stream: None,
+        metrics: Arc::default(),
+        breaker,
+    }
 }
 
 fn random_spec(rng: &mut StdRng) -> CourseSpec {
@@ -213,29 +243,14 @@ impl World {
                 ..BreakerConfig::default()
             },
         ));
-        let pcfg = PersistConfig {
-            store_url: "sim://".into(),
-            store: StoreOptions {
-                pool_connections_max: 3,
-                acquire_timeout_ms: STATEMENT_TIMEOUT_MS,
-                events: true,
-            },
-            commits_in_flight_max: 2,
-            batch_rows_max: 6,
-            batch_linger_us: 300,
-            queue_rows_max: 64,
-            demo: false,
-            statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
-            events_retention: None,
-            events_stream: None,
-            metrics: Arc::default(),
-            breaker: breaker.clone(),
-        };
+        let pcfg = persist_config(breaker.clone());
         let (handle, queues) = persist::queues(&pcfg);
         let store = self.store.clone();
         tokio::task::spawn_local(async move { persist::serve(&*store, &pcfg, queues).await });
         let shards = self.start_shards(handle.clone(), breaker)?;
-        self.checker.borrow_mut().set_shards(shards.iter().map(|r| r.me.clone()).collect());
+        self.checker
+            .borrow_mut()
+            .set_shards(shards.iter().map(|r| r.me.clone()).collect());
         self.checker.borrow().check_loaded()?;
         let routers: Vec<Rc<Router>> = shards.into_iter().map(Rc::new).collect();
         self.store.set_weather(Weather::calm());
@@ -271,8 +286,6 @@ impl World {
         let feed = read_feed(&handle, &mut rng).await?;
         self.checker.borrow().check_feed(&feed)
     }
-
-
 
     fn start_shards(&self, persist: persist::PersistHandle, breaker: Arc<Breaker>) -> Result<Vec<Router>, String> {
         let mut tables: Vec<CourseTable> = (0..SHARDS).map(|_| CourseTable::default()).collect();
@@ -424,7 +437,9 @@ fn simulation_holds_every_promise_under_faults() {
     for &seed in &seeds {
         match run(seed, ops) {
             Ok(report) => total.add(&report),
-            Err(e) => panic!("simulation seed {seed} failed: {e}\nreplay: ENROLLD_SIM_SEED={seed} cargo test --release --lib sim::"),
+            Err(e) => panic!(
+                "simulation seed {seed} failed: {e}\nreplay: ENROLLD_SIM_SEED={seed} cargo test --release --lib sim::"
+            ),
         }
     }
     eprintln!(
@@ -439,7 +454,11 @@ fn simulation_holds_every_promise_under_faults() {
     if seeds.len() >= 16 {
         // The generator must keep reaching every fault and every kind of answer.
         for what in checker::COVERED.iter().chain(store::COVERED) {
-            assert!(total.counts.get(what).copied().unwrap_or(0) > 0, "no seed reached {what:?}: {:?}", total.counts);
+            assert!(
+                total.counts.get(what).copied().unwrap_or(0) > 0,
+                "no seed reached {what:?}: {:?}",
+                total.counts
+            );
         }
     }
 }
@@ -465,25 +484,7 @@ fn a_forwarded_command_whose_reply_is_lost_is_unknown_not_unavailable() {
             students: Vec::new(),
         };
         let breaker = Arc::new(Breaker::new("store", BreakerConfig::default()));
-        let pcfg = PersistConfig {
-            store_url: "sim://".into(),
-            store: StoreOptions {
-                pool_connections_max: 1,
-                acquire_timeout_ms: STATEMENT_TIMEOUT_MS,
-                events: true,
-            },
-            commits_in_flight_max: 1,
-            batch_rows_max: 1,
-            batch_linger_us: 0,
-            queue_rows_max: 1,
-            demo: false,
-            statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
-            events_retention: None,
-            events_stream: None,
-            metrics: Arc::default(),
-            breaker: breaker.clone(),
-        };
-        let (handle, _queues) = persist::queues(&pcfg);
+        let (handle, _queues) = persist::queues(&persist_config(breaker.clone()));
         let mut routers = world.start_shards(handle, breaker).expect("shards");
         let me = routers.swap_remove(0);
         // Shard 1's inbox: takes the command, then goes down without answering.

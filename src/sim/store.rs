@@ -14,10 +14,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::ids::{CourseId, StudentId, UnixMs};
+use crate::model::CourseSpec;
 use crate::persist::feed::{Event, EventKind, FeedError, NewEvent, Page};
 use crate::persist::store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
 use crate::persist::Backend;
-use crate::model::CourseSpec;
 
 /// Store faults the coverage check needs every test run to reach.
 pub const COVERED: &[&str] = &[
@@ -100,7 +100,13 @@ impl Weather {
         }
         // Mostly drizzle; now and then an outage in which most calls hang or fail.
         let worst = if rng.gen_bool(0.2) { 0.8 } else { 0.15 };
-        let mut chance = || if rng.gen_bool(0.5) { rng.gen_range(0.0..worst) } else { 0.0 };
+        let mut chance = || {
+            if rng.gen_bool(0.5) {
+                rng.gen_range(0.0..worst)
+            } else {
+                0.0
+            }
+        };
         Weather {
             fail: chance(),
             hang_before: chance(),
@@ -471,8 +477,12 @@ impl Backend for SimStore {
             version: Some(course.version),
             capacity: Some(u64::from(spec.capacity)),
         };
-        self.finish(sid, fault, vec![Effect::Course(id.clone(), course), Effect::Event(event)])
-            .await?;
+        self.finish(
+            sid,
+            fault,
+            vec![Effect::Course(id.clone(), course), Effect::Event(event)],
+        )
+        .await?;
         Ok(result)
     }
 
@@ -514,7 +524,10 @@ impl Backend for SimStore {
             Probe::Course {
                 course,
                 version_if_committed,
-            } => rows.courses.get(course).is_some_and(|c| c.version == *version_if_committed),
+            } => rows
+                .courses
+                .get(course)
+                .is_some_and(|c| c.version == *version_if_committed),
         })
     }
 
@@ -532,7 +545,11 @@ impl Backend for SimStore {
             Some(a) => a,
             None => 0,
         };
-        let events: Vec<Event> = rows.events[from as usize..].iter().take(limit as usize).cloned().collect();
+        let events: Vec<Event> = rows.events[from as usize..]
+            .iter()
+            .take(limit as usize)
+            .cloned()
+            .collect();
         let next = events.last().map_or(from, |e| e.seq);
         Ok(Page { events, next, head })
     }
