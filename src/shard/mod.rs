@@ -270,7 +270,20 @@ impl Shard {
                 student,
                 admission,
             } => {
+                #[cfg(test)]
+                let seat = student.clone();
                 let reply = self.enroll(course.clone(), student, admission).await;
+                #[cfg(test)]
+                if reply == Reply::Unavailable {
+                    // "Nothing was recorded", checked where it is decided: no change to the seat
+                    // is in flight or committed (a caller sees the answer only after other
+                    // tasks ran, which may have taken the seat since).
+                    let held = self.table.borrow().get(&course).and_then(|c| c.seat(&seat));
+                    assert!(
+                        held.is_none(),
+                        "{course:?} {seat:?}: an enrollment decided 503 while the seat is {held:?}"
+                    );
+                }
                 if let (Some(c), Some(a)) = (self.table.borrow().get(&course), attempt_of(&reply)) {
                     c.note_outcome(a);
                 }

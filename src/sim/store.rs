@@ -8,12 +8,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::ids::{CourseId, StudentId, UnixMs};
+use crate::limit::breaker::{Breaker, CLOSED};
 use crate::model::CourseSpec;
 use crate::persist::feed::{Event, EventKind, FeedError, NewEvent, Page};
 use crate::persist::store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
@@ -139,6 +141,8 @@ pub struct SimStore {
     /// Sessions whose COMMIT is on its way: they land unless fenced first.
     late: RefCell<BTreeMap<u64, Vec<Effect>>>,
     counts: RefCell<BTreeMap<&'static str, u64>>,
+    /// This life's store breaker, which every hung call must open (see [`SimStore::hang`]).
+    breaker: RefCell<Option<Arc<Breaker>>>,
 }
 
 impl SimStore {
@@ -151,7 +155,37 @@ impl SimStore {
             next_session: Cell::new(1),
             late: RefCell::default(),
             counts: RefCell::default(),
+            breaker: RefCell::default(),
         })
+    }
+
+    pub fn set_breaker(&self, breaker: Arc<Breaker>) {
+        *self.breaker.borrow_mut() = Some(breaker);
+    }
+
+    /// A call that never answers (its caller cuts it off). The breaker must hear of it
+    /// while it hangs, not when it is cut off: if it was closed when the call hung, it is
+    /// not closed a slow call later (only a probe closes it, and none can be let through
+    /// within `open_ms` of its opening, which outlasts a slow call).
+    async fn hang<T>(&self) -> T {
+        struct Alive(Rc<Cell<bool>>);
+        impl Drop for Alive {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let alive = Alive(Rc::new(Cell::new(true)));
+        if let Some(breaker) = self.breaker.borrow().clone().filter(|b| b.state() == CLOSED) {
+            let still_hung = alive.0.clone();
+            tokio::task::spawn_local(async move {
+                let after = breaker.slow_call() + Duration::from_millis(2);
+                tokio::time::sleep(after).await;
+                if still_hung.get() && breaker.state() == CLOSED {
+                    panic!("a store call has hung for {after:?} and the breaker is still closed");
+                }
+            });
+        }
+        std::future::pending::<T>().await
     }
 
     pub fn rows(&self) -> std::cell::Ref<'_, Rows> {
@@ -391,7 +425,7 @@ impl SimStore {
                 });
                 if fault == Fault::HangAtCommit {
                     self.count("fault: hang at commit");
-                    std::future::pending::<()>().await;
+                    self.hang::<()>().await;
                 }
                 self.count("fault: late commit");
                 Err(unknown())
@@ -410,7 +444,7 @@ impl SimStore {
             }
             Fault::HangBefore => {
                 self.count("fault: hang before commit");
-                std::future::pending().await
+                self.hang().await
             }
             _ => Ok(()),
         }
@@ -422,7 +456,7 @@ impl Backend for SimStore {
         self.latency().await;
         match self.roll() {
             Fault::Fail => anyhow::bail!("simulated: ping failed"),
-            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
             _ => Ok(()),
         }
     }
@@ -490,7 +524,7 @@ impl Backend for SimStore {
         self.latency().await;
         match self.roll() {
             Fault::Fail => anyhow::bail!("simulated: the fence failed"),
-            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
             _ => {}
         }
         // The session ends now, its COMMIT landing first or never.
@@ -511,7 +545,7 @@ impl Backend for SimStore {
         self.latency().await;
         match self.roll() {
             Fault::Fail => anyhow::bail!("simulated: read-back failed"),
-            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
             _ => {}
         }
         let rows = self.rows.borrow();
@@ -535,7 +569,7 @@ impl Backend for SimStore {
         self.latency().await;
         match self.roll() {
             Fault::Fail => return Err(FeedError::Store(anyhow::anyhow!("simulated: read failed"))),
-            Fault::HangBefore | Fault::HangAtCommit => std::future::pending().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
             _ => {}
         }
         let rows = self.rows.borrow();
