@@ -236,20 +236,7 @@ fn the_ready_line_names_the_address_once() {
     use std::io::{BufRead, BufReader};
     let dir = TempDir::new("enrolld-ready");
     let store = format!("sqlite://{}", dir.path("e.db"));
-    let mut child = Command::new(bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            SECRET,
-            "--store",
-            &store,
-        ])
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn enrolld");
+    let mut child = spawn_serve(&["--listen", "127.0.0.1:0", "--store", &store]);
     let stderr = child.stderr.take().expect("piped");
     let line = BufReader::new(stderr)
         .lines()

@@ -797,21 +797,6 @@ async fn long_poll_wakes_on_a_commit_on_mariadb() {
 
 // ---- 5. retention and 410 ----
 
-/// Enrolls `students` in `course`, each answered 201.
-async fn enroll_all(c: &mut Conn, course: &str, students: &[&str]) {
-    for s in students {
-        let r = c
-            .request(
-                "POST",
-                &format!("/v1/courses/{course}/enrollment"),
-                Some(&token(s)),
-                None,
-            )
-            .await;
-        assert_eq!(r.status, 201, "{s} in {course}");
-    }
-}
-
 fn seat_events(events: &[Event]) -> Vec<(String, String)> {
     events
         .iter()

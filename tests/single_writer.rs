@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,14 +18,7 @@ const REFUSAL_WAIT_MS_MAX: u64 = 60_000;
 /// its exit code and stderr. A server that becomes ready instead is killed and fails the
 /// test: it would be sharing the store or the port.
 fn refused(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(bin())
-        .args(["serve", "--jwt-secret", SECRET])
-        .args(args)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn enrolld");
+    let mut child = spawn_serve(args);
     let stderr = child.stderr.take().expect("stderr piped");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -350,17 +350,7 @@ async fn an_overfull_course_is_loaded_whole_sells_nothing_and_is_counted() {
     let course = "OVER-1";
     let mut c = server.conn().await;
     put_course(&mut c, course, 3).await;
-    for s in ["s1", "s2", "s3"] {
-        let r = c
-            .request(
-                "POST",
-                &format!("/v1/courses/{course}/enrollment"),
-                Some(&token(s)),
-                None,
-            )
-            .await;
-        assert_eq!(r.status, 201, "{s}");
-    }
+    enroll_all(&mut c, course, &["s1", "s2", "s3"]).await;
     assert_eq!(server.terminate(), Some(0));
     db.sql(&format!(
         "SET SESSION check_constraint_checks = 0; \
@@ -453,21 +443,7 @@ async fn orphan_seats_are_kept_and_counted() {
 async fn a_store_that_does_not_flush_at_commit_is_refused() {
     let db = PrivateMariadb::with_args(&["--innodb-flush-log-at-trx-commit=2"]);
     assert_eq!(db.sql("SELECT @@innodb_flush_log_at_trx_commit"), "2");
-    let mut child = std::process::Command::new(bin())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--jwt-secret",
-            SECRET,
-            "--store",
-            &db.url(),
-        ])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn enrolld");
+    let mut child = spawn_serve(&["--listen", "127.0.0.1:0", "--store", &db.url()]);
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if started.elapsed() > Duration::from_secs(60) {

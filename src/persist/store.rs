@@ -484,12 +484,7 @@ impl Store {
             conn.ended();
             return Ok(false);
         }
-        session.commit_sent(ops.first().map(probe_of), if_committed());
-        sqlx::query("COMMIT")
-            .execute(conn.get())
-            .await
-            .map_err(|e| CommitError::Unknown(e.into()))?;
-        conn.ended();
+        conn.commit(session, ops.first().map(probe_of), if_committed()).await?;
         Ok(true)
     }
 
@@ -586,12 +581,7 @@ impl Store {
         if let Some(rows) = self.event_rows(&events) {
             rows.write(conn.get()).await.map_err(not_committed)?;
         }
-        session.commit_sent(probe, Settled::Seats(results.clone()));
-        sqlx::query("COMMIT")
-            .execute(conn.get())
-            .await
-            .map_err(|e| CommitError::Unknown(e.into()))?;
-        conn.ended();
+        conn.commit(session, probe, Settled::Seats(results.clone())).await?;
         Ok(results)
     }
 
@@ -734,12 +724,7 @@ impl Store {
             course: id.clone(),
             version_if_committed: version,
         };
-        session.commit_sent(Some(probe), Settled::Put(result));
-        sqlx::query("COMMIT")
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| CommitError::Unknown(e.into()))?;
-        conn.ended();
+        conn.commit(session, Some(probe), Settled::Put(result)).await?;
         Ok(result)
     }
 
@@ -975,6 +960,24 @@ impl OpenTransaction {
     pub(super) fn get(&mut self) -> &mut sqlx::AnyConnection {
         self.conn.as_mut().expect("present until drop")
     }
+    /// Sends COMMIT, first marking `session` with how to tell whether it applied, so a
+    /// COMMIT that goes unanswered (or is cut off by the caller's bound) is settled, never
+    /// guessed.
+    async fn commit(
+        mut self,
+        session: &Session,
+        probe: Option<Probe>,
+        if_committed: Settled,
+    ) -> Result<(), CommitError> {
+        session.commit_sent(probe, if_committed);
+        sqlx::query("COMMIT")
+            .execute(self.get())
+            .await
+            .map_err(|e| CommitError::Unknown(e.into()))?;
+        self.ended();
+        Ok(())
+    }
+
     pub(super) fn ended(&mut self) {
         self.ended = true;
     }

@@ -102,6 +102,35 @@ pub struct Server {
     pub log: mpsc::Receiver<String>,
 }
 
+/// `enrolld serve --jwt-secret SECRET <args>` with plain-text logs on a piped stderr and
+/// stdout discarded: for tests that watch a start (refused, or its ready line) rather than
+/// serve through [`Server`].
+pub fn spawn_serve(args: &[&str]) -> Child {
+    Command::new(bin())
+        .args(["serve", "--jwt-secret", SECRET])
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn enrolld")
+}
+
+/// Enrolls `students` in `course`, each answered 201.
+pub async fn enroll_all(c: &mut Conn, course: &str, students: &[&str]) {
+    for s in students {
+        let r = c
+            .request(
+                "POST",
+                &format!("/v1/courses/{course}/enrollment"),
+                Some(&token(s)),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 201, "{s} in {course}");
+    }
+}
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_enrolld")
 }
