@@ -488,11 +488,9 @@ impl Store {
         Ok(true)
     }
 
-    /// Each op on its own, in order, in one transaction, with the guarded counter update
-    /// (`enrolled + 1 <= capacity`): the store is the final arbiter across nodes.
-    async fn commit_row_by_row(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
-        // A plain BEGIN on a connection we own, so one that is cut off is closed, never
-        // pooled half-read.
+    /// A transaction on a pooled connection we own (plain BEGIN, so one cut off is closed,
+    /// never pooled half-read), with its MySQL session id in `session` for the fence.
+    async fn begin(&self, session: &Session) -> Result<OpenTransaction, CommitError> {
         let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
         sqlx::query("BEGIN").execute(conn.get()).await.map_err(not_committed)?;
         if self.dialect == Dialect::Mysql {
@@ -500,6 +498,15 @@ impl Store {
                 .id
                 .set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
         }
+        Ok(conn)
+    }
+
+    /// Each op on its own, in order, in one transaction, with the guarded counter update
+    /// (`enrolled + 1 <= capacity`): the store is the final arbiter across nodes.
+    async fn commit_row_by_row(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        // A plain BEGIN on a connection we own, so one that is cut off is closed, never
+        // pooled half-read.
+        let mut conn = self.begin(session).await?;
         let mut results = Vec::with_capacity(ops.len());
         let mut probe = None;
         let mut events = Vec::new();
@@ -649,13 +656,7 @@ impl Store {
         spec: &CourseSpec,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
-        let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
-        sqlx::query("BEGIN").execute(conn.get()).await.map_err(not_committed)?;
-        if self.dialect == Dialect::Mysql {
-            session
-                .id
-                .set(Some(connection_id(conn.get()).await.map_err(not_committed)?));
-        }
+        let mut conn = self.begin(session).await?;
         let tx = conn.get();
         let capacity = i64::from(spec.capacity);
         let updated = sqlx::query(
