@@ -104,6 +104,9 @@ pub struct ConfigArgs {
     /// Also append each committed event to this Redis Stream (best effort; needs --redis) [default: none]
     #[arg(long, env = "ENROLLD_EVENTS_REDIS_STREAM")]
     pub events_redis_stream: Option<String>,
+    /// MySQL: a node's partition leases lapse this long after its last heartbeat (renewed three times per lease) [default: 3000]
+    #[arg(long, env = "ENROLLD_CLUSTER_LEASE_MS")]
+    pub cluster_lease_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -142,6 +145,7 @@ struct FileConfig {
     events_enabled: Option<bool>,
     events_retention_days: Option<f64>,
     events_redis_stream: Option<String>,
+    cluster_lease_ms: Option<u64>,
     limits: Option<LimitsConfig>,
 }
 
@@ -176,6 +180,8 @@ pub struct Config {
     pub events_retention_days: f64,
     /// Redis Stream key the committed events are also appended to.
     pub events_redis_stream: Option<String>,
+    /// How long a node's leases outlive its last heartbeat (MySQL).
+    pub cluster_lease_ms: u64,
     /// Rate limits, flow rules, breakers (reloadable).
     pub limits: LimitsConfig,
     /// The file it came from, for reloads.
@@ -188,6 +194,12 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 #[error("config: {0}")]
 pub struct ConfigError(pub String);
+
+/// How long a node's leases outlive its last heartbeat unless configured (API.md).
+pub const CLUSTER_LEASE_MS_DEFAULT: u64 = 3_000;
+/// Shortest lease: three heartbeats must fit, each a store round trip.
+pub const CLUSTER_LEASE_MS_MIN: u64 = 300;
+pub const CLUSTER_LEASE_MS_MAX: u64 = 600_000;
 
 /// How long the change feed keeps events unless configured.
 pub const EVENTS_RETENTION_DAYS_DEFAULT: f64 = 30.0;
@@ -361,6 +373,12 @@ impl Config {
                 EVENTS_RETENTION_DAYS_MAX,
             )?,
             events_redis_stream,
+            cluster_lease_ms: range(
+                "cluster_lease_ms",
+                args.cluster_lease_ms.or(file.cluster_lease_ms).unwrap_or(CLUSTER_LEASE_MS_DEFAULT),
+                CLUSTER_LEASE_MS_MIN,
+                CLUSTER_LEASE_MS_MAX,
+            )?,
             limits,
             config_path: args.config.clone(),
             limits_enabled_flag: args.limits_enabled,

@@ -11,10 +11,13 @@
 //! - [`limit`]: token buckets, flow rules, circuit breakers;
 //! - [`metrics`]: per-shard counters summed at scrape time;
 //! - [`model`]: the course spec both shard/ and persist/ speak of (below both);
+//! - [`partition`]: courses' partitions and the leases this node holds (below both);
+//! - [`cluster`]: several nodes: nginx's ring, partition owners;
 //! - [`ids`]: validated ids, the time unit and the clock seam;
 //! - [`follow`]: `enrolld events follow`, the change feed's consumer (a client, not the server);
 //! - `sim` (tests only): the deterministic simulation of shard and persist.
 
+pub mod cluster;
 pub mod config;
 pub mod follow;
 pub mod ids;
@@ -22,6 +25,7 @@ pub mod limit;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod partition;
 pub mod persist;
 pub mod server;
 pub mod shard;

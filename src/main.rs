@@ -151,14 +151,18 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Exit code 2 (API.md): a bad flag, file or key, or a listen address or SQLite file that
-/// another live process holds. Nothing was started.
+/// Exit code 2 (API.md): a bad flag, file or key, or a listen address, SQLite file or MySQL
+/// database that another live process holds. Nothing was started.
 fn refused(e: &anyhow::Error) -> bool {
     use enrolld::net::BindError;
+    use enrolld::persist::lease::LeaseError;
     use enrolld::single_writer::StoreLockError;
-    e.downcast_ref::<ConfigError>().is_some()
-        || matches!(e.downcast_ref::<BindError>(), Some(BindError::InUse(_)))
-        || matches!(e.downcast_ref::<StoreLockError>(), Some(StoreLockError::Held { .. }))
+    e.chain().any(|cause| {
+        cause.downcast_ref::<ConfigError>().is_some()
+            || matches!(cause.downcast_ref::<BindError>(), Some(BindError::InUse(_)))
+            || matches!(cause.downcast_ref::<StoreLockError>(), Some(StoreLockError::Held { .. }))
+            || matches!(cause.downcast_ref::<LeaseError>(), Some(LeaseError::Held { .. }))
+    })
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -156,6 +156,10 @@ pub struct PersistMetrics {
     pub feed_head: prometheus::IntGauge,
     pub feed_served: prometheus::IntGauge,
     pub events_trimmed: prometheus::IntCounter,
+    /// Batches refused because this node no longer held a lease they were decided under.
+    pub fenced_batches: prometheus::IntCounter,
+    /// Partitions whose lease this node holds.
+    pub leases_held: prometheus::IntGauge,
 }
 
 impl Default for PersistMetrics {
@@ -194,6 +198,16 @@ impl Default for PersistMetrics {
             seats_orphaned: prometheus::IntGauge::new(
                 "enrolld_recovery_seats_orphaned",
                 "Stored seats of unknown courses the last start found (kept, not loaded).",
+            )
+            .expect("valid gauge"),
+            fenced_batches: prometheus::IntCounter::new(
+                "enrolld_cluster_fenced_batches_total",
+                "Batches the store refused because another node had taken over a partition they wrote (nothing of them recorded).",
+            )
+            .expect("valid counter"),
+            leases_held: prometheus::IntGauge::new(
+                "enrolld_cluster_leases_held",
+                "Partitions whose lease this node holds (MySQL; every partition outside cluster mode).",
             )
             .expect("valid gauge"),
         }
@@ -509,12 +523,13 @@ impl Metrics {
             &persist.seats_orphaned,
             &persist.feed_head,
             &persist.feed_served,
+            &persist.leases_held,
         ] {
             registry.register(Box::new(gauge.clone())).expect("unique name");
         }
-        registry
-            .register(Box::new(persist.events_trimmed.clone()))
-            .expect("unique name");
+        for counter in [&persist.events_trimmed, &persist.fenced_batches] {
+            registry.register(Box::new(counter.clone())).expect("unique name");
+        }
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))

@@ -282,6 +282,15 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>
         batch_linger_us: cfg.batch_linger_us,
         queue_rows_max: cfg.queue_rows_max,
         demo: cfg.demo,
+        leases: (persist::store::Dialect::of_url(&cfg.store) == Some(persist::store::Dialect::Mysql)).then(|| {
+            persist::LeaseConfig {
+                node: persist::lease::NodeInfo::solo(
+                    &cfg.listen.to_string(),
+                    std::time::Duration::from_millis(cfg.cluster_lease_ms),
+                ),
+                held: Arc::new(crate::partition::Held::default()),
+            }
+        }),
         metrics,
         breaker,
     };

@@ -9,6 +9,7 @@
 //! changes of the same (course, student), or block a shard (shards only `try_send`).
 
 pub mod feed;
+pub mod lease;
 pub mod store;
 pub mod stream;
 
@@ -22,6 +23,7 @@ use tokio::sync::oneshot;
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, Call};
 use crate::model::CourseSpec;
+use crate::partition::{Held, Lease};
 use store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled, Store, StoreOptions};
 
 /// The store as the committers see it: the seam between the group-commit logic (batching,
@@ -33,8 +35,18 @@ use store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session,
 #[allow(async_fn_in_trait)] // used on one current-thread runtime; no Send bound wanted
 pub trait Backend {
     async fn ping(&self) -> anyhow::Result<()>;
-    async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError>;
-    async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError>;
+    /// Commits the ops only if this node still holds every one of `leases` (empty: the
+    /// store does not fence), else `CommitError::Fenced`.
+    async fn commit_seats(&self, ops: &[SeatOp], leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError>;
+    async fn put_course(
+        &self,
+        id: &CourseId,
+        spec: &CourseSpec,
+        lease: Option<Lease>,
+        session: &Session,
+    ) -> Result<PutResult, CommitError>;
+    /// Which of `leases` the store no longer gives this node (after a fenced batch).
+    async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>>;
     /// After an unanswered COMMIT: makes sure the session can no longer commit (its
     /// COMMIT has applied or never will).
     async fn fence(&self, session: &Session) -> anyhow::Result<()>;
@@ -50,11 +62,20 @@ impl Backend for Store {
     async fn ping(&self) -> anyhow::Result<()> {
         Store::ping(self).await
     }
-    async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
-        Store::commit_seats(self, ops, session).await
+    async fn commit_seats(&self, ops: &[SeatOp], leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        Store::commit_seats(self, ops, leases, session).await
     }
-    async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError> {
-        Store::put_course(self, id, spec, session).await
+    async fn put_course(
+        &self,
+        id: &CourseId,
+        spec: &CourseSpec,
+        lease: Option<Lease>,
+        session: &Session,
+    ) -> Result<PutResult, CommitError> {
+        Store::put_course(self, id, spec, lease, session).await
+    }
+    async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
+        Store::lost_leases(self, leases).await
     }
     async fn fence(&self, session: &Session) -> anyhow::Result<()> {
         Store::fence(self, session).await
@@ -100,6 +121,8 @@ pub enum Outcome {
 
 pub struct Job {
     pub change: Change,
+    /// The lease the change was decided under (None on a store without leases).
+    pub lease: Option<Lease>,
     pub reply: oneshot::Sender<Outcome>,
 }
 
@@ -126,6 +149,22 @@ pub struct PersistConfig {
     pub metrics: Arc<crate::metrics::PersistMetrics>,
     /// Opens on failing or slow commits; shards refuse seat changes while it is open.
     pub breaker: Arc<Breaker>,
+    /// MySQL: the partition leases this node takes and proves in every commit
+    /// (`lease.rs`); None on SQLite, whose file lock makes one writer (`single_writer`).
+    pub leases: Option<LeaseConfig>,
+}
+
+/// Who this node is in the lease table, and where the leases it holds are recorded.
+#[derive(Clone)]
+pub struct LeaseConfig {
+    pub node: lease::NodeInfo,
+    pub held: Arc<Held>,
+}
+
+impl std::fmt::Debug for LeaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LeaseConfig {{ node: {:?}, held: {} partitions }}", self.node, self.held.count())
+    }
 }
 
 /// The shards' side of the persist queues (one per committer). Cheap to clone; never blocks.
@@ -137,6 +176,8 @@ pub struct PersistHandle {
     reads: flume::Sender<FeedRead>,
     /// Bumped after every commit that wrote events: long polls wait on it.
     committed: tokio::sync::watch::Receiver<u64>,
+    /// The leases changes are decided under (None: the store has none).
+    held: Option<Arc<Held>>,
 }
 
 /// One read of the change feed.
@@ -169,6 +210,9 @@ pub enum SubmitError {
     QueueFull,
     #[error("store unavailable")]
     StoreDown,
+    /// This node holds no lease on the course's partition: it may not change it.
+    #[error("this node does not hold the course's partition")]
+    NotHeld,
 }
 
 impl PersistHandle {
@@ -178,9 +222,15 @@ impl PersistHandle {
         if !self.store_ok() {
             return Err(SubmitError::StoreDown);
         }
+        // Read as the shard decides (this is called in the same step), so the change
+        // carries the epoch it was decided under.
+        let lease = match &self.held {
+            None => None,
+            Some(held) => Some(held.lease_of(change.course().as_str()).ok_or(SubmitError::NotHeld)?),
+        };
         let (reply, rx) = oneshot::channel();
         let tx = &self.txs[committer_of(change.course(), self.txs.len())];
-        match tx.try_send(Job { change, reply }) {
+        match tx.try_send(Job { change, lease, reply }) {
             Ok(()) => Ok(rx),
             Err(_) => Err(SubmitError::QueueFull),
         }
@@ -272,7 +322,25 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                serve(&store, &cfg, queues).await;
+                let keep = async {
+                    match &cfg.leases {
+                        Some(leases) => keep_leases(&store, &cfg, leases).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = serve(&store, &cfg, queues) => {}
+                    () = keep => {}
+                }
+                if let Some(leases) = &cfg.leases {
+                    // After the last commit: the others take over at once.
+                    match bounded(&cfg, store.release(&leases.node)).await {
+                        Ok(Ok(n)) => tracing::info!(partitions = n, "leases released"),
+                        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "releasing the leases failed; they lapse"),
+                        Err(e) => tracing::warn!(error = %e, "releasing the leases timed out; they lapse"),
+                    }
+                    leases.held.lose_all();
+                }
                 store.close().await;
                 tracing::info!("persist thread: queue drained, store closed");
             });
@@ -297,6 +365,7 @@ pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Queues) {
         breaker: cfg.breaker.clone(),
         reads: reads_tx,
         committed: committed_rx,
+        held: cfg.leases.as_ref().map(|l| l.held.clone()),
     };
     let queues = Queues {
         jobs: rxs,
@@ -307,9 +376,18 @@ pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Queues) {
 }
 
 async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow::Result<Store> {
-    let store = Store::open(&cfg.store_url, &cfg.store).await?;
+    let mut store = Store::open(&cfg.store_url, &cfg.store).await?;
+    if let Some(leases) = &cfg.leases {
+        // Before anything is read: what is loaded next is what the store holds once
+        // every earlier owner is fenced out.
+        for lease in lease::take_all(&store, &leases.node).await? {
+            leases.held.grant(lease);
+        }
+        store.fence_as(&leases.node.id);
+        tracing::info!(node = %leases.node.id, partitions = leases.held.count(), "took the store's leases");
+    }
     if cfg.demo && store.course_count().await? == 0 {
-        seed_demo(&store).await?;
+        seed_demo(&store, cfg.leases.as_ref().map(|l| &*l.held)).await?;
     }
     store.check_guarantees().await?;
     let report = store.load(sink).await.context("loading the catalog")?;
@@ -319,7 +397,7 @@ async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow
 }
 
 /// A small catalog for first runs: capacities from 0 up, one course opening later.
-async fn seed_demo(store: &Store) -> anyhow::Result<()> {
+async fn seed_demo(store: &Store, held: Option<&Held>) -> anyhow::Result<()> {
     let soon = crate::ids::now_ms() + 3_600_000;
     let courses: &[(&str, &str, u32, Option<UnixMs>)] = &[
         ("CS101-01", "Introduction to Programming", 120, None),
@@ -342,13 +420,50 @@ async fn seed_demo(store: &Store) -> anyhow::Result<()> {
             opens_at: *opens_at,
             closes_at: None,
         };
+        let lease = held.and_then(|h| h.lease_of(id.as_str()));
         store
-            .put_course(&id, &spec, &Session::default())
+            .put_course(&id, &spec, lease, &Session::default())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     tracing::info!(courses = courses.len(), "seeded the demo catalog");
     Ok(())
+}
+
+/// Renews this node's heartbeat three times per lease and checks that the store still
+/// gives it every lease it holds. A node outside cluster mode that finds its leases taken
+/// (it was paused or cut off past its lease, and another process took the store over)
+/// exits at once: its commits are already fenced out, and it must not go on answering
+/// from a memory that is no longer the store's.
+async fn keep_leases(store: &Store, cfg: &PersistConfig, leases: &LeaseConfig) {
+    let mut tick = tokio::time::interval(lease::heartbeat_interval(leases.node.lease));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let check = async {
+            if !store.heartbeat(&leases.node).await? {
+                return Ok::<_, anyhow::Error>(Err("this node's row belongs to another process".to_string()));
+            }
+            let owned = store.owned(&leases.node).await?;
+            let held = leases.held.count();
+            if owned.len() < held {
+                let holders = store.holders(&leases.node).await?;
+                let names: Vec<String> = holders.iter().map(ToString::to_string).collect();
+                return Ok(Err(format!("{} of {held} partitions taken by {}", held - owned.len(), names.join("; "))));
+            }
+            Ok(Ok(()))
+        };
+        match bounded(cfg, check).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(lost))) => {
+                tracing::error!(node = %leases.node.id, "lost the store's leases ({lost}); another enrolld serves this store; exiting");
+                leases.held.lose_all();
+                std::process::exit(1);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "renewing the leases failed"),
+            Err(e) => tracing::warn!(error = %e, "renewing the leases timed out"),
+        }
+    }
 }
 
 /// Runs one committer per queue until every queue is closed and empty.
@@ -525,6 +640,8 @@ fn call_of<T>(result: &Result<Result<T, CommitError>, TimedOut>) -> Call {
     match result {
         Ok(Ok(_)) => Call::Ok,
         Ok(Err(CommitError::NotCommitted(e))) if store::is_connection_error(e) => Call::Unreachable,
+        // The store answered: another node holds the lease, which is no fault of the store.
+        Ok(Err(CommitError::Fenced)) => Call::Ok,
         Ok(Err(_)) => Call::Failed,
         Err(TimedOut(_)) => Call::Unreachable,
     }
@@ -549,7 +666,7 @@ async fn fill(rx: &flume::Receiver<Job>, batch: &mut Vec<Job>, cfg: &PersistConf
 /// Runs the jobs in order: seat ops in group commits (split where a key repeats, so the
 /// per-key order holds), admin changes one by one between them.
 async fn run_batch<B: Backend>(store: &B, batch: &mut Vec<Job>, cfg: &PersistConfig) {
-    let mut seats: Vec<(SeatOp, oneshot::Sender<Outcome>)> = Vec::new();
+    let mut seats: Vec<Seat> = Vec::new();
     let mut keys: HashSet<(CourseId, StudentId)> = HashSet::new();
     for job in batch.drain(..) {
         match job.change {
@@ -560,12 +677,12 @@ async fn run_batch<B: Backend>(store: &B, batch: &mut Vec<Job>, cfg: &PersistCon
                     keys.clear();
                     keys.insert((c.clone(), s.clone()));
                 }
-                seats.push((op, job.reply));
+                seats.push((op, job.lease, job.reply));
             }
             Change::PutCourse { course, spec } => {
                 commit_seats(store, &mut seats, cfg).await;
                 keys.clear();
-                let outcome = put_course(store, &course, &spec, cfg).await;
+                let outcome = put_course(store, &course, &spec, job.lease, cfg).await;
                 let _ = job.reply.send(outcome);
             }
         }
@@ -573,15 +690,25 @@ async fn run_batch<B: Backend>(store: &B, batch: &mut Vec<Job>, cfg: &PersistCon
     commit_seats(store, &mut seats, cfg).await;
 }
 
-async fn put_course<B: Backend>(store: &B, course: &CourseId, spec: &CourseSpec, cfg: &PersistConfig) -> Outcome {
+async fn put_course<B: Backend>(
+    store: &B,
+    course: &CourseId,
+    spec: &CourseSpec,
+    lease: Option<Lease>,
+    cfg: &PersistConfig,
+) -> Outcome {
     let session = Session::default();
     let started = tokio::time::Instant::now();
-    let result = bounded(cfg, store.put_course(course, spec, &session)).await;
+    let result = bounded(cfg, store.put_course(course, spec, lease, &session)).await;
     cfg.breaker.record(call_of(&result), started.elapsed());
     match result {
         Ok(Ok(r)) => Outcome::CoursePut(r),
         Ok(Err(CommitError::NotCommitted(e))) => {
             tracing::error!(error = %format!("{e:#}"), course = %course, "admin change not committed");
+            Outcome::Failed
+        }
+        Ok(Err(CommitError::Fenced)) => {
+            fenced_out(store, lease.as_slice(), cfg).await;
             Outcome::Failed
         }
         Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
@@ -592,15 +719,42 @@ async fn put_course<B: Backend>(store: &B, course: &CourseId, spec: &CourseSpec,
     }
 }
 
-async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<(SeatOp, oneshot::Sender<Outcome>)>, cfg: &PersistConfig) {
+/// A seat op in a batch: the op, the lease it was decided under, who waits for it.
+type Seat = (SeatOp, Option<Lease>, oneshot::Sender<Outcome>);
+
+/// After a fenced batch: learns which of its leases the store gave to another node and
+/// forgets them, so the shards stop deciding for those partitions. The batch's changes
+/// are answered as not recorded (true: it rolled back), including those of partitions
+/// still held; their clients retry.
+async fn fenced_out<B: Backend>(store: &B, leases: &[Lease], cfg: &PersistConfig) {
+    cfg.metrics.fenced_batches.inc();
+    let held = cfg.leases.as_ref().map(|l| &l.held);
+    match bounded(cfg, store.lost_leases(leases)).await {
+        Ok(Ok(lost)) => {
+            tracing::warn!(lost = lost.len(), "batch fenced out: partitions taken over by another node");
+            for lease in lost {
+                if let Some(held) = held {
+                    held.lose(lease);
+                }
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "batch fenced out; reading the leases failed"),
+        Err(e) => tracing::warn!(error = %e, "batch fenced out; reading the leases timed out"),
+    }
+}
+
+async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &PersistConfig) {
     if seats.is_empty() {
         return;
     }
     let metrics = &cfg.metrics;
-    let ops: Vec<SeatOp> = seats.iter().map(|(op, _)| op.clone()).collect();
+    let ops: Vec<SeatOp> = seats.iter().map(|(op, _, _)| op.clone()).collect();
+    let mut leases: Vec<Lease> = seats.iter().filter_map(|(_, lease, _)| *lease).collect();
+    leases.sort_unstable();
+    leases.dedup();
     let session = Session::default();
     let started = tokio::time::Instant::now();
-    let result = bounded(cfg, store.commit_seats(&ops, &session)).await;
+    let result = bounded(cfg, store.commit_seats(&ops, &leases, &session)).await;
     let elapsed = started.elapsed();
     cfg.breaker.record(call_of(&result), elapsed);
     tracing::debug!(
@@ -614,6 +768,10 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<(SeatOp, oneshot::S
         Ok(Ok(results)) => Some(results),
         Ok(Err(CommitError::NotCommitted(e))) => {
             tracing::error!(error = %format!("{e:#}"), rows = ops.len(), "seat batch not committed; seats released");
+            None
+        }
+        Ok(Err(CommitError::Fenced)) => {
+            fenced_out(store, &leases, cfg).await;
             None
         }
         Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
@@ -638,7 +796,7 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<(SeatOp, oneshot::S
         }
         None => vec![Outcome::Failed; ops.len()],
     };
-    for ((_, reply), outcome) in seats.drain(..).zip(outcomes) {
+    for ((_, _, reply), outcome) in seats.drain(..).zip(outcomes) {
         let _ = reply.send(outcome);
     }
 }

@@ -16,6 +16,7 @@ use sqlx::{AnyPool, Row};
 use super::feed::{EventKind, EventRows, NewEvent};
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::model::CourseSpec;
+use crate::partition::Lease;
 
 /// Rows in one multi-row statement at most. SQLite allows 32,766 bound variables and the
 /// widest statement binds 3 per row.
@@ -102,6 +103,10 @@ pub enum CommitError {
     /// COMMIT was sent and no answer came back: it may or may not have applied.
     #[error("commit outcome unknown: {0:#}")]
     Unknown(anyhow::Error),
+    /// Certainly not committed: the store no longer gives this node the epoch of one of
+    /// the batch's partitions (another node took it over).
+    #[error("fenced out: this node no longer holds the lease of a partition it wrote")]
+    Fenced,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +197,8 @@ pub struct Store {
     dialect: Dialect,
     /// Write the change feed's events (see `feed.rs`).
     events: bool,
+    /// MySQL: the node id whose leases every write transaction proves (`lease.rs`).
+    lease_owner: Option<String>,
 }
 
 static MIGRATOR_MYSQL: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/mysql");
@@ -254,7 +261,30 @@ impl Store {
             commit_pool,
             dialect,
             events: opts.events,
+            lease_owner: None,
         })
+    }
+
+    /// From now on every write transaction proves, inside itself, that `node` still holds
+    /// the leases its changes were decided under (MySQL; see [`fence_sql`]).
+    pub fn fence_as(&mut self, node: &str) {
+        assert!(
+            node.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)),
+            "node ids are validated: {node:?}"
+        );
+        self.lease_owner = Some(node.to_string());
+    }
+
+    /// The node whose leases this store's writes prove, once [`Store::fence_as`] ran.
+    pub fn lease_owner(&self) -> Option<&str> {
+        self.lease_owner.as_deref()
+    }
+
+    /// The fence statement for these leases, when this store fences.
+    fn fence_for(&self, leases: &[Lease]) -> Option<FenceCheck> {
+        let owner = self.lease_owner.as_deref()?;
+        assert!(!leases.is_empty(), "a fenced store writes only changes decided under a lease");
+        Some(fence_sql(owner, leases))
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -430,16 +460,23 @@ impl Store {
     /// student) key appears at most once; the caller splits batches where a key repeats.
     /// An unanswered COMMIT is `CommitError::Unknown`, with `session` telling how to
     /// settle it; the caller settles it (persist/ owns the time bounds and retries).
-    pub async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+    /// `leases` are those the ops were decided under (empty on a store that does not
+    /// fence): the batch commits only if this node still holds every one of them.
+    pub async fn commit_seats(
+        &self,
+        ops: &[SeatOp],
+        leases: &[Lease],
+        session: &Session,
+    ) -> Result<Vec<SeatResult>, CommitError> {
         assert!(
             !ops.is_empty() && ops.len() <= BATCH_ROWS_LIMIT,
             "batch of {} rows",
             ops.len()
         );
-        match self.try_fast(ops, session).await {
+        match self.try_fast(ops, leases, session).await {
             Ok(true) => return Ok(vec![SeatResult::Applied; ops.len()]),
             Ok(false) => {}
-            Err(e @ CommitError::Unknown(_)) => return Err(e),
+            Err(e @ (CommitError::Unknown(_) | CommitError::Fenced)) => return Err(e),
             Err(CommitError::NotCommitted(e)) if is_connection_error(&e) => {
                 return Err(CommitError::NotCommitted(e));
             }
@@ -447,14 +484,14 @@ impl Store {
                 tracing::debug!(error = %format!("{e:#}"), "fast path refused; going row by row");
             }
         }
-        self.commit_row_by_row(ops, session).await
+        self.commit_row_by_row(ops, leases, session).await
     }
 
     /// One statement per kind for the whole batch, then COMMIT. `Ok(false)`: rolled back
     /// because a row was not as expected or a course would overflow; the row-by-row path
     /// decides each op.
-    async fn try_fast(&self, ops: &[SeatOp], session: &Session) -> Result<bool, CommitError> {
-        let Some(mut script) = OneTrip::of(self.dialect, ops) else {
+    async fn try_fast(&self, ops: &[SeatOp], leases: &[Lease], session: &Session) -> Result<bool, CommitError> {
+        let Some(mut script) = OneTrip::of(self.dialect, ops, self.fence_for(leases)) else {
             return Ok(false); // an id that cannot be inlined: the bound row-by-row path
         };
         // Every op of a fast batch changes a row (or the batch rolls back), so each has its
@@ -466,8 +503,10 @@ impl Store {
         let if_committed = || Settled::Seats(vec![SeatResult::Applied; ops.len()]);
         let Some(commit_pool) = &self.commit_pool else {
             let mut tx = self.pool.begin().await.map_err(not_committed)?;
-            if !script.run(&mut tx, session).await.map_err(not_committed)? {
-                return Ok(false); // dropping `tx` rolls back
+            match script.run(&mut tx, session).await.map_err(not_committed)? {
+                Ran::AsExpected => {}
+                Ran::Refused => return Ok(false), // dropping `tx` rolls back
+                Ran::Fenced => return Err(CommitError::Fenced),
             }
             session.commit_sent(ops.first().map(probe_of), if_committed());
             tx.commit().await.map_err(|e| CommitError::Unknown(e.into()))?;
@@ -476,13 +515,17 @@ impl Store {
         // Autocommit is off on these connections, so the first statement opens the
         // transaction: no BEGIN round trip.
         let mut conn = OpenTransaction::new(commit_pool.acquire().await.map_err(not_committed)?);
-        if !script.run(conn.get(), session).await.map_err(not_committed)? {
+        let ran = script.run(conn.get(), session).await.map_err(not_committed)?;
+        if ran != Ran::AsExpected {
             sqlx::query("ROLLBACK")
                 .execute(conn.get())
                 .await
                 .map_err(not_committed)?;
             conn.ended();
-            return Ok(false);
+            return match ran {
+                Ran::Fenced => Err(CommitError::Fenced),
+                _ => Ok(false),
+            };
         }
         conn.commit(session, ops.first().map(probe_of), if_committed()).await?;
         Ok(true)
@@ -490,6 +533,23 @@ impl Store {
 
     /// A transaction on a pooled connection we own (plain BEGIN, so one cut off is closed,
     /// never pooled half-read), with its MySQL session id in `session` for the fence.
+    /// Runs the fence in a transaction [`Store::begin`] opened; fenced out, it rolls back.
+    async fn prove_leases(&self, conn: &mut OpenTransaction, leases: &[Lease]) -> Result<(), CommitError> {
+        let Some(fence) = self.fence_for(leases) else {
+            return Ok(());
+        };
+        let row = sqlx::query(&fence.sql)
+            .fetch_one(conn.get())
+            .await
+            .map_err(not_committed)?;
+        if row.try_get::<i64, _>(0).map_err(not_committed)? == fence.expected {
+            return Ok(());
+        }
+        sqlx::query("ROLLBACK").execute(conn.get()).await.map_err(not_committed)?;
+        conn.ended();
+        Err(CommitError::Fenced)
+    }
+
     async fn begin(&self, session: &Session) -> Result<OpenTransaction, CommitError> {
         let mut conn = OpenTransaction::new(self.pool.acquire().await.map_err(not_committed)?);
         sqlx::query("BEGIN").execute(conn.get()).await.map_err(not_committed)?;
@@ -503,10 +563,16 @@ impl Store {
 
     /// Each op on its own, in order, in one transaction, with the guarded counter update
     /// (`enrolled + 1 <= capacity`): the store is the final arbiter across nodes.
-    async fn commit_row_by_row(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+    async fn commit_row_by_row(
+        &self,
+        ops: &[SeatOp],
+        leases: &[Lease],
+        session: &Session,
+    ) -> Result<Vec<SeatResult>, CommitError> {
         // A plain BEGIN on a connection we own, so one that is cut off is closed, never
         // pooled half-read.
         let mut conn = self.begin(session).await?;
+        self.prove_leases(&mut conn, leases).await?;
         let mut results = Vec::with_capacity(ops.len());
         let mut probe = None;
         let mut events = Vec::new();
@@ -654,9 +720,11 @@ impl Store {
         &self,
         id: &CourseId,
         spec: &CourseSpec,
+        lease: Option<Lease>,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
         let mut conn = self.begin(session).await?;
+        self.prove_leases(&mut conn, lease.as_slice()).await?;
         let tx = conn.get();
         let capacity = i64::from(spec.capacity);
         let updated = sqlx::query(
@@ -803,6 +871,72 @@ fn course_deltas(ops: &[SeatOp]) -> Vec<(&CourseId, i64)> {
     deltas
 }
 
+/// The statement that proves a transaction's leases (MySQL). It reads the lease rows
+/// with a shared lock, held to COMMIT: a takeover, which updates those rows, waits for
+/// the transaction to end, and every transaction of the old owner after it reads the new
+/// owner and epoch. It counts the rows that still name this node and the epoch each change
+/// was decided under; fewer than the leases means fenced out. Grouped by epoch, since a
+/// node usually holds its partitions under few epochs:
+///
+/// ```sql
+/// SELECT COUNT(*) FROM leases WHERE owner = 'n1'
+///   AND ((part IN (3,9) AND epoch = 5) OR (part IN (12) AND epoch = 6)) LOCK IN SHARE MODE
+/// ```
+struct FenceCheck {
+    sql: String,
+    /// Distinct leases proved: the count the statement must return.
+    expected: i64,
+}
+
+fn fence_sql(owner: &str, leases: &[Lease]) -> FenceCheck {
+    use std::fmt::Write;
+    let mut by_epoch: std::collections::BTreeMap<u64, std::collections::BTreeSet<u32>> = Default::default();
+    for l in leases {
+        by_epoch.entry(l.epoch).or_default().insert(l.partition.0);
+    }
+    let expected = by_epoch.values().map(|parts| parts.len() as i64).sum();
+    let w = "writing to a String";
+    let mut sql = format!("SELECT COUNT(*) FROM leases WHERE owner = '{owner}' AND (");
+    for (i, (epoch, parts)) in by_epoch.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(" OR ");
+        }
+        sql.push_str("(part IN (");
+        for (j, p) in parts.iter().enumerate() {
+            if j > 0 {
+                sql.push(',');
+            }
+            write!(sql, "{p}").expect(w);
+        }
+        write!(sql, ") AND epoch = {epoch})").expect(w);
+    }
+    sql.push_str(") LOCK IN SHARE MODE");
+    FenceCheck { sql, expected }
+}
+
+/// What one statement of a [`OneTrip`] script must give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// `SELECT CONNECTION_ID()`: one row, the session's id.
+    SessionId,
+    /// The fence: one row, this count.
+    Fence(i64),
+    /// A change of exactly this many rows.
+    Changed(u64),
+}
+
+/// How a [`OneTrip`] script went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ran {
+    /// Every statement as expected: COMMIT may follow.
+    AsExpected,
+    /// A statement changed other rows than expected, or the server refused one (the
+    /// schema's CHECK on an overflowing course): roll back and go row by row.
+    Refused,
+    /// The leases are not this node's any more: roll back; nothing may be written.
+    Fenced,
+}
+
 /// The fast path: one multi-row DELETE for the drops, one multi-row INSERT IGNORE for the
 /// enrollments, one counter UPDATE for every course touched, sent as one multi-statement
 /// text query (on MySQL one round trip instead of one each). The COMMIT or ROLLBACK
@@ -821,14 +955,12 @@ fn course_deltas(ops: &[SeatOp]) -> Vec<(&CourseId, i64)> {
 /// 1.02 -> 0.91 ms.
 struct OneTrip {
     sql: String,
-    /// Rows each statement must change, in order.
-    expected: Vec<u64>,
-    /// The script opens with `SELECT CONNECTION_ID()` (MySQL).
-    session_id_first: bool,
+    /// What each statement must give, in order.
+    expects: Vec<Expect>,
 }
 
 impl OneTrip {
-    fn of(dialect: Dialect, ops: &[SeatOp]) -> Option<OneTrip> {
+    fn of(dialect: Dialect, ops: &[SeatOp], fence: Option<FenceCheck>) -> Option<OneTrip> {
         use std::fmt::Write;
         let inlinable = |id: &str| id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if !ops.iter().all(|op| {
@@ -838,12 +970,19 @@ impl OneTrip {
             return None;
         }
         let mut sql = String::with_capacity(192 + ops.len() * 64);
+        let mut expects = Vec::with_capacity(6);
         if dialect == Dialect::Mysql {
             // The session's id, first: if the COMMIT that follows goes unanswered, the
             // read-back ends this session before it looks (see `Store::read_back`).
             sql.push_str("SELECT CONNECTION_ID();\n");
+            expects.push(Expect::SessionId);
         }
-        let mut expected = Vec::with_capacity(3);
+        if let Some(fence) = fence {
+            // Before any change: the shared locks are taken first, in partition order.
+            sql.push_str(&fence.sql);
+            sql.push_str(";\n");
+            expects.push(Expect::Fence(fence.expected));
+        }
         let w = "writing to a String";
         let mut deletes = 0;
         for op in ops {
@@ -858,7 +997,7 @@ impl OneTrip {
             }
         }
         if deletes > 0 {
-            expected.push(deletes);
+            expects.push(Expect::Changed(deletes));
             sql.push_str(";\n");
         }
         let mut inserts = 0;
@@ -879,7 +1018,7 @@ impl OneTrip {
             }
         }
         if inserts > 0 {
-            expected.push(inserts);
+            expects.push(Expect::Changed(inserts));
             sql.push_str(";\n");
         }
         let deltas = course_deltas(ops);
@@ -893,13 +1032,9 @@ impl OneTrip {
                 write!(sql, "{head}'{course}'").expect(w);
             }
             sql.push(')');
-            expected.push(deltas.len() as u64);
+            expects.push(Expect::Changed(deltas.len() as u64));
         }
-        Some(OneTrip {
-            sql,
-            expected,
-            session_id_first: dialect == Dialect::Mysql,
-        })
+        Some(OneTrip { sql, expects })
     }
 
     /// Adds the feed's statements (numbering, then the events) to the script.
@@ -908,31 +1043,43 @@ impl OneTrip {
             self.sql.push_str(";\n");
         }
         self.sql.push_str(&rows.sql);
-        self.expected.extend_from_slice(&rows.expected);
+        self.expects.extend(rows.expected.iter().map(|&n| Expect::Changed(n)));
     }
 
-    /// `Ok(false)`: a statement changed other than the expected rows, or the server refused
-    /// one (the schema's CHECK on an overflowing course); the caller rolls back.
-    async fn run(&self, conn: &mut sqlx::AnyConnection, session: &Session) -> Result<bool, sqlx::Error> {
+    async fn run(&self, conn: &mut sqlx::AnyConnection, session: &Session) -> Result<Ran, sqlx::Error> {
         use futures_util::TryStreamExt;
         use sqlx::Either;
         let mut results = sqlx::raw_sql(&self.sql).fetch_many(conn);
-        let mut changed = Vec::with_capacity(self.expected.len());
-        // The SELECT's own end-of-results, which is not a change count.
-        let mut select_end_pending = self.session_id_first;
+        // The statement whose results come next.
+        let mut at = 0;
+        let mut as_expected = true;
+        let mut fenced = false;
         loop {
             match results.try_next().await {
-                Ok(Some(Either::Right(row))) => {
-                    session.id.set(Some(row.try_get::<i64, _>(0)? as u64));
+                Ok(Some(Either::Right(row))) => match self.expects.get(at) {
+                    Some(Expect::SessionId) => session.id.set(Some(row.try_get::<i64, _>(0)? as u64)),
+                    Some(Expect::Fence(n)) => fenced = row.try_get::<i64, _>(0)? != *n,
+                    _ => as_expected = false,
+                },
+                // A SELECT's own end-of-results, or a change's count.
+                Ok(Some(Either::Left(done))) => {
+                    if let Some(Expect::Changed(n)) = self.expects.get(at) {
+                        as_expected &= done.rows_affected() == *n;
+                    }
+                    at += 1;
                 }
-                Ok(Some(Either::Left(_))) if select_end_pending && session.id.get().is_some() => {
-                    select_end_pending = false;
+                Ok(None) => {
+                    let complete = at == self.expects.len()
+                        && (session.id.get().is_some() || !self.expects.contains(&Expect::SessionId));
+                    return Ok(match () {
+                        () if fenced => Ran::Fenced,
+                        () if as_expected && complete => Ran::AsExpected,
+                        () => Ran::Refused,
+                    });
                 }
-                Ok(Some(Either::Left(done))) => changed.push(done.rows_affected()),
-                Ok(None) => return Ok(changed == self.expected && session.id.get().is_some() == self.session_id_first),
                 Err(sqlx::Error::Database(e)) => {
-                    tracing::debug!(error = %e, statement = changed.len(), "fast path refused by the store");
-                    return Ok(false);
+                    tracing::debug!(error = %e, statement = at, "fast path refused by the store");
+                    return Ok(if fenced { Ran::Fenced } else { Ran::Refused });
                 }
                 Err(e) => return Err(e),
             }

@@ -202,6 +202,7 @@ fn persist_config(breaker: Arc<Breaker>) -> PersistConfig {
         statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
         events_retention: None,
         events_stream: None,
+        leases: None,
         metrics: Arc::default(),
         breaker,
     }

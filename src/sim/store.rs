@@ -5,6 +5,7 @@
 //! session lives on behind a cut connection and its COMMIT lands after the answer was
 //! lost, unless a fence ([`Backend::read_back`]) ends the session first.
 
+use crate::partition::Lease;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
@@ -461,7 +462,7 @@ impl Backend for SimStore {
         }
     }
 
-    async fn commit_seats(&self, ops: &[SeatOp], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+    async fn commit_seats(&self, ops: &[SeatOp], _leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
         let id = self.session(session);
         self.latency().await;
         let fault = self.roll();
@@ -473,7 +474,13 @@ impl Backend for SimStore {
         Ok(results)
     }
 
-    async fn put_course(&self, id: &CourseId, spec: &CourseSpec, session: &Session) -> Result<PutResult, CommitError> {
+    async fn put_course(
+        &self,
+        id: &CourseId,
+        spec: &CourseSpec,
+        _lease: Option<Lease>,
+        session: &Session,
+    ) -> Result<PutResult, CommitError> {
         let sid = self.session(session);
         self.latency().await;
         let fault = self.roll();
@@ -539,6 +546,10 @@ impl Backend for SimStore {
             }
         }
         Ok(())
+    }
+
+    async fn lost_leases(&self, _leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
+        Ok(Vec::new())
     }
 
     async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {

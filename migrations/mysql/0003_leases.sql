@@ -1,0 +1,28 @@
+-- Partition leases (DESIGN.md, "Beyond one machine"). A node decides for a course only
+-- while it holds the lease of the course's partition; every write transaction reads the
+-- lease rows it depends on with a shared lock and checks owner and epoch, so a node that
+-- lost a partition can never commit to it. The rows (one per partition, 0..16383) are
+-- inserted at start by enrolld (persist/lease.rs).
+CREATE TABLE IF NOT EXISTS nodes (
+    id             VARCHAR(32)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+    -- Each start of a node id is a new incarnation: a node that restarts under the same id
+    -- knows the leases of an older incarnation are its dead predecessor's.
+    incarnation    BIGINT       NOT NULL,
+    advertise      VARCHAR(300) NOT NULL,
+    host           VARCHAR(255) NOT NULL,
+    pid            BIGINT       NOT NULL,
+    started_at_ms  BIGINT       NOT NULL,
+    -- The store's own clock (not the node's): a heartbeat moves it forward.
+    expires_at_ms  BIGINT       NOT NULL
+) ENGINE=InnoDB;
+
+CREATE TABLE IF NOT EXISTS leases (
+    part   INT         NOT NULL PRIMARY KEY,
+    owner  VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NULL,
+    -- Bumped by every takeover; never goes back.
+    epoch  BIGINT      NOT NULL DEFAULT 0,
+    KEY leases_by_owner (owner)
+) ENGINE=InnoDB;
+
+-- A student's seats across every partition (GET /v1/me/enrollments on any node).
+CREATE INDEX enrollments_by_student ON enrollments (student_id);

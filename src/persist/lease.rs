@@ -1,0 +1,315 @@
+//! Partition leases in the MySQL store: nodes, heartbeats, takeovers, release.
+//!
+//! Why: a node may decide for a course only while it holds the lease of the course's
+//! partition, and the store is where that is decided, so it holds across pauses, network
+//! cuts and clock steps (DESIGN.md, "Beyond one machine"). A node renews one heartbeat row
+//! (one statement per `lease_ms / 3`), not a row per partition; a partition's lease lapses
+//! when its owner's heartbeat does. Expiry is measured on the store's clock, so a node's
+//! clock step never makes a live lease look lapsed. The fence itself (every write
+//! transaction proving its epochs) is in `store.rs`, beside the statements it guards.
+//!
+//! Without cluster mode the one node takes every partition at start, which makes a second
+//! process on the same database refuse to start (exit 2, naming the holder): the MySQL half
+//! of "one store, one writer" (`single_writer` is the SQLite half).
+//! Must never: take a partition whose owner's heartbeat has not lapsed (unless the owner is
+//! this node id's own earlier incarnation), or move an epoch backwards.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::Row;
+
+use super::store::{Dialect, Store};
+use crate::partition::{Lease, Partition, PARTITIONS};
+
+/// The store's clock in unix milliseconds (MySQL).
+const NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
+/// Partition rows inserted per statement when the lease table is filled.
+const PARTITION_ROWS_PER_INSERT: u32 = 4_096;
+
+/// Who this process is in the lease table.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// The cluster's node id, or a per-process `solo-…` id without cluster mode.
+    pub id: String,
+    /// New at every start: tells a restarted node from its dead predecessor.
+    pub incarnation: i64,
+    pub advertise: String,
+    pub lease: Duration,
+}
+
+impl NodeInfo {
+    /// A node outside cluster mode: an id of its own (no other process shares it), the
+    /// listen address to name it by.
+    pub fn solo(listen: &str, lease: Duration) -> NodeInfo {
+        let incarnation = rand::random::<u32>() as i64;
+        NodeInfo {
+            id: format!("solo-{}-{:08x}", std::process::id(), incarnation),
+            incarnation,
+            advertise: listen.to_string(),
+            lease,
+        }
+    }
+}
+
+/// Another node that holds leases, as the store describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub id: String,
+    pub advertise: String,
+    pub host: String,
+    pub pid: i64,
+    /// On the store's clock.
+    pub expires_at_ms: i64,
+    pub partitions: i64,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node {} at {} (host {}, pid {}, {} partitions)",
+            self.id, self.advertise, self.host, self.pid, self.partitions
+        )
+    }
+}
+
+/// Why the leases could not be taken at start.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// A live enrolld holds partitions of this database: start-up refuses (exit 2).
+    #[error("the store is served by another live enrolld: {holder}; one MySQL database takes one process unless the nodes form a cluster (--node-id)")]
+    Held { holder: Holder },
+}
+
+fn mysql_only(store: &Store) -> anyhow::Result<()> {
+    anyhow::ensure!(store.dialect() == Dialect::Mysql, "partition leases live in MySQL/MariaDB only");
+    Ok(())
+}
+
+impl Store {
+    /// Inserts the partitions' lease rows that are missing (a new or older database).
+    pub async fn ensure_partitions(&self) -> anyhow::Result<()> {
+        mysql_only(self)?;
+        let row = sqlx::query("SELECT COUNT(*) FROM leases").fetch_one(self.pool()).await?;
+        if row.try_get::<i64, _>(0)? == i64::from(PARTITIONS) {
+            return Ok(());
+        }
+        let mut first = 0;
+        while first < PARTITIONS {
+            let last = (first + PARTITION_ROWS_PER_INSERT).min(PARTITIONS);
+            let values: Vec<String> = (first..last).map(|p| format!("({p})")).collect();
+            sqlx::query(&format!("INSERT IGNORE INTO leases (part) VALUES {}", values.join(",")))
+                .execute(self.pool())
+                .await
+                .context("filling the lease table")?;
+            first = last;
+        }
+        Ok(())
+    }
+
+    /// Writes this node's row with a fresh heartbeat (replacing an earlier incarnation's).
+    pub async fn register(&self, node: &NodeInfo) -> anyhow::Result<()> {
+        mysql_only(self)?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        sqlx::query(&format!(
+            "REPLACE INTO nodes (id, incarnation, advertise, host, pid, started_at_ms, expires_at_ms) \
+             VALUES (?, ?, ?, ?, ?, {NOW_MS}, {NOW_MS} + ?)"
+        ))
+        .bind(node.id.as_str())
+        .bind(node.incarnation)
+        .bind(node.advertise.as_str())
+        .bind(host.trim())
+        .bind(i64::from(std::process::id()))
+        .bind(node.lease.as_millis() as i64)
+        .execute(self.pool())
+        .await
+        .context("registering the node")?;
+        Ok(())
+    }
+
+    /// Moves this node's heartbeat forward. False: the row is gone or belongs to a newer
+    /// incarnation (this process must not act as the node any more).
+    pub async fn heartbeat(&self, node: &NodeInfo) -> anyhow::Result<bool> {
+        let renewed = sqlx::query(&format!(
+            "UPDATE nodes SET expires_at_ms = {NOW_MS} + ? WHERE id = ? AND incarnation = ?"
+        ))
+        .bind(node.lease.as_millis() as i64)
+        .bind(node.id.as_str())
+        .bind(node.incarnation)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(renewed == 1)
+    }
+
+    /// Takes every partition (of `only`, when given) whose owner is gone: no owner, an
+    /// owner without a row, an owner whose heartbeat lapsed, or this node id's own
+    /// earlier incarnation. Each taken lease's epoch is bumped in the same statement, so
+    /// whatever the previous owner still has queued can never commit. Returns every lease
+    /// this node holds afterwards.
+    pub async fn take_lapsed(&self, node: &NodeInfo, only: Option<&[Partition]>) -> anyhow::Result<Vec<Lease>> {
+        mysql_only(self)?;
+        let only_sql = match only {
+            None => String::new(),
+            Some([]) => return self.owned(node).await,
+            Some(parts) => {
+                let list: Vec<String> = parts.iter().map(|p| p.0.to_string()).collect();
+                format!(" AND l.part IN ({})", list.join(","))
+            }
+        };
+        sqlx::query(&format!(
+            "UPDATE leases l LEFT JOIN nodes n ON n.id = l.owner \
+             SET l.owner = ?, l.epoch = l.epoch + 1 \
+             WHERE (l.owner IS NULL OR n.id IS NULL OR n.expires_at_ms < {NOW_MS} \
+                    OR (l.owner = ? AND n.incarnation <> ?)){only_sql}"
+        ))
+        .bind(node.id.as_str())
+        .bind(node.id.as_str())
+        .bind(node.incarnation)
+        .execute(self.pool())
+        .await
+        .context("taking lapsed leases")?;
+        self.owned(node).await
+    }
+
+    /// The leases the store gives this node.
+    pub async fn owned(&self, node: &NodeInfo) -> anyhow::Result<Vec<Lease>> {
+        let rows = sqlx::query("SELECT part, epoch FROM leases WHERE owner = ?")
+            .bind(node.id.as_str())
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Lease {
+                    partition: Partition(r.try_get::<i32, _>(0)? as u32),
+                    epoch: r.try_get::<i64, _>(1)? as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Which of `leases` the store no longer gives this node.
+    pub async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
+        let Some(owner) = self.lease_owner() else {
+            return Ok(Vec::new());
+        };
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let list: Vec<String> = leases.iter().map(|l| l.partition.0.to_string()).collect();
+        let rows = sqlx::query(&format!(
+            "SELECT part, epoch FROM leases WHERE owner = ? AND part IN ({})",
+            list.join(",")
+        ))
+        .bind(owner)
+        .fetch_all(self.pool())
+        .await?;
+        let mut still = Vec::with_capacity(rows.len());
+        for r in &rows {
+            still.push(Lease {
+                partition: Partition(r.try_get::<i32, _>(0)? as u32),
+                epoch: r.try_get::<i64, _>(1)? as u64,
+            });
+        }
+        Ok(leases.iter().filter(|l| !still.contains(l)).copied().collect())
+    }
+
+    /// The other nodes that hold leases, with their heartbeats.
+    pub async fn holders(&self, node: &NodeInfo) -> anyhow::Result<Vec<Holder>> {
+        let rows = sqlx::query(
+            "SELECT l.owner, COALESCE(n.advertise, ''), COALESCE(n.host, ''), COALESCE(n.pid, 0), \
+                    COALESCE(n.expires_at_ms, 0), COUNT(*) \
+             FROM leases l LEFT JOIN nodes n ON n.id = l.owner \
+             WHERE l.owner IS NOT NULL AND l.owner <> ? \
+             GROUP BY l.owner, n.advertise, n.host, n.pid, n.expires_at_ms ORDER BY l.owner",
+        )
+        .bind(node.id.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Holder {
+                    id: r.try_get(0)?,
+                    advertise: r.try_get(1)?,
+                    host: r.try_get(2)?,
+                    pid: r.try_get(3)?,
+                    expires_at_ms: r.try_get(4)?,
+                    partitions: r.try_get(5)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Gives up every lease this node holds (after its last commit) and ends its
+    /// heartbeat, so other nodes take over at once instead of waiting for expiry.
+    pub async fn release(&self, node: &NodeInfo) -> anyhow::Result<u64> {
+        let released = sqlx::query("UPDATE leases SET owner = NULL WHERE owner = ?")
+            .bind(node.id.as_str())
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+        sqlx::query(&format!(
+            "UPDATE nodes SET expires_at_ms = {NOW_MS} - 1 WHERE id = ? AND incarnation = ?"
+        ))
+        .bind(node.id.as_str())
+        .bind(node.incarnation)
+        .execute(self.pool())
+        .await?;
+        Ok(released)
+    }
+
+    /// Removes rows of nodes outside cluster mode that hold nothing and lapsed: each
+    /// process has its own, so they would pile up.
+    pub async fn forget_lapsed_solo_nodes(&self) -> anyhow::Result<()> {
+        sqlx::query(&format!(
+            "DELETE FROM nodes WHERE id LIKE 'solo-%' AND expires_at_ms < {NOW_MS} \
+             AND id NOT IN (SELECT owner FROM leases WHERE owner IS NOT NULL)"
+        ))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+}
+
+/// How often a node renews its heartbeat: three times per lease.
+pub fn heartbeat_interval(lease: Duration) -> Duration {
+    lease / 3
+}
+
+/// Takes every partition for a node outside cluster mode, at start. A partition another
+/// node holds is waited for: if that node's heartbeat moves, it is alive and this start
+/// refuses ([`LeaseError::Held`], after giving back what it took); if it lapses, its
+/// partitions are taken. So a restart right after `kill -9` waits out the dead process's
+/// lease (at most `lease`), and one beside a live process refuses within a heartbeat.
+pub async fn take_all(store: &Store, node: &NodeInfo) -> anyhow::Result<Vec<Lease>> {
+    store.ensure_partitions().await?;
+    store.forget_lapsed_solo_nodes().await?;
+    store.register(node).await?;
+    let mut first_seen: Vec<Holder> = Vec::new();
+    let poll = (node.lease / 6).clamp(Duration::from_millis(20), Duration::from_millis(500));
+    loop {
+        let leases = store.take_lapsed(node, None).await?;
+        if leases.len() == PARTITIONS as usize {
+            return Ok(leases);
+        }
+        let holders = store.holders(node).await?;
+        let alive = holders.iter().find(|h| {
+            first_seen
+                .iter()
+                .any(|seen| seen.id == h.id && h.expires_at_ms > seen.expires_at_ms)
+        });
+        if let Some(holder) = alive {
+            store.release(node).await?;
+            return Err(LeaseError::Held { holder: holder.clone() }.into());
+        }
+        for h in holders {
+            if !first_seen.iter().any(|seen| seen.id == h.id) {
+                tracing::warn!(holder = %h, "the store's leases are held; waiting for them to lapse or be renewed");
+                first_seen.push(h);
+            }
+        }
+        store.heartbeat(node).await?;
+        tokio::time::sleep(poll).await;
+    }
+}
