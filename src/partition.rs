@@ -107,6 +107,14 @@ mod tests {
         assert!(p.0 == PARTITIONS - 1 || h < first_hash_of(Partition(p.0 + 1)));
     }
 
+    /// MySQL computes the same partition in its generated `courses.part` column
+    /// (`CRC32(id) >> 18`, migrations/mysql/0003_leases.sql): MariaDB 10.11 gave 4644.
+    #[test]
+    fn the_partition_is_the_one_mysql_stores() {
+        assert_eq!(32 - PARTITION_BITS, 18, "the migration shifts by 18");
+        assert_eq!(partition_of("CS101-01"), Partition(4644));
+    }
+
     #[test]
     fn a_lost_lease_does_not_clear_a_newer_grant() {
         let held = Held::default();

@@ -26,3 +26,8 @@ CREATE TABLE IF NOT EXISTS leases (
 
 -- A student's seats across every partition (GET /v1/me/enrollments on any node).
 CREATE INDEX enrollments_by_student ON enrollments (student_id);
+
+-- A course's partition, as `partition::partition_of` computes it: the top 14 bits of the
+-- CRC-32 of its id (MySQL's CRC32 is the same IEEE CRC-32). Stored and indexed, so a node
+-- that takes partitions over loads just their courses.
+ALTER TABLE courses ADD COLUMN part INT AS (CRC32(id) >> 18) STORED, ADD KEY courses_by_part (part);

@@ -390,7 +390,7 @@ async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow
         seed_demo(&store, cfg.leases.as_ref().map(|l| &*l.held)).await?;
     }
     store.check_guarantees().await?;
-    let report = store.load(sink).await.context("loading the catalog")?;
+    let report = store.load(None, sink).await.context("loading the catalog")?;
     cfg.metrics.courses_overfull.set(report.courses_overfull as i64);
     cfg.metrics.seats_orphaned.set(report.seats_orphaned as i64);
     Ok(store)

@@ -16,7 +16,7 @@ use sqlx::{AnyPool, Row};
 use super::feed::{EventKind, EventRows, NewEvent};
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::model::CourseSpec;
-use crate::partition::Lease;
+use crate::partition::{Lease, Partition};
 
 /// Rows in one multi-row statement at most. SQLite allows 32,766 bound variables and the
 /// widest statement binds 3 per row.
@@ -362,12 +362,27 @@ impl Store {
     /// disagree with the rosters that are loaded. A course with more rows than capacity
     /// is loaded whole and reported; seats of a course that does not exist stay in the
     /// store, are not loaded, and are reported.
-    pub async fn load(&self, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<LoadReport> {
+    ///
+    /// `only`: just the courses of these partitions (MySQL; a node taking them over).
+    pub async fn load(&self, only: Option<&[Partition]>, mut sink: impl FnMut(LoadRow)) -> anyhow::Result<LoadReport> {
         use futures_util::TryStreamExt;
         let least = self.dialect.least();
         let count = "(SELECT COUNT(*) FROM enrollments e WHERE e.course_id = courses.id)";
+        let (in_parts, and_in_parts, and_c_in_parts) = match only {
+            None => (String::new(), String::new(), String::new()),
+            Some(parts) => {
+                assert_eq!(self.dialect, Dialect::Mysql, "partitions are stored on MySQL only");
+                let list: Vec<String> = parts.iter().map(|p| p.0.to_string()).collect();
+                let list = if list.is_empty() { "-1".to_string() } else { list.join(",") };
+                (
+                    format!(" WHERE part IN ({list})"),
+                    format!(" AND part IN ({list})"),
+                    format!(" AND c.part IN ({list})"),
+                )
+            }
+        };
         let counters_fixed = sqlx::query(&format!(
-            "UPDATE courses SET enrolled = {least}({count}, capacity) WHERE enrolled <> {least}({count}, capacity)"
+            "UPDATE courses SET enrolled = {least}({count}, capacity) WHERE enrolled <> {least}({count}, capacity){and_in_parts}"
         ))
         .execute(&self.pool)
         .await
@@ -393,7 +408,7 @@ impl Store {
             ..LoadReport::default()
         };
         let courses_sql =
-            format!("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, {count} FROM courses");
+            format!("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, {count} FROM courses{in_parts}");
         let mut rows = sqlx::query(&courses_sql).fetch(conn.get());
         while let Some(row) = rows.try_next().await? {
             let id: String = row.try_get(0)?;
@@ -422,22 +437,25 @@ impl Store {
             });
         }
         drop(rows);
-        let orphans = sqlx::query(
-            "SELECT COUNT(*) FROM enrollments e WHERE NOT EXISTS (SELECT 1 FROM courses c WHERE c.id = e.course_id)",
-        )
-        .fetch_one(conn.get())
-        .await?;
-        report.seats_orphaned = orphans.try_get::<i64, _>(0)? as u64;
+        if only.is_none() {
+            let orphans = sqlx::query(
+                "SELECT COUNT(*) FROM enrollments e WHERE NOT EXISTS (SELECT 1 FROM courses c WHERE c.id = e.course_id)",
+            )
+            .fetch_one(conn.get())
+            .await?;
+            report.seats_orphaned = orphans.try_get::<i64, _>(0)? as u64;
+        }
         if report.seats_orphaned > 0 {
             tracing::error!(
                 seats = report.seats_orphaned,
                 "stored seats of courses that do not exist: kept in the store, not loaded"
             );
         }
-        let mut rows = sqlx::query(
-            "SELECT e.course_id, e.student_id, e.enrolled_at_ms FROM enrollments e JOIN courses c ON c.id = e.course_id",
-        )
-        .fetch(conn.get());
+        let enrollments_sql = format!(
+            "SELECT e.course_id, e.student_id, e.enrolled_at_ms FROM enrollments e JOIN courses c ON c.id = e.course_id{}",
+            if only.is_some() { format!(" WHERE 1 = 1{and_c_in_parts}") } else { String::new() }
+        );
+        let mut rows = sqlx::query(&enrollments_sql).fetch(conn.get());
         while let Some(row) = rows.try_next().await? {
             let course: String = row.try_get(0)?;
             let student: String = row.try_get(1)?;
@@ -1175,7 +1193,7 @@ mod tests {
             opens_at: None,
             closes_at: None,
         };
-        store.put_course(&c, &spec, &Session::default()).await.unwrap();
+        store.put_course(&c, &spec, None, &Session::default()).await.unwrap();
         (store, c, s)
     }
 
@@ -1193,13 +1211,13 @@ mod tests {
         };
         assert!(
             store
-                .try_fast(std::slice::from_ref(&op), &Session::default())
+                .try_fast(std::slice::from_ref(&op), &[], &Session::default())
                 .await
                 .unwrap(),
             "committed fast"
         );
         assert!(
-            !store.try_fast(&[op], &Session::default()).await.unwrap(),
+            !store.try_fast(&[op], &[], &Session::default()).await.unwrap(),
             "a stored row refuses the batch"
         );
         store.close().await;
@@ -1235,7 +1253,7 @@ mod tests {
         };
         let session = Session::default();
         assert!(
-            store.try_fast(std::slice::from_ref(&op), &session).await.unwrap(),
+            store.try_fast(std::slice::from_ref(&op), &[], &session).await.unwrap(),
             "committed fast"
         );
         assert!(session.id.get().is_some(), "the session id was read");
@@ -1270,7 +1288,7 @@ mod tests {
                 at: 18,
             },
         ];
-        let script = OneTrip::of(Dialect::Mysql, &ops).expect("valid ids inline");
+        let script = OneTrip::of(Dialect::Mysql, &ops, None).expect("valid ids inline");
         assert_eq!(
             script.sql,
             "SELECT CONNECTION_ID();\n\
@@ -1279,14 +1297,108 @@ mod tests {
              UPDATE courses SET enrolled = enrolled + CASE id WHEN 'B_2' THEN 1 END WHERE id IN ('B_2')"
         );
         // A's drop and enrollment cancel out: only B's counter moves.
-        assert_eq!(script.expected, vec![1, 2, 1]);
+        use Expect::{Changed, SessionId};
+        assert_eq!(script.expects, vec![SessionId, Changed(1), Changed(2), Changed(1)]);
         let only_enroll = [SeatOp::Enroll {
             course: b,
             student: s2,
             at: 1,
         }];
-        let script = OneTrip::of(Dialect::Sqlite, &only_enroll).unwrap();
+        let script = OneTrip::of(Dialect::Sqlite, &only_enroll, None).unwrap();
         assert!(script.sql.starts_with("INSERT OR IGNORE INTO") && !script.sql.contains("DELETE"));
-        assert_eq!(script.expected, vec![1, 1]);
+        assert_eq!(script.expects, vec![Changed(1), Changed(1)]);
+    }
+
+    #[test]
+    fn the_fence_counts_each_lease_once_grouped_by_epoch() {
+        let lease = |p, epoch| Lease {
+            partition: Partition(p),
+            epoch,
+        };
+        let fence = fence_sql("n-1", &[lease(9, 5), lease(3, 5), lease(12, 6), lease(3, 5)]);
+        assert_eq!(
+            fence.sql,
+            "SELECT COUNT(*) FROM leases WHERE owner = 'n-1' AND \
+             ((part IN (3,9) AND epoch = 5) OR (part IN (12) AND epoch = 6)) LOCK IN SHARE MODE"
+        );
+        assert_eq!(fence.expected, 3);
+        let (a, s1) = ids("A-1", "s.1");
+        let op = SeatOp::Enroll {
+            course: a,
+            student: s1,
+            at: 1,
+        };
+        let script = OneTrip::of(Dialect::Mysql, &[op], Some(fence)).unwrap();
+        assert_eq!(script.expects[..2], [Expect::SessionId, Expect::Fence(3)], "the fence comes before any change");
+    }
+
+    /// The fence on MariaDB: a batch commits under the leases it proves, and is refused,
+    /// with nothing written, once another node's takeover bumped an epoch.
+    #[tokio::test]
+    async fn mysql_commits_only_under_the_leases_it_proves() {
+        use crate::persist::lease::NodeInfo;
+        let base =
+            std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
+        let db = format!("enrolld_unit_fence_{}", std::process::id());
+        sqlx::any::install_default_drivers();
+        let admin = AnyPool::connect(&format!("{base}/enrolld"))
+            .await
+            .expect("MariaDB for tests");
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let (mut store, c, _) = store_with_a_course(&format!("{base}/{db}")).await;
+        let node = NodeInfo::solo("127.0.0.1:1", Duration::from_secs(3));
+        let leases = crate::persist::lease::take_all(&store, &node).await.unwrap();
+        assert_eq!(leases.len(), crate::partition::PARTITIONS as usize);
+        store.fence_as(&node.id);
+        let part = crate::partition::partition_of(c.as_str());
+        let stored: i64 = sqlx::query(&format!("SELECT part FROM courses WHERE id = '{c}'"))
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(stored as u32, part.0, "the store computes partitions as enrolld does");
+        let lease = *leases.iter().find(|l| l.partition == part).unwrap();
+        let enroll = |s: &str| SeatOp::Enroll {
+            course: c.clone(),
+            student: StudentId::parse(s).unwrap(),
+            at: 1,
+        };
+        let ok = store.commit_seats(&[enroll("a")], &[lease], &Session::default()).await;
+        assert_eq!(ok.unwrap(), vec![SeatResult::Applied]);
+        // Another node takes the partition over.
+        sqlx::query(&format!("UPDATE leases SET owner = 'other', epoch = epoch + 1 WHERE part = {}", part.0))
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let fenced = store.commit_seats(&[enroll("b")], &[lease], &Session::default()).await;
+        assert!(matches!(fenced, Err(CommitError::Fenced)), "{fenced:?}");
+        // The row-by-row path proves the lease too.
+        let fenced = store.commit_row_by_row(&[enroll("b")], &[lease], &Session::default()).await;
+        assert!(matches!(fenced, Err(CommitError::Fenced)), "{fenced:?}");
+        let fenced = store
+            .put_course(
+                &c,
+                &CourseSpec {
+                    title: "changed".into(),
+                    capacity: 9,
+                    opens_at: None,
+                    closes_at: None,
+                },
+                Some(lease),
+                &Session::default(),
+            )
+            .await;
+        assert!(matches!(fenced, Err(CommitError::Fenced)), "{fenced:?}");
+        assert_eq!(store.roster(&c).await.unwrap(), vec!["a".to_string()], "nothing fenced was written");
+        assert_eq!(store.lost_leases(&[lease]).await.unwrap(), vec![lease]);
+        store.close().await;
+        sqlx::raw_sql(&format!("DROP DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .unwrap();
     }
 }
