@@ -107,6 +107,12 @@ pub struct ConfigArgs {
     /// MySQL: a node's partition leases lapse this long after its last heartbeat (renewed three times per lease) [default: 3000]
     #[arg(long, env = "ENROLLD_CLUSTER_LEASE_MS")]
     pub cluster_lease_ms: Option<u64>,
+    /// Turns cluster mode on: this node's id, unique among the nodes sharing the MySQL store, [A-Za-z0-9_.-]{1,32} [default: none]
+    #[arg(long, env = "ENROLLD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// host:port the other nodes (and nginx's upstream list, written the same way) reach this node at [default: the listen address]
+    #[arg(long, env = "ENROLLD_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -146,6 +152,8 @@ struct FileConfig {
     events_retention_days: Option<f64>,
     events_redis_stream: Option<String>,
     cluster_lease_ms: Option<u64>,
+    node_id: Option<String>,
+    advertise: Option<String>,
     limits: Option<LimitsConfig>,
 }
 
@@ -182,6 +190,8 @@ pub struct Config {
     pub events_redis_stream: Option<String>,
     /// How long a node's leases outlive its last heartbeat (MySQL).
     pub cluster_lease_ms: u64,
+    /// Cluster mode: this node's id and the address the others reach it at.
+    pub cluster: Option<ClusterConfig>,
     /// Rate limits, flow rules, breakers (reloadable).
     pub limits: LimitsConfig,
     /// The file it came from, for reloads.
@@ -194,6 +204,70 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 #[error("config: {0}")]
 pub struct ConfigError(pub String);
+
+/// Cluster mode's identity of this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub node_id: String,
+    /// As nginx's upstream block writes it ("10.0.0.5:8080"): the other nodes forward to
+    /// it, and partition owners are chosen on nginx's ring of these strings.
+    pub advertise: String,
+}
+
+/// Longest node id (API.md).
+pub const NODE_ID_BYTES_MAX: usize = 32;
+
+fn cluster_of(
+    node_id: Option<String>,
+    advertise: Option<String>,
+    listen: SocketAddr,
+    store: &str,
+    demo: bool,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(node_id) = node_id else {
+        if advertise.is_some() {
+            return Err(ConfigError("`advertise` needs `node_id` (cluster mode)".into()));
+        }
+        return Ok(None);
+    };
+    let valid = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
+    if node_id.is_empty() || node_id.len() > NODE_ID_BYTES_MAX || !node_id.bytes().all(valid) {
+        return Err(ConfigError(format!(
+            "`node_id` {node_id:?} must be 1-{NODE_ID_BYTES_MAX} of [A-Za-z0-9_.-]"
+        )));
+    }
+    if node_id.starts_with("solo-") {
+        return Err(ConfigError(format!(
+            "`node_id` {node_id:?} must not start with `solo-` (the ids of nodes outside cluster mode)"
+        )));
+    }
+    if Dialect::of_url(store) != Some(Dialect::Mysql) {
+        return Err(ConfigError(
+            "`node_id` (cluster mode) needs a MySQL/MariaDB `store` shared by the nodes".into(),
+        ));
+    }
+    if demo {
+        return Err(ConfigError(
+            "`demo` seeds a single node's store; start one node without `node_id` to seed it".into(),
+        ));
+    }
+    let advertise = match advertise {
+        Some(a) => a,
+        None if listen.ip().is_unspecified() || listen.port() == 0 => {
+            return Err(ConfigError(format!(
+                "`advertise` is required when `listen` is {listen} (the other nodes need an address to reach this one)"
+            )))
+        }
+        None => listen.to_string(),
+    };
+    let port_ok = advertise
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok || advertise.len() > 300 || advertise.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return Err(ConfigError(format!("`advertise` {advertise:?} must be host:port")));
+    }
+    Ok(Some(ClusterConfig { node_id, advertise }))
+}
 
 /// How long a node's leases outlive its last heartbeat unless configured (API.md).
 pub const CLUSTER_LEASE_MS_DEFAULT: u64 = 3_000;
@@ -258,6 +332,17 @@ impl Config {
                 "`jwt_secret` is required when the store is not SQLite".into(),
             ));
         }
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("literal"));
+        let cluster = cluster_of(
+            args.node_id.clone().or(file.node_id),
+            args.advertise.clone().or(file.advertise),
+            listen,
+            &store,
+            args.demo.or(file.demo).unwrap_or(false),
+        )?;
         let shards = range("shards", args.shards.or(file.shards).unwrap_or(cores), 1, SHARDS_MAX)?;
         let head_bytes_max = range(
             "head_bytes_max",
@@ -276,10 +361,7 @@ impl Config {
         }
         Ok(Config {
             shard_listen,
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("literal")),
+            listen,
             shards,
             store,
             redis,
@@ -379,6 +461,7 @@ impl Config {
                 CLUSTER_LEASE_MS_MIN,
                 CLUSTER_LEASE_MS_MAX,
             )?,
+            cluster,
             limits,
             config_path: args.config.clone(),
             limits_enabled_flag: args.limits_enabled,

@@ -158,8 +158,62 @@ pub struct PersistMetrics {
     pub events_trimmed: prometheus::IntCounter,
     /// Batches refused because this node no longer held a lease they were decided under.
     pub fenced_batches: prometheus::IntCounter,
-    /// Partitions whose lease this node holds.
+}
+
+/// The cluster's figures (leases, takeovers, hops). Outside cluster mode on MySQL, the one
+/// node holds every lease and the rest stay 0.
+pub struct ClusterMetrics {
     pub leases_held: prometheus::IntGauge,
+    pub partitions_unowned: prometheus::IntGauge,
+    pub partitions_taken: prometheus::IntCounter,
+    pub partitions_released: prometheus::IntCounter,
+    /// Requests passed to the owning node, and those whose hop failed (502/504).
+    pub hops: prometheus::IntCounter,
+    pub hops_failed: prometheus::IntCounter,
+}
+
+impl Default for ClusterMetrics {
+    fn default() -> Self {
+        let gauge = |name: &str, help: &str| prometheus::IntGauge::new(name, help).expect("valid gauge");
+        let counter = |name: &str, help: &str| prometheus::IntCounter::new(name, help).expect("valid counter");
+        ClusterMetrics {
+            leases_held: gauge(
+                "enrolld_cluster_leases_held",
+                "Partitions whose lease this node holds (MySQL; every partition outside cluster mode).",
+            ),
+            partitions_unowned: gauge(
+                "enrolld_cluster_partitions_unowned",
+                "Partitions no live node owned at this node's last look (cluster mode).",
+            ),
+            partitions_taken: counter(
+                "enrolld_cluster_partitions_taken_total",
+                "Partitions this node took over (start, a node lost, a hand-over).",
+            ),
+            partitions_released: counter(
+                "enrolld_cluster_partitions_released_total",
+                "Partitions this node handed over to their preferred owner while running.",
+            ),
+            hops: counter(
+                "enrolld_cluster_hops_total",
+                "Requests passed to the node that owns their course.",
+            ),
+            hops_failed: counter(
+                "enrolld_cluster_hops_failed_total",
+                "Hops cut or timed out (answered 502/504 outcome_unknown).",
+            ),
+        }
+    }
+}
+
+impl ClusterMetrics {
+    fn register(&self, registry: &prometheus::Registry) {
+        for g in [&self.leases_held, &self.partitions_unowned] {
+            registry.register(Box::new(g.clone())).expect("unique name");
+        }
+        for c in [&self.partitions_taken, &self.partitions_released, &self.hops, &self.hops_failed] {
+            registry.register(Box::new(c.clone())).expect("unique name");
+        }
+    }
 }
 
 impl Default for PersistMetrics {
@@ -205,11 +259,6 @@ impl Default for PersistMetrics {
                 "Batches the store refused because another node had taken over a partition they wrote (nothing of them recorded).",
             )
             .expect("valid counter"),
-            leases_held: prometheus::IntGauge::new(
-                "enrolld_cluster_leases_held",
-                "Partitions whose lease this node holds (MySQL; every partition outside cluster mode).",
-            )
-            .expect("valid gauge"),
         }
     }
 }
@@ -509,9 +558,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(collector: Collector, persist: &PersistMetrics) -> Metrics {
+    pub fn new(collector: Collector, persist: &PersistMetrics, cluster: &ClusterMetrics) -> Metrics {
         let registry = prometheus::Registry::new();
         registry.register(Box::new(collector)).expect("first registration");
+        cluster.register(&registry);
         registry
             .register(Box::new(persist.batch_rows.clone()))
             .expect("unique name");
@@ -523,7 +573,6 @@ impl Metrics {
             &persist.seats_orphaned,
             &persist.feed_head,
             &persist.feed_served,
-            &persist.leases_held,
         ] {
             registry.register(Box::new(gauge.clone())).expect("unique name");
         }

@@ -18,9 +18,12 @@ use crate::config::{Config, LogFormat};
 use crate::ids::{ShardClock, ShardId, SystemClock};
 use crate::limit::breaker::Breaker;
 use crate::limit::{Limiter, ShardLimiter};
-use crate::metrics::{Collector, Metrics, PersistMetrics, ShardMetrics};
+use crate::cluster::forward::Forwarder;
+use crate::cluster::keeper::{self, KeeperConfig};
+use crate::cluster::Cluster;
+use crate::metrics::{ClusterMetrics, Collector, Metrics, PersistMetrics, ShardMetrics};
 use crate::net::auth::Auth;
-use crate::net::http::{Ctx, HttpLimits};
+use crate::net::http::{ClusterCtx, Ctx, HttpLimits};
 use crate::net::ConnLimits;
 use crate::persist::store::{LoadRow, StoreOptions};
 use crate::persist::{self, PersistConfig};
@@ -57,7 +60,13 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let auth = Arc::new(Auth::new(&secret));
     let started = Instant::now();
     let persist_metrics = Arc::new(PersistMetrics::default());
+    let cluster_metrics = Arc::new(ClusterMetrics::default());
     let store_breaker = Arc::new(Breaker::new("store", cfg.limits.store_breaker.clone()));
+    let leases = lease_config(&cfg, cluster_metrics.clone());
+    let cluster = match (&cfg.cluster, &leases) {
+        (Some(c), Some(l)) => Some(Arc::new(Cluster::new(c.node_id.clone(), c.advertise.clone(), l.held.clone()))),
+        _ => None,
+    };
     let (
         tables,
         persist::Persist {
@@ -65,7 +74,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             gauges,
             thread: persist_thread,
         },
-    ) = load_tables(&cfg, persist_metrics.clone(), store_breaker.clone())?;
+    ) = load_tables(&cfg, persist_metrics.clone(), store_breaker.clone(), leases.clone())?;
     let (limits_tx, limits_rx) = watch::channel(Arc::new(cfg.limits.clone()));
     let limiter = Arc::new(Limiter::new(limits_rx, cfg.redis.as_deref(), store_breaker)?);
     let courses: usize = tables.iter().map(CourseTable::len).sum();
@@ -101,7 +110,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let drained = Arc::new(tokio::sync::Barrier::new(cfg.shards));
     let shard_metrics: Vec<Arc<ShardMetrics>> = (0..cfg.shards).map(|_| Arc::default()).collect();
     let collector = Collector::new(shard_metrics.clone(), Arc::new(gauges), limiter.clone());
-    let metrics = Arc::new(Metrics::new(collector, &persist_metrics));
+    let metrics = Arc::new(Metrics::new(collector, &persist_metrics, &cluster_metrics));
     let heartbeats: Arc<Vec<AtomicU64>> = Arc::new((0..cfg.shards).map(|_| AtomicU64::new(0)).collect());
     let conn_limits = ConnLimits {
         head_bytes_max: cfg.head_bytes_max,
@@ -132,6 +141,8 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         let own = own_listeners[i].take();
         let answer_wait =
             std::time::Duration::from_millis(cfg.store_statement_timeout_ms) * ANSWER_WAIT_STATEMENT_TIMEOUTS;
+        let cluster = cluster.clone();
+        let cluster_metrics = cluster_metrics.clone();
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let set = tokio::task::LocalSet::new();
@@ -153,6 +164,12 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 tokio::task::spawn_local(publish_heat(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));
                 let router = Router { me: shard, peers };
+                let cluster = cluster.map(|cluster| ClusterCtx {
+                    forwarder: Forwarder::new(&cluster.node_id, answer_wait),
+                    node: hyper::header::HeaderValue::from_str(&cluster.node_id).expect("validated node id"),
+                    cluster,
+                    metrics: cluster_metrics,
+                });
                 let ctx = Rc::new(Ctx::new(
                     router,
                     auth,
@@ -161,6 +178,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     metrics,
                     access_log,
                     metrics_on,
+                    cluster,
                 ));
                 let listeners = std::iter::once(listener).chain(own).collect();
                 let served = crate::net::serve(listeners, ctx, limits, shutdown).await;
@@ -171,6 +189,19 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         })?;
         threads.push(thread);
     }
+    // Cluster mode: this node's share of the partitions, loaded into the shards, before
+    // it is ready.
+    let keeper = match (&cluster, &leases) {
+        (Some(cluster), Some(l)) => Some(keeper::spawn(KeeperConfig {
+            store_url: cfg.store.clone(),
+            node: l.node.clone(),
+            cluster: cluster.clone(),
+            shards: inbox_tx.clone(),
+            statement_timeout: std::time::Duration::from_millis(cfg.store_statement_timeout_ms),
+            metrics: cluster_metrics.clone(),
+        })?),
+        _ => None,
+    };
     drop(inbox_tx);
     drop(persist);
     ready.store(true, Ordering::Relaxed);
@@ -195,6 +226,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     wait_for_termination(&cfg, &limits_tx, &limiter)?;
     tracing::info!("shutting down: draining connections and the persist queue");
+    if let Some(keeper) = keeper {
+        // Takes nothing more over; the persist thread gives the leases back once the last
+        // change is committed.
+        keeper.stop();
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
     for t in threads {
@@ -234,7 +270,36 @@ const SHUTDOWN_POLL_MS: u64 = 20;
 type Loaded = (Vec<CourseTable>, persist::Persist);
 
 /// Opens the store on the persist thread and streams its state into per-shard tables.
-fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>) -> anyhow::Result<Loaded> {
+/// The leases this process takes on a MySQL store (None on SQLite): every partition
+/// outside cluster mode, its share in cluster mode.
+fn lease_config(cfg: &Config, metrics: Arc<ClusterMetrics>) -> Option<persist::LeaseConfig> {
+    if persist::store::Dialect::of_url(&cfg.store) != Some(persist::store::Dialect::Mysql) {
+        return None;
+    }
+    let lease = std::time::Duration::from_millis(cfg.cluster_lease_ms);
+    let node = match &cfg.cluster {
+        None => persist::lease::NodeInfo::solo(&cfg.listen.to_string(), lease),
+        Some(c) => persist::lease::NodeInfo {
+            id: c.node_id.clone(),
+            incarnation: rand::random::<u32>() as i64,
+            advertise: c.advertise.clone(),
+            lease,
+        },
+    };
+    Some(persist::LeaseConfig {
+        node,
+        held: Arc::new(crate::partition::Held::default()),
+        solo: cfg.cluster.is_none(),
+        metrics,
+    })
+}
+
+fn load_tables(
+    cfg: &Config,
+    metrics: Arc<PersistMetrics>,
+    breaker: Arc<Breaker>,
+    leases: Option<persist::LeaseConfig>,
+) -> anyhow::Result<Loaded> {
     let shards = cfg.shards;
     let tables = Arc::new(Mutex::new(
         (0..shards).map(|_| CourseTable::default()).collect::<Vec<_>>(),
@@ -282,15 +347,7 @@ fn load_tables(cfg: &Config, metrics: Arc<PersistMetrics>, breaker: Arc<Breaker>
         batch_linger_us: cfg.batch_linger_us,
         queue_rows_max: cfg.queue_rows_max,
         demo: cfg.demo,
-        leases: (persist::store::Dialect::of_url(&cfg.store) == Some(persist::store::Dialect::Mysql)).then(|| {
-            persist::LeaseConfig {
-                node: persist::lease::NodeInfo::solo(
-                    &cfg.listen.to_string(),
-                    std::time::Duration::from_millis(cfg.cluster_lease_ms),
-                ),
-                held: Arc::new(crate::partition::Held::default()),
-            }
-        }),
+        leases,
         metrics,
         breaker,
     };

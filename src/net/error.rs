@@ -46,12 +46,18 @@ pub enum ApiError {
     OutcomeUnknown,
     #[error("the cursor is older than the events kept; start again without `after`")]
     CursorExpired,
+    /// A hop to the node that owns the course was cut (502): it may have recorded it.
+    #[error("the owning node could not be reached or cut the connection; the outcome is not known; retrying is safe")]
+    HopCut,
+    /// A hop to the owning node got no answer in time (504).
+    #[error("the owning node did not answer in time; the outcome is not known; retrying is safe")]
+    HopTimedOut,
 }
 
 /// One rendered body per error whose text never varies.
 static FIXED_BODIES: [std::sync::OnceLock<&'static [u8]>; FIXED_ERRORS] =
     [const { std::sync::OnceLock::new() }; FIXED_ERRORS];
-const FIXED_ERRORS: usize = 13;
+const FIXED_ERRORS: usize = 15;
 
 impl ApiError {
     /// An index into [`FIXED_BODIES`] for errors whose body never varies.
@@ -71,6 +77,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => 10,
             ApiError::OutcomeUnknown => 11,
             ApiError::CursorExpired => 12,
+            ApiError::HopCut => 13,
+            ApiError::HopTimedOut => 14,
         })
     }
 
@@ -86,7 +94,8 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::OutcomeUnknown | ApiError::HopTimedOut => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::HopCut => StatusCode::BAD_GATEWAY,
             ApiError::CursorExpired => StatusCode::GONE,
         }
     }
@@ -104,7 +113,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload_too_large",
             ApiError::Unavailable => "unavailable",
             ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::OutcomeUnknown => "outcome_unknown",
+            ApiError::OutcomeUnknown | ApiError::HopCut | ApiError::HopTimedOut => "outcome_unknown",
             ApiError::CursorExpired => "cursor_expired",
         }
     }

@@ -56,6 +56,21 @@ const CONTENT_TYPE_JSON: &str = "application/json; charset=utf-8";
 const REQUEST_ID_CHUNK_BYTES: usize = 4_096;
 const _: () = assert!(REQUEST_ID_CHUNK_BYTES >= REQUEST_ID_BYTES_MAX);
 
+/// Cluster mode's part of a shard's request context.
+pub struct ClusterCtx {
+    pub cluster: Arc<crate::cluster::Cluster>,
+    pub forwarder: crate::cluster::forward::Forwarder,
+    /// This node's id, for `X-Enrolld-Node`.
+    pub node: HeaderValue,
+    pub metrics: Arc<crate::metrics::ClusterMetrics>,
+}
+
+/// How long a request for a course no live node owns waits for a takeover before it is
+/// answered 503: a node that stopped with SIGTERM hands over within a heartbeat.
+const UNOWNED_WAIT_MS: u64 = 2_000;
+/// How often such a request looks again.
+const UNOWNED_POLL_MS: u64 = 20;
+
 /// Per-shard request context.
 pub struct Ctx {
     pub router: Router,
@@ -67,6 +82,8 @@ pub struct Ctx {
     pub access_log: bool,
     /// Count requests in the shard's metrics.
     pub metrics_on: bool,
+    /// Cluster mode (None on a single node).
+    pub cluster: Option<ClusterCtx>,
     request_seq: Cell<u64>,
     request_prefix: String,
     /// Generated request ids are cut from this chunk (one allocation per
@@ -83,6 +100,7 @@ impl Ctx {
         metrics: Arc<Metrics>,
         access_log: bool,
         metrics_on: bool,
+        cluster: Option<ClusterCtx>,
     ) -> Ctx {
         let request_prefix = format!("{:06x}{}", std::process::id() & 0xff_ffff, router.me.id.0);
         Ctx {
@@ -93,6 +111,7 @@ impl Ctx {
             metrics,
             access_log,
             metrics_on,
+            cluster,
             request_seq: Cell::new(0),
             request_prefix,
             request_ids: std::cell::RefCell::new(bytes::BytesMut::new()),
@@ -163,7 +182,7 @@ pub async fn handle(
     let (parts, len) = split_path(path);
     let segments = &parts[..len];
     let route_label = route_label(&method, segments);
-    let mut resp = match route(&ctx, &conn.tokens, peer, segments, &headers, req).await {
+    let mut resp = match route(&ctx, &conn.tokens, peer, segments, &headers, &rid, req).await {
         Ok(resp) => resp,
         Err(ApiError::OutcomeUnknown) => {
             let rid = rid.to_str().unwrap_or("-");
@@ -200,6 +219,13 @@ pub async fn handle(
         );
     }
     *resp.headers_mut() = response_headers(headers, std::mem::take(resp.headers_mut()), rid);
+    if let (Some(cluster), ["v1", ..]) = (&ctx.cluster, segments) {
+        // The owner's, when the answer came from it.
+        if !resp.headers().contains_key(crate::cluster::forward::X_ENROLLD_NODE) {
+            resp.headers_mut()
+                .insert(crate::cluster::forward::X_ENROLLD_NODE, cluster.node.clone());
+        }
+    }
     Ok(resp)
 }
 
@@ -257,12 +283,97 @@ fn route_label(method: &Method, segments: &[&str]) -> usize {
     }
 }
 
+/// The course a request is about, on routes that only its owner may answer.
+fn owned_route<'a>(method: &Method, segments: &[&'a str]) -> Option<&'a str> {
+    match (method, segments) {
+        (_, ["v1", "courses", id, "enrollment"])
+        | (&Method::GET, ["v1", "courses", id])
+        | (&Method::PUT, ["v1", "admin", "courses", id])
+        | (&Method::GET, ["v1", "admin", "courses", id, "roster"]) => Some(id),
+        _ => None,
+    }
+}
+
+/// Cluster mode: `Ok(None)` when this node owns the request's course (or the route has
+/// none); otherwise the owner's answer (one hop), or the error for none.
+async fn pass_to_owner(
+    ctx: &Ctx,
+    cluster: &ClusterCtx,
+    course: &str,
+    headers: &hyper::HeaderMap,
+    rid: &HeaderValue,
+    req: Request<Incoming>,
+) -> Result<Result<Response<Full<Bytes>>, Request<Incoming>>, ApiError> {
+    use crate::cluster::forward::HopError;
+    use crate::cluster::Route;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(UNOWNED_WAIT_MS);
+    let method = req.method().clone();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let mut req = Some(req);
+    let mut body: Option<Bytes> = None;
+    loop {
+        let advertise = match cluster.cluster.route(course) {
+            Route::Here => {
+                return match req.take() {
+                    Some(req) => Ok(Err(req)),
+                    // The body went to a hop that could not be made, and this node took the
+                    // course over meanwhile. Nothing was sent: the client retries.
+                    None => Err(ApiError::Unavailable),
+                }
+            }
+            // Passed on once already: never again (the nodes disagree for a moment).
+            Route::Node { .. } if headers.contains_key(crate::cluster::forward::X_ENROLLD_HOP) => {
+                return Err(ApiError::Unavailable)
+            }
+            Route::Node { advertise, .. } => Some(advertise),
+            Route::Nobody => None,
+        };
+        if let Some(advertise) = advertise {
+            // Only an admin PUT has a body to pass on; other requests keep theirs (none), so
+            // they can still be answered here if this node takes the course over.
+            let bytes = match &body {
+                Some(b) => b.clone(),
+                None if method == Method::PUT => match req.take() {
+                    Some(r) => read_body(r, &ctx.limits).await?,
+                    None => Bytes::new(),
+                },
+                None => Bytes::new(),
+            };
+            body = Some(bytes.clone());
+            cluster.metrics.hops.inc();
+            match cluster
+                .forwarder
+                .forward(&advertise, &method, &path, headers, rid, bytes)
+                .await
+            {
+                Ok(resp) => return Ok(Ok(resp)),
+                // Nothing was sent: wait for a takeover, as for a course nobody owns.
+                Err(HopError::Unreachable(to)) => tracing::debug!(node = %to, "owner unreachable"),
+                Err(e) => {
+                    cluster.metrics.hops_failed.inc();
+                    tracing::warn!(error = %e, "hop failed");
+                    return Err(match e {
+                        HopError::TimedOut(_) => ApiError::HopTimedOut,
+                        HopError::Cut(_) | HopError::Unreachable(_) => ApiError::HopCut,
+                    });
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // Nothing was sent anywhere: nothing recorded.
+            return Err(ApiError::Unavailable);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(UNOWNED_POLL_MS)).await;
+    }
+}
+
 async fn route(
     ctx: &Ctx,
     tokens: &TokenCache,
     peer: SocketAddr,
     segments: &[&str],
     headers: &hyper::HeaderMap,
+    rid: &HeaderValue,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let method = req.method().clone();
@@ -282,6 +393,17 @@ async fn route(
     if declared_length(headers).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {
         return Err(ApiError::PayloadTooLarge);
     }
+    // Cluster mode: a course this node does not own is the owner's to answer (its limits
+    // apply there).
+    let req = match (&ctx.cluster, owned_route(&method, segments)) {
+        (Some(cluster), Some(course)) if CourseId::valid(course) => {
+            match pass_to_owner(ctx, cluster, course, headers, rid, req).await? {
+                Ok(answer) => return Ok(answer),
+                Err(req) => req,
+            }
+        }
+        _ => req,
+    };
     let group = match (&method, &segments[1..]) {
         (&Method::POST, ["courses", _, "enrollment"]) => RouteGroup::Enroll,
         (&Method::DELETE, ["courses", _, "enrollment"]) => RouteGroup::Drop,
@@ -653,21 +775,47 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
             _ => return Err(ApiError::BadRequest(format!("unknown query parameter {k:?}"))),
         }
     }
-    // Each shard gives one more than a page, so we know whether another page follows.
-    let replies = ctx
-        .router
-        .gather(|| Command::List {
+    let mut courses: Vec<CourseView> = if ctx.cluster.is_some() {
+        // Cluster mode: every node's courses, as committed.
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let read = crate::persist::CatalogRead::Courses {
             after: after.clone(),
-            limit: limit + 1,
-        })
-        .await;
-    let mut courses: Vec<CourseView> = Vec::new();
-    for r in replies {
-        match r {
-            Reply::Courses(mut c) => courses.append(&mut c),
-            _ => return Err(ApiError::Unavailable),
+            limit: (limit + 1) as u32,
+            reply,
+        };
+        ctx.router.me.persist().read_catalog(read).map_err(|_| ApiError::Unavailable)?;
+        let stored = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "reading the catalog failed");
+            ApiError::Unavailable
+        })?;
+        stored
+            .into_iter()
+            .map(|c| CourseView {
+                seats_left: c.spec.capacity.saturating_sub(c.enrolled),
+                id: c.id,
+                spec: c.spec,
+                enrolled: c.enrolled,
+                version: c.version,
+            })
+            .collect()
+    } else {
+        // Each shard gives one more than a page, so we know whether another page follows.
+        let replies = ctx
+            .router
+            .gather(|| Command::List {
+                after: after.clone(),
+                limit: limit + 1,
+            })
+            .await;
+        let mut courses = Vec::new();
+        for r in replies {
+            match r {
+                Reply::Courses(mut c) => courses.append(&mut c),
+                _ => return Err(ApiError::Unavailable),
+            }
         }
-    }
+        courses
+    };
     courses.sort_by(|a, b| a.id.cmp(&b.id));
     let next = (courses.len() > limit).then(|| courses[limit - 1].id.clone());
     courses.truncate(limit);
@@ -679,6 +827,29 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
 }
 
 async fn my_enrollments(ctx: &Ctx, caller: &Caller) -> Result<Response<Full<Bytes>>, ApiError> {
+    if ctx.cluster.is_some() {
+        // Cluster mode: the seats on every node, as committed (every answered change is).
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let read = crate::persist::CatalogRead::Enrollments {
+            student: caller.id.clone(),
+            reply,
+        };
+        ctx.router.me.persist().read_catalog(read).map_err(|_| ApiError::Unavailable)?;
+        let seats = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "reading a student's seats failed");
+            ApiError::Unavailable
+        })?;
+        let list: Vec<EnrollmentJson> = seats
+            .iter()
+            .map(|(course, at)| EnrollmentJson {
+                course_id: course,
+                student_id: &caller.id,
+                status: "enrolled",
+                enrolled_at: rfc3339(*at),
+            })
+            .collect();
+        return Ok(json_of(StatusCode::OK, &serde_json::json!({"enrollments": list})));
+    }
     let replies = ctx
         .router
         .gather(|| Command::StudentEnrollments(caller.id.clone()))
@@ -739,7 +910,7 @@ fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
         Reply::Unavailable => Err(ApiError::Unavailable),
         Reply::OutcomeUnknown => Err(ApiError::OutcomeUnknown),
         Reply::RateLimited(_, secs) => Err(ApiError::RateLimited { retry_after_secs: secs }),
-        Reply::Dropped | Reply::Roster(_) | Reply::Courses(_) | Reply::Enrollments(_) => {
+        Reply::Dropped | Reply::Roster(_) | Reply::Courses(_) | Reply::Enrollments(_) | Reply::Adopted { .. } => {
             unreachable!("handled by the route that asked")
         }
     }

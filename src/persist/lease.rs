@@ -144,8 +144,9 @@ impl Store {
     }
 
     /// Takes every partition (of `only`, when given) whose owner is gone: no owner, an
-    /// owner without a row, an owner whose heartbeat lapsed, or this node id's own
-    /// earlier incarnation. Each taken lease's epoch is bumped in the same statement, so
+    /// owner without a row, an owner whose heartbeat lapsed, or this node id itself (an
+    /// earlier incarnation's lease, or one this process gave up in memory; callers pass
+    /// only partitions they do not hold). Each taken lease's epoch is bumped in the same statement, so
     /// whatever the previous owner still has queued can never commit. Returns every lease
     /// this node holds afterwards.
     pub async fn take_lapsed(&self, node: &NodeInfo, only: Option<&[Partition]>) -> anyhow::Result<Vec<Lease>> {
@@ -161,12 +162,10 @@ impl Store {
         sqlx::query(&format!(
             "UPDATE leases l LEFT JOIN nodes n ON n.id = l.owner \
              SET l.owner = ?, l.epoch = l.epoch + 1 \
-             WHERE (l.owner IS NULL OR n.id IS NULL OR n.expires_at_ms < {NOW_MS} \
-                    OR (l.owner = ? AND n.incarnation <> ?)){only_sql}"
+             WHERE (l.owner IS NULL OR n.id IS NULL OR n.expires_at_ms < {NOW_MS} OR l.owner = ?){only_sql}"
         ))
         .bind(node.id.as_str())
         .bind(node.id.as_str())
-        .bind(node.incarnation)
         .execute(self.pool())
         .await
         .context("taking lapsed leases")?;
@@ -239,6 +238,57 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Every node row, with whether its heartbeat is live on the store's clock.
+    pub async fn nodes(&self) -> anyhow::Result<Vec<crate::cluster::Node>> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, advertise, expires_at_ms >= {NOW_MS} FROM nodes ORDER BY id"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::cluster::Node {
+                    id: r.try_get(0)?,
+                    advertise: r.try_get(1)?,
+                    alive: r.try_get::<i64, _>(2)? != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// Each partition's owner (None: nobody), as node ids, in partition order.
+    pub async fn lease_owners(&self) -> anyhow::Result<Vec<Option<String>>> {
+        let rows = sqlx::query("SELECT part, owner FROM leases ORDER BY part")
+            .fetch_all(self.pool())
+            .await?;
+        let mut owners = vec![None; PARTITIONS as usize];
+        for r in &rows {
+            let part: i32 = r.try_get(0)?;
+            if let Some(slot) = owners.get_mut(part as usize) {
+                *slot = r.try_get(1)?;
+            }
+        }
+        Ok(owners)
+    }
+
+    /// Gives up these partitions (a hand-over: another node should own them now). The
+    /// caller stopped deciding for them first; a change of theirs still queued is fenced
+    /// out once the next owner bumps the epoch.
+    pub async fn release_parts(&self, node: &NodeInfo, parts: &[Partition]) -> anyhow::Result<u64> {
+        if parts.is_empty() {
+            return Ok(0);
+        }
+        let list: Vec<String> = parts.iter().map(|p| p.0.to_string()).collect();
+        Ok(sqlx::query(&format!(
+            "UPDATE leases SET owner = NULL WHERE owner = ? AND part IN ({})",
+            list.join(",")
+        ))
+        .bind(node.id.as_str())
+        .execute(self.pool())
+        .await?
+        .rows_affected())
     }
 
     /// Gives up every lease this node holds (after its last commit) and ends its

@@ -159,6 +159,11 @@ pub struct PersistConfig {
 pub struct LeaseConfig {
     pub node: lease::NodeInfo,
     pub held: Arc<Held>,
+    /// Outside cluster mode: take every partition at start and keep them (here). In
+    /// cluster mode the keeper (`cluster::keeper`) takes and renews; the persist thread
+    /// only proves the leases in its commits and gives them back at the end.
+    pub solo: bool,
+    pub metrics: Arc<crate::metrics::ClusterMetrics>,
 }
 
 impl std::fmt::Debug for LeaseConfig {
@@ -178,6 +183,21 @@ pub struct PersistHandle {
     committed: tokio::sync::watch::Receiver<u64>,
     /// The leases changes are decided under (None: the store has none).
     held: Option<Arc<Held>>,
+    /// Reads of the committed catalog (cluster mode), served beside the committers.
+    catalog: flume::Sender<CatalogRead>,
+}
+
+/// A read of the committed catalog, for what spans every node's courses in cluster mode.
+pub enum CatalogRead {
+    Courses {
+        after: Option<CourseId>,
+        limit: u32,
+        reply: oneshot::Sender<anyhow::Result<Vec<store::StoredCourse>>>,
+    },
+    Enrollments {
+        student: StudentId,
+        reply: oneshot::Sender<anyhow::Result<Vec<(CourseId, UnixMs)>>>,
+    },
 }
 
 /// One read of the change feed.
@@ -196,6 +216,7 @@ const TRIM_INTERVAL_MS: u64 = 1_000;
 pub struct Queues {
     pub jobs: Vec<flume::Receiver<Job>>,
     pub reads: flume::Receiver<FeedRead>,
+    pub catalog: flume::Receiver<CatalogRead>,
     pub committed: tokio::sync::watch::Sender<u64>,
 }
 
@@ -258,6 +279,11 @@ impl PersistHandle {
         Ok(rx)
     }
 
+    /// Queues a read of the committed catalog; refuses at once when too many wait.
+    pub fn read_catalog(&self, read: CatalogRead) -> Result<(), SubmitError> {
+        self.catalog.try_send(read).map_err(|_| SubmitError::QueueFull)
+    }
+
     /// Changes after every commit that wrote events (for long polls).
     pub fn feed_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.committed.clone()
@@ -298,6 +324,7 @@ const PING_INTERVAL_MS: u64 = 250;
 /// then serves the queue until every handle is dropped, and exits after the queue is empty.
 pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> anyhow::Result<Persist> {
     let (handle, queues) = queues(&cfg);
+    let catalog = queues.catalog.clone();
     let gauges = PersistGauges {
         rxs: queues.jobs.clone(),
         breaker: cfg.breaker.clone(),
@@ -322,15 +349,17 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
+                let catalog = serve_catalog(&store, &cfg, catalog);
                 let keep = async {
                     match &cfg.leases {
-                        Some(leases) => keep_leases(&store, &cfg, leases).await,
-                        None => std::future::pending().await,
+                        Some(leases) if leases.solo => keep_leases(&store, &cfg, leases).await,
+                        _ => std::future::pending().await,
                     }
                 };
                 tokio::select! {
                     () = serve(&store, &cfg, queues) => {}
                     () = keep => {}
+                    () = catalog => {}
                 }
                 if let Some(leases) = &cfg.leases {
                     // After the last commit: the others take over at once.
@@ -359,6 +388,7 @@ pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Queues) {
         .map(|_| flume::bounded::<Job>(per_queue))
         .unzip();
     let (reads_tx, reads_rx) = flume::bounded(FEED_READS_QUEUED_MAX);
+    let (catalog_tx, catalog_rx) = flume::bounded(FEED_READS_QUEUED_MAX);
     let (committed_tx, committed_rx) = tokio::sync::watch::channel(0);
     let handle = PersistHandle {
         txs: txs.into(),
@@ -366,10 +396,12 @@ pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Queues) {
         reads: reads_tx,
         committed: committed_rx,
         held: cfg.leases.as_ref().map(|l| l.held.clone()),
+        catalog: catalog_tx,
     };
     let queues = Queues {
         jobs: rxs,
         reads: reads_rx,
+        catalog: catalog_rx,
         committed: committed_tx,
     };
     (handle, queues)
@@ -378,13 +410,19 @@ pub fn queues(cfg: &PersistConfig) -> (PersistHandle, Queues) {
 async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow::Result<Store> {
     let mut store = Store::open(&cfg.store_url, &cfg.store).await?;
     if let Some(leases) = &cfg.leases {
-        // Before anything is read: what is loaded next is what the store holds once
-        // every earlier owner is fenced out.
-        for lease in lease::take_all(&store, &leases.node).await? {
-            leases.held.grant(lease);
-        }
         store.fence_as(&leases.node.id);
-        tracing::info!(node = %leases.node.id, partitions = leases.held.count(), "took the store's leases");
+        if leases.solo {
+            // Before anything is read: what is loaded next is what the store holds once
+            // every earlier owner is fenced out.
+            for lease in lease::take_all(&store, &leases.node).await? {
+                leases.held.grant(lease);
+            }
+            leases.metrics.leases_held.set(leases.held.count() as i64);
+            tracing::info!(node = %leases.node.id, partitions = leases.held.count(), "took the store's leases");
+        } else {
+            // Cluster mode: the keeper takes this node's share and loads it into the shards.
+            return Ok(store);
+        }
     }
     if cfg.demo && store.course_count().await? == 0 {
         seed_demo(&store, cfg.leases.as_ref().map(|l| &*l.held)).await?;
@@ -430,6 +468,25 @@ async fn seed_demo(store: &Store, held: Option<&Held>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Serves catalog reads one at a time, each bounded like any store call; ends when every
+/// handle is gone.
+async fn serve_catalog(store: &Store, cfg: &PersistConfig, reads: flume::Receiver<CatalogRead>) {
+    while let Ok(read) = reads.recv_async().await {
+        fn flatten<T>(r: Result<anyhow::Result<T>, TimedOut>) -> anyhow::Result<T> {
+            r.map_err(anyhow::Error::from).and_then(|r| r)
+        }
+        match read {
+            CatalogRead::Courses { after, limit, reply } => {
+                let _ = reply.send(flatten(bounded(cfg, store.list_courses(after.as_ref(), limit)).await));
+            }
+            CatalogRead::Enrollments { student, reply } => {
+                let _ = reply.send(flatten(bounded(cfg, store.enrollments_of(&student)).await));
+            }
+        }
+    }
+    std::future::pending().await
+}
+
 /// Renews this node's heartbeat three times per lease and checks that the store still
 /// gives it every lease it holds. A node outside cluster mode that finds its leases taken
 /// (it was paused or cut off past its lease, and another process took the store over)
@@ -469,7 +526,9 @@ async fn keep_leases(store: &Store, cfg: &PersistConfig, leases: &LeaseConfig) {
 /// Runs one committer per queue until every queue is closed and empty.
 /// The feed's reader and its retention trim run beside them and end with them.
 pub async fn serve<B: Backend>(store: &B, cfg: &PersistConfig, queues: Queues) {
-    let Queues { jobs, reads, committed } = queues;
+    let Queues {
+        jobs, reads, committed, ..
+    } = queues;
     let committers = jobs.into_iter().map(|rx| committer(store, cfg, rx, &committed));
     let committers = futures_util::future::join_all(committers);
     let subscribed = committed.subscribe();

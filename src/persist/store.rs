@@ -127,6 +127,15 @@ pub struct LoadReport {
     pub seats_orphaned: u64,
 }
 
+/// A course as committed in the store (cluster mode's catalog reads).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCourse {
+    pub id: CourseId,
+    pub spec: CourseSpec,
+    pub enrolled: u32,
+    pub version: u64,
+}
+
 /// A row streamed out of the store at start.
 pub enum LoadRow {
     Course {
@@ -813,6 +822,55 @@ impl Store {
         };
         conn.commit(session, Some(probe), Settled::Put(result)).await?;
         Ok(result)
+    }
+
+    /// Up to `limit` courses with ids after `after`, in id order, as committed (cluster
+    /// mode's catalog: every node's courses).
+    pub async fn list_courses(&self, after: Option<&CourseId>, limit: u32) -> anyhow::Result<Vec<StoredCourse>> {
+        let rows = sqlx::query(
+            "SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, enrolled FROM courses \
+             WHERE id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after.map_or("", CourseId::as_str))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0)?;
+                let capacity: i64 = row.try_get(2)?;
+                Ok(StoredCourse {
+                    id: CourseId::parse(&id).with_context(|| format!("bad course id in store: {id:?}"))?,
+                    spec: CourseSpec {
+                        title: row.try_get(1)?,
+                        capacity: u32::try_from(capacity).context("capacity out of range")?,
+                        opens_at: row.try_get(3)?,
+                        closes_at: row.try_get(4)?,
+                    },
+                    version: row.try_get::<i64, _>(5)? as u64,
+                    enrolled: u32::try_from(row.try_get::<i64, _>(6)?).context("seat count out of range")?,
+                })
+            })
+            .collect()
+    }
+
+    /// A student's committed seats, in course order (cluster mode: every node's).
+    pub async fn enrollments_of(&self, student: &StudentId) -> anyhow::Result<Vec<(CourseId, UnixMs)>> {
+        let rows = sqlx::query(
+            "SELECT course_id, enrolled_at_ms FROM enrollments WHERE student_id = ? ORDER BY course_id",
+        )
+        .bind(student.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0)?;
+                Ok((
+                    CourseId::parse(&id).with_context(|| format!("bad course id in store: {id:?}"))?,
+                    row.try_get(1)?,
+                ))
+            })
+            .collect()
     }
 
     /// The committed roster of a course, from the store (tests and recovery checks).

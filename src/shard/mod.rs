@@ -32,6 +32,8 @@ use table::{CourseTable, CourseView, EnrollmentView};
 pub const INBOX_MESSAGES_MAX: usize = 8_192;
 /// Requests waiting at most on one seat's in-flight change before they are told to retry.
 pub const SEAT_WAITERS_MAX: usize = 16;
+/// How often an adoption looks whether a course's old copy has settled.
+const ADOPT_SETTLE_POLL_MS: u64 = 5;
 /// Times a request decides again (after waiting on an in-flight change or on admission).
 const IN_FLIGHT_RETRIES_MAX: usize = 4;
 /// How long a request waits at most for the store's outcome of its change, in statement
@@ -79,6 +81,9 @@ pub enum Command {
         limit: usize,
     },
     StudentEnrollments(StudentId),
+    /// Courses of partitions this node took over, as the store holds them: each replaces
+    /// the shard's copy once that copy has nothing in flight.
+    Adopt(Vec<table::Adopted>),
 }
 
 /// One seat: a (course, student) pair.
@@ -116,6 +121,8 @@ pub enum Reply {
     Roster(Vec<StudentId>),
     Courses(Vec<CourseView>),
     Enrollments(Vec<EnrollmentView>),
+    /// The courses adopted, but for these, whose old copies still had changes in flight.
+    Adopted { unsettled: Vec<CourseId> },
 }
 
 pub struct Envelope {
@@ -235,7 +242,9 @@ impl Shard {
             },
             Command::List { after, limit } => Reply::Courses(self.table.borrow().list(after.as_ref(), limit)),
             Command::StudentEnrollments(s) => Reply::Enrollments(self.table.borrow().enrollments_of(&s)),
-            cmd @ (Command::Enroll { .. } | Command::Drop { .. } | Command::Put { .. }) => return Err(cmd),
+            cmd @ (Command::Enroll { .. } | Command::Drop { .. } | Command::Put { .. } | Command::Adopt(_)) => {
+                return Err(cmd)
+            }
         })
     }
 
@@ -291,6 +300,7 @@ impl Shard {
             }
             Command::Drop { course, student } => self.drop_seat(course, student).await,
             Command::Put { course, spec } => self.put(course, spec).await,
+            Command::Adopt(courses) => self.adopt(courses).await,
             Command::Course(_) | Command::Roster(_) | Command::List { .. } | Command::StudentEnrollments(_) => {
                 unreachable!("reads are answered by answer_now")
             }
@@ -452,6 +462,32 @@ impl Shard {
         };
         notify.notified().await;
         true
+    }
+
+    /// Replaces each course's copy with the store's, once the old copy has nothing in
+    /// flight: the changes in flight were decided under the lease this node lost, so the
+    /// store fences them out and they settle quickly as not recorded. One still unsettled
+    /// after half the answer wait is left as it was and named in the reply (its partition
+    /// is then not taken: the keeper gives it back).
+    async fn adopt(&self, courses: Vec<table::Adopted>) -> Reply {
+        let deadline = tokio::time::Instant::now() + self.answer_wait / 2;
+        let mut unsettled = Vec::new();
+        for adopted in courses {
+            loop {
+                let settled = self.table.borrow().get(&adopted.id).is_none_or(course::Course::settled)
+                    && !self.creating.borrow().contains(&adopted.id);
+                if settled {
+                    self.table.borrow_mut().replace(adopted);
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    unsettled.push(adopted.id);
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(ADOPT_SETTLE_POLL_MS)).await;
+            }
+        }
+        Reply::Adopted { unsettled }
     }
 
     async fn put(&self, course: CourseId, spec: CourseSpec) -> Reply {

@@ -27,6 +27,15 @@ pub struct EnrollmentView {
     pub enrolled_at: UnixMs,
 }
 
+/// A course as the store holds it, for a shard that takes its partition over.
+#[derive(Clone, Debug)]
+pub struct Adopted {
+    pub id: CourseId,
+    pub spec: CourseSpec,
+    pub version: u64,
+    pub seats: Vec<(StudentId, UnixMs)>,
+}
+
 #[derive(Default)]
 pub struct CourseTable {
     courses: BTreeMap<CourseId, Course>,
@@ -79,6 +88,25 @@ impl CourseTable {
         }
         self.by_student.entry(student).or_default().push(course.clone());
         true
+    }
+
+    /// Puts a course in as the store holds it, replacing this shard's copy (a partition
+    /// taken over: what the store holds once the earlier owner was fenced out is the
+    /// truth). The caller makes sure the old copy is settled (nothing in flight).
+    pub fn replace(&mut self, adopted: Adopted) {
+        if let Some(old) = self.courses.remove(&adopted.id) {
+            assert!(old.settled(), "{:?} replaced with changes in flight", adopted.id);
+            for student in old.roster() {
+                self.index_dropped(&adopted.id, &student);
+            }
+        }
+        let Adopted { id, spec, version, seats } = adopted;
+        self.courses.insert(id.clone(), Course::new(id.clone(), spec, version));
+        for (student, at) in seats {
+            if !self.load_enrollment(&id, student.clone(), at) {
+                tracing::error!(course = %id, student = %student, "stored seat not loaded (already on the roster)");
+            }
+        }
     }
 
     /// Records a committed seat in the student index.
