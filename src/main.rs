@@ -58,6 +58,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: EventsCmd,
     },
+    /// Several nodes on one MySQL store (cluster mode)
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Print each node (id, advertised address), whether it is alive, and the partitions and
+    /// courses it owns, as the store's lease table says; exit 1 if a partition has no live owner
+    Status {
+        /// The nodes' MySQL store
+        #[arg(long, env = "ENROLLD_STORE")]
+        store: String,
+        /// One JSON object instead of a table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -214,7 +233,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Events {
             cmd: EventsCmd::Follow(args),
         } => follow(args),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status { store, json },
+        } => cluster_status(&store, json),
     }
+}
+
+fn cluster_status(store: &str, json: bool) -> anyhow::Result<()> {
+    use enrolld::persist::store::{Dialect, Store, StoreOptions};
+    if Dialect::of_url(store) != Some(Dialect::Mysql) {
+        return Err(ConfigError(format!("--store {:?} must be the nodes' mysql:// store", enrolld::server::redact(store))).into());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let status = rt.block_on(async {
+        let opts = StoreOptions {
+            pool_connections_max: 1,
+            acquire_timeout_ms: 5_000,
+            events: false,
+        };
+        let store = Store::open(store, &opts).await?;
+        let status = store.cluster_status().await;
+        store.close().await;
+        status
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&status)?);
+    } else {
+        println!("{:<32} {:<24} {:<6} {:>10} {:>8}", "NODE", "ADVERTISE", "ALIVE", "PARTITIONS", "COURSES");
+        for n in &status.nodes {
+            let alive = if n.alive { "yes" } else { "no" };
+            println!(
+                "{:<32} {:<24} {:<6} {:>10} {:>8}",
+                n.id, n.advertise, alive, n.partitions, n.courses
+            );
+        }
+        println!(
+            "unowned: {} partitions, {} courses",
+            status.partitions_unowned, status.courses_unowned
+        );
+    }
+    if status.partitions_unowned > 0 {
+        anyhow::bail!("{} partitions have no live owner", status.partitions_unowned);
+    }
+    Ok(())
 }
 
 fn follow(args: FollowArgs) -> anyhow::Result<()> {

@@ -164,6 +164,7 @@ pub struct PersistMetrics {
 /// node holds every lease and the rest stay 0.
 pub struct ClusterMetrics {
     pub leases_held: prometheus::IntGauge,
+    pub nodes_alive: prometheus::IntGauge,
     pub partitions_unowned: prometheus::IntGauge,
     pub partitions_taken: prometheus::IntCounter,
     pub partitions_released: prometheus::IntCounter,
@@ -180,6 +181,10 @@ impl Default for ClusterMetrics {
             leases_held: gauge(
                 "enrolld_cluster_leases_held",
                 "Partitions whose lease this node holds (MySQL; every partition outside cluster mode).",
+            ),
+            nodes_alive: gauge(
+                "enrolld_cluster_nodes_alive",
+                "Nodes with a live heartbeat in the store's lease table, at this node's last look (cluster mode).",
             ),
             partitions_unowned: gauge(
                 "enrolld_cluster_partitions_unowned",
@@ -207,7 +212,7 @@ impl Default for ClusterMetrics {
 
 impl ClusterMetrics {
     fn register(&self, registry: &prometheus::Registry) {
-        for g in [&self.leases_held, &self.partitions_unowned] {
+        for g in [&self.leases_held, &self.nodes_alive, &self.partitions_unowned] {
             registry.register(Box::new(g.clone())).expect("unique name");
         }
         for c in [&self.partitions_taken, &self.partitions_released, &self.hops, &self.hops_failed] {

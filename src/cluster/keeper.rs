@@ -112,6 +112,7 @@ async fn keep(cfg: KeeperConfig, stop: Arc<AtomicBool>, first: std::sync::mpsc::
 async fn start(cfg: &KeeperConfig, opts: &StoreOptions) -> anyhow::Result<Store> {
     let store = Store::open(&cfg.store_url, opts).await?;
     store.ensure_partitions().await?;
+    store.forget_lapsed_solo_nodes().await?;
     store.register(&cfg.node).await?;
     tokio::time::timeout(cfg.statement_timeout * 4, round(&store, cfg))
         .await
@@ -185,6 +186,7 @@ async fn round(store: &Store, cfg: &KeeperConfig) -> anyhow::Result<()> {
         }
     }
     cfg.metrics.leases_held.set(held.count() as i64);
+    cfg.metrics.nodes_alive.set(live.len() as i64);
     cfg.metrics.partitions_unowned.set(cfg.cluster.unowned() as i64);
     Ok(())
 }

@@ -299,13 +299,18 @@ impl Store {
             .execute(self.pool())
             .await?
             .rows_affected();
-        sqlx::query(&format!(
-            "UPDATE nodes SET expires_at_ms = {NOW_MS} - 1 WHERE id = ? AND incarnation = ?"
-        ))
-        .bind(node.id.as_str())
-        .bind(node.incarnation)
-        .execute(self.pool())
-        .await?;
+        // A cluster node's row stays (lapsed) for `cluster status`; a process outside
+        // cluster mode has an id of its own, which no later start reuses.
+        let end = if node.id.starts_with("solo-") {
+            "DELETE FROM nodes WHERE id = ? AND incarnation = ?".to_string()
+        } else {
+            format!("UPDATE nodes SET expires_at_ms = {NOW_MS} - 1 WHERE id = ? AND incarnation = ?")
+        };
+        sqlx::query(&end)
+            .bind(node.id.as_str())
+            .bind(node.incarnation)
+            .execute(self.pool())
+            .await?;
         Ok(released)
     }
 
@@ -319,6 +324,76 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(())
+    }
+}
+
+/// A node as `enrolld cluster status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub advertise: String,
+    pub host: String,
+    pub pid: i64,
+    pub alive: bool,
+    /// Until its heartbeat lapses (negative: lapsed that long ago), on the store's clock.
+    pub expires_in_ms: i64,
+    pub partitions: i64,
+    pub courses: i64,
+}
+
+/// The whole cluster as the store sees it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterStatus {
+    pub nodes: Vec<NodeStatus>,
+    /// Partitions (and their courses) whose owner is missing or whose heartbeat lapsed.
+    pub partitions_unowned: i64,
+    pub courses_unowned: i64,
+}
+
+impl Store {
+    /// Each node with its heartbeat and what it owns (`enrolld cluster status`).
+    pub async fn cluster_status(&self) -> anyhow::Result<ClusterStatus> {
+        mysql_only(self)?;
+        let rows = sqlx::query(&format!(
+            "SELECT n.id, n.advertise, n.host, n.pid, n.expires_at_ms - {NOW_MS}, \
+                    (SELECT COUNT(*) FROM leases l WHERE l.owner = n.id), \
+                    (SELECT COUNT(*) FROM courses c JOIN leases l ON l.part = c.part WHERE l.owner = n.id) \
+             FROM nodes n ORDER BY n.id"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        let mut nodes = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let expires_in_ms: i64 = r.try_get(4)?;
+            nodes.push(NodeStatus {
+                id: r.try_get(0)?,
+                advertise: r.try_get(1)?,
+                host: r.try_get(2)?,
+                pid: r.try_get(3)?,
+                alive: expires_in_ms >= 0,
+                expires_in_ms,
+                partitions: r.try_get(5)?,
+                courses: r.try_get(6)?,
+            });
+        }
+        let lapsed = format!(
+            "l.owner IS NULL OR NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = l.owner AND n.expires_at_ms >= {NOW_MS})"
+        );
+        let partitions_unowned: i64 = sqlx::query(&format!("SELECT COUNT(*) FROM leases l WHERE {lapsed}"))
+            .fetch_one(self.pool())
+            .await?
+            .try_get(0)?;
+        let courses_unowned: i64 = sqlx::query(&format!(
+            "SELECT COUNT(*) FROM courses c JOIN leases l ON l.part = c.part WHERE {lapsed}"
+        ))
+        .fetch_one(self.pool())
+        .await?
+        .try_get(0)?;
+        Ok(ClusterStatus {
+            nodes,
+            partitions_unowned,
+            courses_unowned,
+        })
     }
 }
 
