@@ -122,6 +122,7 @@ async fn start(cfg: &KeeperConfig, opts: &StoreOptions) -> anyhow::Result<Store>
 
 /// One round: heartbeat, read the owners, hand over, take over.
 async fn round(store: &Store, cfg: &KeeperConfig) -> anyhow::Result<()> {
+    let sent = std::time::Instant::now();
     if !store.heartbeat(&cfg.node).await? {
         tracing::error!(node = %cfg.node.id, "another process started as this node id; exiting");
         cfg.cluster.held.lose_all();
@@ -145,11 +146,17 @@ async fn round(store: &Store, cfg: &KeeperConfig) -> anyhow::Result<()> {
     let held = &cfg.cluster.held;
     let mut give = Vec::new();
     let mut take = Vec::new();
+    let mut taken_from_me = 0;
     for p in 0..PARTITIONS {
         let part = Partition(p);
         let mine = preferred[p as usize] == Some(me);
         if let Some(lease) = held.lease(part) {
-            if !mine {
+            if owners[p as usize].as_deref() != Some(cfg.node.id.as_str()) {
+                // Taken over while this node was paused or cut off: its commits are
+                // fenced out already; stop answering for it.
+                held.lose(lease);
+                taken_from_me += 1;
+            } else if !mine {
                 give.push(lease);
             }
             continue;
@@ -164,6 +171,11 @@ async fn round(store: &Store, cfg: &KeeperConfig) -> anyhow::Result<()> {
         if gone {
             take.push(part);
         }
+    }
+    // The leases read above are this node's as of the heartbeat.
+    cfg.cluster.renewed(sent, cfg.node.lease);
+    if taken_from_me > 0 {
+        tracing::warn!(partitions = taken_from_me, "partitions were taken over by other nodes while this one was away");
     }
     if !give.is_empty() {
         // Stop deciding first; then the store row, so the next owner can take it.

@@ -56,6 +56,13 @@ pub struct Cluster {
     /// The leases this node holds (the fence's epochs).
     pub held: Arc<Held>,
     owners: RwLock<Owners>,
+    /// Until when (milliseconds on `epoch`, a monotonic clock) this node's leases are
+    /// surely still its own: the last heartbeat the store took, sent at `t`, keeps them
+    /// until `t + lease` on the store's clock. Past it the node answers nothing from
+    /// memory (another node may have taken over while this one was paused or cut off)
+    /// until the keeper has renewed and re-read the leases.
+    valid_until_ms: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
 }
 
 impl Cluster {
@@ -65,14 +72,35 @@ impl Cluster {
             advertise,
             held,
             owners: RwLock::new(Owners::default()),
+            valid_until_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The store took a heartbeat sent at `sent`: the leases are this node's until
+    /// `sent + lease` (three quarters of it, for the clocks' drift and the scheduling of
+    /// this check).
+    pub fn renewed(&self, sent: std::time::Instant, lease: std::time::Duration) {
+        let until = sent.saturating_duration_since(self.epoch) + lease * 3 / 4;
+        self.valid_until_ms
+            .fetch_max(until.as_millis() as u64, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether the last heartbeat still vouches for the leases held.
+    pub fn leases_valid(&self) -> bool {
+        self.now_ms() < self.valid_until_ms.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Where a request for `course` goes now.
     pub fn route(&self, course: &str) -> Route {
         let p = partition_of(course);
         if self.held.lease(p).is_some() {
-            return Route::Here;
+            // A lease this node cannot vouch for is nobody's until the keeper looked.
+            return if self.leases_valid() { Route::Here } else { Route::Nobody };
         }
         let owners = self.owners.read();
         match owners.by_partition.get(p.0 as usize).copied().flatten() {
