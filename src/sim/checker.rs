@@ -11,7 +11,12 @@
 //!   the shard where the answer is decided, not while a change to the seat is in flight);
 //! - once the store answers again, every request is answered and no seat or admin
 //!   change is left pending;
-//! - memory equals the store after settling, and after every restart.
+//! - memory equals the store after settling, and after every restart;
+//! - leases: one writer per partition per epoch, and no node commits to a partition
+//!   without proving its lease (the store records both, [`SimStore::violations`]); a node
+//!   deposed by a takeover answers what it had in flight without a seat promise it cannot
+//!   keep: every 201 it gives was committed before the takeover (the fence refuses the
+//!   rest), and the successor's memory equals the store.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -38,6 +43,7 @@ pub const COVERED: &[&str] = &[
     "put: 200",
     "put: 409",
     "put: 503",
+    "deposed node answered",
 ];
 
 #[derive(Clone, Debug)]
@@ -82,6 +88,8 @@ pub struct Checker {
     durable: BTreeMap<SeatKey, bool>,
     /// Courses a hand edit left overfull, and how many seats they may still hold.
     overfull: BTreeMap<CourseId, u32>,
+    /// Requests a node had in flight when a successor took its leases over.
+    deposed: std::collections::BTreeSet<u64>,
     counts: BTreeMap<&'static str, u64>,
 }
 
@@ -96,12 +104,19 @@ impl Checker {
             in_flight: BTreeMap::new(),
             durable: BTreeMap::new(),
             overfull: BTreeMap::new(),
+            deposed: Default::default(),
             counts: BTreeMap::new(),
         }
     }
 
     pub fn set_shards(&mut self, shards: Vec<Rc<Shard>>) {
         self.shards = shards;
+    }
+
+    /// A successor took every lease over: the requests in flight now are answered by the
+    /// deposed node, from a memory that is no longer the store's.
+    pub fn depose(&mut self) {
+        self.deposed.extend(self.open.keys().copied());
     }
 
     pub fn allow_overfull(&mut self, course: &CourseId, seats: u32) {
@@ -169,6 +184,23 @@ impl Checker {
             eprintln!("#{id} {request:?} -> {reply:?} (concurrent {concurrent:?}, memory now {seat:?})");
         }
         let acknowledged = match (request, reply) {
+            _ if self.deposed.remove(&id) => {
+                // Decided by a node deposed meanwhile: its memory and the successor's
+                // changes since are not one history, so only what the fence promises is
+                // checked. A seat it answers as newly taken committed before the takeover
+                // (the store held it at some point; the successor may have changed it
+                // since, for requests sent after this one); its other answers promise
+                // nothing the successor could contradict.
+                self.count("deposed node answered");
+                if let (Request::Enroll { .. }, Reply::Enrolled { created: true, .. }) = (request, reply) {
+                    let key = request.seat().expect("a seat request");
+                    assert!(
+                        self.store.ever_held(&key),
+                        "{key:?}: a deposed node answered 201 for a seat the store never held"
+                    );
+                }
+                None
+            }
             (Request::Enroll { .. }, Reply::Enrolled { created, .. }) => {
                 self.count(if *created { "enroll: 201" } else { "enroll: 200" });
                 let key = request.seat().expect("a seat request");
@@ -268,6 +300,9 @@ impl Checker {
     /// Checks that hold after every step: no oversell in the store or memory, and every
     /// acknowledged seat where it was acknowledged.
     pub fn check_step(&self) -> Result<(), String> {
+        if let Some(v) = self.store.violations().first() {
+            return Err(format!("lease rule broken: {v}"));
+        }
         let rows = self.store.rows();
         for (id, c) in &rows.courses {
             let seats = rows.seats_of(id).len() as u32;
@@ -396,6 +431,7 @@ impl Checker {
         }
         self.in_flight.clear();
         self.open_by_seat.clear();
+        self.deposed.clear();
         self.shards.clear();
         self.check_step()
     }

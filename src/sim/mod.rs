@@ -163,6 +163,8 @@ pub fn run(seed: u64, ops: usize) -> Result<Report, String> {
             checker: checker.clone(),
             courses: courses.clone(),
             students: students.clone(),
+            // Each life is a new process: a new node, taking every lease over.
+            node: life * 2 + 1,
         };
         let result = local.block_on(&runtime, world.live(StdRng::seed_from_u64(rng.gen()), life_ops, last));
         drop(local);
@@ -186,7 +188,7 @@ pub fn run(seed: u64, ops: usize) -> Result<Report, String> {
 
 /// The persist side of a simulated process: small batches and queues, two committers, the
 /// simulation's statement timeout.
-fn persist_config(breaker: Arc<Breaker>) -> PersistConfig {
+fn persist_config(breaker: Arc<Breaker>, leases: Option<persist::LeaseConfig>) -> PersistConfig {
     PersistConfig {
         store_url: "sim://".into(),
         store: StoreOptions {
@@ -202,7 +204,7 @@ fn persist_config(breaker: Arc<Breaker>) -> PersistConfig {
         statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
         events_retention: None,
         events_stream: None,
-        leases: None,
+        leases,
         metrics: Arc::default(),
         breaker,
     }
@@ -228,12 +230,21 @@ struct World {
     checker: Rc<std::cell::RefCell<Checker>>,
     courses: Vec<CourseId>,
     students: Vec<StudentId>,
+    /// This life's node; its successor (a takeover mid-life) is `node + 1`.
+    node: store::NodeTag,
+}
+
+/// One running node of the simulation: its persist committers and shards.
+struct Node {
+    handle: persist::PersistHandle,
+    routers: Vec<Rc<Router>>,
 }
 
 impl World {
-    /// Starts persist and the shards from the store, runs `ops` requests under changing
-    /// weather, then either crashes (returns with work in flight) or heals and checks.
-    async fn live(self, mut rng: StdRng, ops: usize, last: bool) -> Result<(), String> {
+    /// Starts a node: it takes every lease over in the store (bumping the epochs, so
+    /// whatever an earlier node still has in flight can never commit), then its persist
+    /// committers, then its shards loaded from the store.
+    fn start_node(&self, node: store::NodeTag) -> Result<Node, String> {
         let breaker = Arc::new(Breaker::new(
             "store",
             BreakerConfig {
@@ -244,23 +255,66 @@ impl World {
                 ..BreakerConfig::default()
             },
         ));
-        let pcfg = persist_config(breaker.clone());
-        self.store.set_breaker(breaker.clone());
+        let held = Arc::new(crate::partition::Held::default());
+        for lease in self.store.take_over(node) {
+            held.grant(lease);
+        }
+        let leases = persist::LeaseConfig {
+            node: persist::lease::NodeInfo {
+                id: format!("sim-{node}"),
+                incarnation: i64::from(node),
+                advertise: String::new(),
+                lease: Duration::from_secs(3),
+            },
+            held,
+            solo: true,
+            metrics: Arc::default(),
+        };
+        let pcfg = persist_config(breaker.clone(), Some(leases));
+        self.store.set_breaker(node, breaker.clone());
         let (handle, queues) = persist::queues(&pcfg);
-        let store = self.store.clone();
-        tokio::task::spawn_local(async move { persist::serve(&*store, &pcfg, queues).await });
-        let shards = self.start_shards(handle.clone(), breaker)?;
+        let backend = store::SimNode {
+            store: self.store.clone(),
+            node,
+        };
+        tokio::task::spawn_local(async move { persist::serve(&backend, &pcfg, queues).await });
+        let routers = self.start_shards(handle.clone(), breaker)?;
+        Ok(Node {
+            handle,
+            routers: routers.into_iter().map(Rc::new).collect(),
+        })
+    }
+
+    /// Starts persist and the shards from the store, runs `ops` requests under changing
+    /// weather, then either crashes (returns with work in flight) or heals and checks.
+    async fn live(self, mut rng: StdRng, ops: usize, last: bool) -> Result<(), String> {
+        let mut node = self.start_node(self.node)?;
         self.checker
             .borrow_mut()
-            .set_shards(shards.iter().map(|r| r.me.clone()).collect());
+            .set_shards(node.routers.iter().map(|r| r.me.clone()).collect());
         self.checker.borrow().check_loaded()?;
-        let routers: Vec<Rc<Router>> = shards.into_iter().map(Rc::new).collect();
         self.store.set_weather(Weather::calm());
-        for _ in 0..ops {
+        // Now and then this node is paused past its lease mid-life, and a successor takes
+        // every partition over: the paused node's work in flight must be fenced out, and
+        // the successor starts from exactly what was acknowledged.
+        let takeover_at = rng.gen_bool(0.4).then(|| rng.gen_range(0..ops.max(1)));
+        for op in 0..ops {
             tokio::time::sleep(Duration::from_micros(rng.gen_range(0..3_000))).await;
             if rng.gen_bool(0.03) {
                 self.store.set_weather(Weather::random(&mut rng));
             }
+            if takeover_at == Some(op) {
+                // The paused node keeps its requests in flight (it answers them when it
+                // resumes); new requests reach the successor (the paused node would pass
+                // them on, its lease no longer vouched for).
+                self.checker.borrow_mut().depose();
+                node = self.start_node(self.node + 1)?;
+                self.checker
+                    .borrow_mut()
+                    .set_shards(node.routers.iter().map(|r| r.me.clone()).collect());
+                self.checker.borrow().check_step()?;
+            }
+            let routers = &node.routers;
             let router = routers[rng.gen_range(0..routers.len())].clone();
             let request = self.random_request(&mut rng);
             // Now and then a double click, a script hammering one seat, or one toggling it
@@ -299,7 +353,7 @@ impl World {
         self.checker.borrow().check_all_answered()?;
         tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
         self.checker.borrow().check_settled()?;
-        let feed = read_feed(&handle, &mut rng).await?;
+        let feed = read_feed(&node.handle, &mut rng).await?;
         self.checker.borrow().check_feed(&feed)
     }
 
@@ -507,9 +561,10 @@ fn a_forwarded_command_whose_reply_is_lost_is_unknown_not_unavailable() {
             checker: Rc::new(std::cell::RefCell::new(Checker::new(store))),
             courses: Vec::new(),
             students: Vec::new(),
+            node: 1,
         };
         let breaker = Arc::new(Breaker::new("store", BreakerConfig::default()));
-        let (handle, _queues) = persist::queues(&persist_config(breaker.clone()));
+        let (handle, _queues) = persist::queues(&persist_config(breaker.clone(), None));
         let mut routers = world.start_shards(handle, breaker).expect("shards");
         let me = routers.swap_remove(0);
         // Shard 1's inbox: takes the command, then goes down without answering.

@@ -4,8 +4,14 @@
 //! answers "unknown" after committing or after not committing, and commits late: the
 //! session lives on behind a cut connection and its COMMIT lands after the answer was
 //! lost, unless a fence ([`Backend::read_back`]) ends the session first.
+//!
+//! Leases as the MySQL store keeps them: one row per partition (owner node, epoch), a
+//! takeover that bumps the epoch, and a commit that lands only if every lease it proves
+//! is still its node's ([`SimNode`] is one node's view of the store). The store records
+//! which node wrote under each (partition, epoch) and every commit that wrote a
+//! partition it did not prove, for the checker.
 
-use crate::partition::Lease;
+use crate::partition::{partition_of, Lease, Partition};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
@@ -32,7 +38,20 @@ pub const COVERED: &[&str] = &[
     "fault: late commit",
     "late commit landed",
     "late commit fenced",
+    "commit fenced out",
 ];
+
+/// A simulated process: each start is a new node (a new incarnation).
+pub type NodeTag = u32;
+
+/// What a transaction proves of its leases, checked when its COMMIT lands.
+#[derive(Clone, Debug)]
+struct Proof {
+    node: NodeTag,
+    leases: Vec<Lease>,
+    /// The partitions its effects write.
+    writes: Vec<Partition>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredCourse {
@@ -140,10 +159,19 @@ pub struct SimStore {
     rng: RefCell<StdRng>,
     next_session: Cell<u64>,
     /// Sessions whose COMMIT is on its way: they land unless fenced first.
-    late: RefCell<BTreeMap<u64, Vec<Effect>>>,
+    late: RefCell<BTreeMap<u64, (Proof, Vec<Effect>)>>,
+    /// The lease table: each partition's owner and epoch (none before a node takes it).
+    leases: RefCell<BTreeMap<Partition, (NodeTag, u64)>>,
+    /// Every seat ever inserted (for the checker's view of a deposed node's answers).
+    ever: RefCell<std::collections::BTreeSet<(CourseId, StudentId)>>,
+    /// Which node wrote under each (partition, epoch): one writer per partition per epoch.
+    writers: RefCell<BTreeMap<(Partition, u64), NodeTag>>,
+    /// Broken lease rules, for the checker.
+    violations: RefCell<Vec<String>>,
     counts: RefCell<BTreeMap<&'static str, u64>>,
-    /// This life's store breaker, which every hung call must open (see [`SimStore::hang`]).
-    breaker: RefCell<Option<Arc<Breaker>>>,
+    /// Each node's store breaker, which every hung call of that node must open (see
+    /// [`SimStore::hang`]).
+    breakers: RefCell<BTreeMap<NodeTag, Arc<Breaker>>>,
 }
 
 impl SimStore {
@@ -155,20 +183,24 @@ impl SimStore {
             rng: RefCell::new(StdRng::seed_from_u64(seed)),
             next_session: Cell::new(1),
             late: RefCell::default(),
+            leases: RefCell::default(),
+            ever: RefCell::default(),
+            writers: RefCell::default(),
+            violations: RefCell::default(),
             counts: RefCell::default(),
-            breaker: RefCell::default(),
+            breakers: RefCell::default(),
         })
     }
 
-    pub fn set_breaker(&self, breaker: Arc<Breaker>) {
-        *self.breaker.borrow_mut() = Some(breaker);
+    pub fn set_breaker(&self, node: NodeTag, breaker: Arc<Breaker>) {
+        self.breakers.borrow_mut().insert(node, breaker);
     }
 
     /// A call that never answers (its caller cuts it off). The breaker must hear of it
     /// while it hangs, not when it is cut off: if it was closed when the call hung, it is
     /// not closed a slow call later (only a probe closes it, and none can be let through
     /// within `open_ms` of its opening, which outlasts a slow call).
-    async fn hang<T>(&self) -> T {
+    async fn hang<T>(&self, node: NodeTag) -> T {
         struct Alive(Rc<Cell<bool>>);
         impl Drop for Alive {
             fn drop(&mut self) {
@@ -176,7 +208,8 @@ impl SimStore {
             }
         }
         let alive = Alive(Rc::new(Cell::new(true)));
-        if let Some(breaker) = self.breaker.borrow().clone().filter(|b| b.state() == CLOSED) {
+        let breaker = self.breakers.borrow().get(&node).cloned();
+        if let Some(breaker) = breaker.filter(|b| b.state() == CLOSED) {
             let still_hung = alive.0.clone();
             tokio::task::spawn_local(async move {
                 let after = breaker.slow_call() + Duration::from_millis(2);
@@ -249,14 +282,81 @@ impl SimStore {
     /// The process died: every session it had ends, its COMMIT landing or not.
     pub fn crash(&self) {
         let late = std::mem::take(&mut *self.late.borrow_mut());
-        for (_, effects) in late {
+        for (_, (proof, effects)) in late {
             if self.rng.borrow_mut().gen_bool(0.5) {
-                self.apply(&effects);
+                self.land(&proof, &effects);
                 self.count("late commit landed");
             } else {
                 self.count("late commit fenced");
             }
         }
+    }
+
+    /// `node` takes every partition of every course over, bumping each epoch, as a node
+    /// does whose predecessor's lease lapsed (it died, or is paused and will resume).
+    pub fn take_over(&self, node: NodeTag) -> Vec<Lease> {
+        let parts: std::collections::BTreeSet<Partition> = self
+            .rows
+            .borrow()
+            .courses
+            .keys()
+            .map(|c| partition_of(c.as_str()))
+            .collect();
+        let mut leases = self.leases.borrow_mut();
+        parts
+            .into_iter()
+            .map(|p| {
+                let row = leases.entry(p).or_insert((node, 0));
+                row.0 = node;
+                row.1 += 1;
+                Lease { partition: p, epoch: row.1 }
+            })
+            .collect()
+    }
+
+    /// Whether the seat was ever committed (it may have been dropped since).
+    pub fn ever_held(&self, key: &(CourseId, StudentId)) -> bool {
+        self.ever.borrow().contains(key)
+    }
+
+    /// Lease rules broken so far (none, or the checker fails the seed).
+    pub fn violations(&self) -> Vec<String> {
+        self.violations.borrow().clone()
+    }
+
+    /// Lands a COMMIT: only if every lease it proves is still its node's (else nothing
+    /// of it is applied: the takeover came first). Records the writer of each proven
+    /// (partition, epoch), and a violation for a write to a partition it did not prove.
+    fn land(&self, proof: &Proof, effects: &[Effect]) -> bool {
+        {
+            let table = self.leases.borrow();
+            let holds = |l: &Lease| table.get(&l.partition) == Some(&(proof.node, l.epoch));
+            if !proof.leases.iter().all(holds) {
+                self.count("commit fenced out");
+                return false;
+            }
+            for p in &proof.writes {
+                if table.contains_key(p) && !proof.leases.iter().any(|l| l.partition == *p) {
+                    self.violations.borrow_mut().push(format!(
+                        "node {} committed to partition {p:?} without proving its lease ({:?})",
+                        proof.node, proof.leases
+                    ));
+                }
+            }
+        }
+        let mut writers = self.writers.borrow_mut();
+        for l in &proof.leases {
+            let writer = *writers.entry((l.partition, l.epoch)).or_insert(proof.node);
+            if writer != proof.node {
+                self.violations.borrow_mut().push(format!(
+                    "partition {:?} epoch {} written by nodes {writer} and {}",
+                    l.partition, l.epoch, proof.node
+                ));
+            }
+        }
+        drop(writers);
+        self.apply(effects);
+        true
     }
 
     pub fn report(&self) -> super::Report {
@@ -310,6 +410,7 @@ impl SimStore {
             match e {
                 Effect::Insert(c, s, at) => {
                     rows.seats.insert((c.clone(), s.clone()), *at);
+                    self.ever.borrow_mut().insert((c.clone(), s.clone()));
                 }
                 Effect::Delete(c, s) => {
                     rows.seats.remove(&(c.clone(), s.clone()));
@@ -396,16 +497,20 @@ impl SimStore {
 
     /// Runs a transaction's ending under the weather: `Ok` when it committed and the
     /// answer came back.
-    async fn finish(&self, id: u64, fault: Fault, effects: Vec<Effect>) -> Result<(), CommitError> {
+    async fn finish(&self, id: u64, fault: Fault, proof: Proof, effects: Vec<Effect>) -> Result<(), CommitError> {
+        let node = proof.node;
         let unknown = || CommitError::Unknown(anyhow::anyhow!("simulated: the COMMIT's answer was lost"));
         match fault {
             Fault::None | Fault::Fail | Fault::HangBefore => {
-                self.apply(&effects);
-                Ok(())
+                if self.land(&proof, &effects) {
+                    Ok(())
+                } else {
+                    Err(CommitError::Fenced)
+                }
             }
             Fault::UnknownApplied => {
                 self.count("fault: unknown, applied");
-                self.apply(&effects);
+                self.land(&proof, &effects);
                 Err(unknown())
             }
             Fault::UnknownLost => {
@@ -413,20 +518,21 @@ impl SimStore {
                 Err(unknown())
             }
             Fault::Late | Fault::HangAtCommit => {
-                self.late.borrow_mut().insert(id, effects);
+                self.late.borrow_mut().insert(id, (proof, effects));
                 let delay_ms = self.rng.borrow_mut().gen_range(1..5_000);
                 let me = self.me.upgrade().expect("the store outlives its calls");
                 tokio::task::spawn_local(async move {
                     tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                    let effects = me.late.borrow_mut().remove(&id);
-                    if let Some(effects) = effects {
-                        me.apply(&effects);
-                        me.count("late commit landed");
+                    let pending = me.late.borrow_mut().remove(&id);
+                    if let Some((proof, effects)) = pending {
+                        if me.land(&proof, &effects) {
+                            me.count("late commit landed");
+                        }
                     }
                 });
                 if fault == Fault::HangAtCommit {
                     self.count("fault: hang at commit");
-                    self.hang::<()>().await;
+                    self.hang::<()>(node).await;
                 }
                 self.count("fault: late commit");
                 Err(unknown())
@@ -435,7 +541,7 @@ impl SimStore {
     }
 
     /// The faults that strike before COMMIT: nothing is applied.
-    async fn before_commit(&self, fault: Fault) -> Result<(), CommitError> {
+    async fn before_commit(&self, node: NodeTag, fault: Fault) -> Result<(), CommitError> {
         match fault {
             Fault::Fail => {
                 self.count("fault: fail");
@@ -445,46 +551,109 @@ impl SimStore {
             }
             Fault::HangBefore => {
                 self.count("fault: hang before commit");
-                self.hang().await
+                self.hang(node).await
             }
             _ => Ok(()),
         }
     }
 }
 
-impl Backend for SimStore {
+/// One simulated node's view of the store: the store, with its node tag on every
+/// transaction (as a real node's connection carries its node id in the fence).
+pub struct SimNode {
+    pub store: Rc<SimStore>,
+    pub node: NodeTag,
+}
+
+impl Backend for SimNode {
     async fn ping(&self) -> anyhow::Result<()> {
+        self.store.ping(self.node).await
+    }
+    async fn commit_seats(&self, ops: &[SeatOp], leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        self.store.commit_seats(self.node, ops, leases, session).await
+    }
+    async fn put_course(
+        &self,
+        id: &CourseId,
+        spec: &CourseSpec,
+        lease: Option<Lease>,
+        session: &Session,
+    ) -> Result<PutResult, CommitError> {
+        self.store.put_course(self.node, id, spec, lease, session).await
+    }
+    async fn fence(&self, session: &Session) -> anyhow::Result<()> {
+        self.store.fence(self.node, session).await
+    }
+    async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
+        let table = self.store.leases.borrow();
+        Ok(leases
+            .iter()
+            .filter(|l| table.get(&l.partition) != Some(&(self.node, l.epoch)))
+            .copied()
+            .collect())
+    }
+    async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {
+        self.store.read_back(self.node, probe).await
+    }
+    async fn read_events(&self, after: Option<u64>, limit: u32) -> Result<Page, FeedError> {
+        self.store.read_events(self.node, after, limit).await
+    }
+    async fn trim_events(&self, before_ms: UnixMs) -> anyhow::Result<u64> {
+        self.store.trim_events(before_ms).await
+    }
+}
+
+/// The store's side of each [`Backend`] call ([`SimNode`] passes its node).
+impl SimStore {
+    async fn ping(&self, node: NodeTag) -> anyhow::Result<()> {
         self.latency().await;
         match self.roll() {
             Fault::Fail => anyhow::bail!("simulated: ping failed"),
-            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang(node).await,
             _ => Ok(()),
         }
     }
 
-    async fn commit_seats(&self, ops: &[SeatOp], _leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+    async fn commit_seats(
+        &self,
+        node: NodeTag,
+        ops: &[SeatOp],
+        leases: &[Lease],
+        session: &Session,
+    ) -> Result<Vec<SeatResult>, CommitError> {
         let id = self.session(session);
         self.latency().await;
         let fault = self.roll();
-        self.before_commit(fault).await?;
+        self.before_commit(node, fault).await?;
         let (results, effects, probe) = self.plan_seats(ops);
+        let proof = Proof {
+            node,
+            leases: leases.to_vec(),
+            writes: ops.iter().map(|op| partition_of(op.key().0.as_str())).collect(),
+        };
         session.commit_sent(probe, Settled::Seats(results.clone()));
         self.latency().await;
-        self.finish(id, fault, effects).await?;
+        self.finish(id, fault, proof, effects).await?;
         Ok(results)
     }
 
     async fn put_course(
         &self,
+        node: NodeTag,
         id: &CourseId,
         spec: &CourseSpec,
-        _lease: Option<Lease>,
+        lease: Option<Lease>,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
+        let proof = Proof {
+            node,
+            leases: lease.into_iter().collect(),
+            writes: vec![partition_of(id.as_str())],
+        };
         let sid = self.session(session);
         self.latency().await;
         let fault = self.roll();
-        self.before_commit(fault).await?;
+        self.before_commit(node, fault).await?;
         let existing = self.rows.borrow().courses.get(id).cloned();
         let (result, course) = match existing {
             Some(c) if c.enrolled > spec.capacity => return Ok(PutResult::BelowEnrolled),
@@ -521,25 +690,26 @@ impl Backend for SimStore {
         self.finish(
             sid,
             fault,
+            proof,
             vec![Effect::Course(id.clone(), course), Effect::Event(event)],
         )
         .await?;
         Ok(result)
     }
 
-    async fn fence(&self, session: &Session) -> anyhow::Result<()> {
+    async fn fence(&self, node: NodeTag, session: &Session) -> anyhow::Result<()> {
         self.latency().await;
         match self.roll() {
             Fault::Fail => anyhow::bail!("simulated: the fence failed"),
-            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang(node).await,
             _ => {}
         }
         // The session ends now, its COMMIT landing first or never.
         let id = session.id.get().expect("every simulated session has an id");
         let pending = self.late.borrow_mut().remove(&id);
-        if let Some(effects) = pending {
+        if let Some((proof, effects)) = pending {
             if self.rng.borrow_mut().gen_bool(0.5) {
-                self.apply(&effects);
+                self.land(&proof, &effects);
                 self.count("late commit landed");
             } else {
                 self.count("late commit fenced");
@@ -548,15 +718,11 @@ impl Backend for SimStore {
         Ok(())
     }
 
-    async fn lost_leases(&self, _leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
-        Ok(Vec::new())
-    }
-
-    async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {
+    async fn read_back(&self, node: NodeTag, probe: &Probe) -> anyhow::Result<bool> {
         self.latency().await;
         match self.roll() {
             Fault::Fail => anyhow::bail!("simulated: read-back failed"),
-            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang(node).await,
             _ => {}
         }
         let rows = self.rows.borrow();
@@ -576,11 +742,11 @@ impl Backend for SimStore {
         })
     }
 
-    async fn read_events(&self, after: Option<u64>, limit: u32) -> Result<Page, FeedError> {
+    async fn read_events(&self, node: NodeTag, after: Option<u64>, limit: u32) -> Result<Page, FeedError> {
         self.latency().await;
         match self.roll() {
             Fault::Fail => return Err(FeedError::Store(anyhow::anyhow!("simulated: read failed"))),
-            Fault::HangBefore | Fault::HangAtCommit => self.hang().await,
+            Fault::HangBefore | Fault::HangAtCommit => self.hang(node).await,
             _ => {}
         }
         let rows = self.rows.borrow();
