@@ -113,6 +113,12 @@ pub struct ConfigArgs {
     /// host:port the other nodes (and nginx's upstream list, written the same way) reach this node at [default: the listen address]
     #[arg(long, env = "ENROLLD_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Cluster mode: the catalog cache is re-read from the store at least this often (its staleness bound when Redis is down) [default: 5000]
+    #[arg(long, env = "ENROLLD_CLUSTER_CATCHUP_MS")]
+    pub cluster_catchup_ms: Option<u64>,
+    /// Every Redis key and channel enrolld uses starts with this, so deployments can share one Redis [default: enrolld:]
+    #[arg(long, env = "ENROLLD_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -154,6 +160,8 @@ struct FileConfig {
     cluster_lease_ms: Option<u64>,
     node_id: Option<String>,
     advertise: Option<String>,
+    cluster_catchup_ms: Option<u64>,
+    redis_prefix: Option<String>,
     limits: Option<LimitsConfig>,
 }
 
@@ -192,6 +200,10 @@ pub struct Config {
     pub cluster_lease_ms: u64,
     /// Cluster mode: this node's id and the address the others reach it at.
     pub cluster: Option<ClusterConfig>,
+    /// The catalog cache's catch-up bound (cluster mode).
+    pub cluster_catchup_ms: u64,
+    /// The start of every Redis key and channel.
+    pub redis_prefix: String,
     /// Rate limits, flow rules, breakers (reloadable).
     pub limits: LimitsConfig,
     /// The file it came from, for reloads.
@@ -269,6 +281,13 @@ fn cluster_of(
     Ok(Some(ClusterConfig { node_id, advertise }))
 }
 
+/// The catalog cache's catch-up bound unless configured (API.md).
+pub const CLUSTER_CATCHUP_MS_DEFAULT: u64 = 5_000;
+pub const CLUSTER_CATCHUP_MS_MIN: u64 = 100;
+pub const CLUSTER_CATCHUP_MS_MAX: u64 = 3_600_000;
+/// Where enrolld's Redis keys and channels start unless configured (API.md).
+pub const REDIS_PREFIX_DEFAULT: &str = "enrolld:";
+
 /// How long a node's leases outlive its last heartbeat unless configured (API.md).
 pub const CLUSTER_LEASE_MS_DEFAULT: u64 = 3_000;
 /// Shortest lease: three heartbeats must fit, each a store round trip.
@@ -322,6 +341,16 @@ impl Config {
                     "`events_redis_stream` {stream:?} must be 1-200 bytes"
                 )));
             }
+        }
+        let redis_prefix = args
+            .redis_prefix
+            .clone()
+            .or(file.redis_prefix.clone())
+            .unwrap_or_else(|| REDIS_PREFIX_DEFAULT.into());
+        if redis_prefix.len() > 64 || redis_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(ConfigError(format!(
+                "`redis_prefix` {redis_prefix:?} must be at most 64 bytes, without spaces"
+            )));
         }
         let jwt_secret = args.jwt_secret.clone().or(file.jwt_secret);
         if jwt_secret.as_deref().is_some_and(str::is_empty) {
@@ -462,6 +491,15 @@ impl Config {
                 CLUSTER_LEASE_MS_MAX,
             )?,
             cluster,
+            cluster_catchup_ms: range(
+                "cluster_catchup_ms",
+                args.cluster_catchup_ms
+                    .or(file.cluster_catchup_ms)
+                    .unwrap_or(CLUSTER_CATCHUP_MS_DEFAULT),
+                CLUSTER_CATCHUP_MS_MIN,
+                CLUSTER_CATCHUP_MS_MAX,
+            )?,
+            redis_prefix,
             limits,
             config_path: args.config.clone(),
             limits_enabled_flag: args.limits_enabled,

@@ -171,6 +171,12 @@ pub struct ClusterMetrics {
     /// Requests passed to the owning node, and those whose hop failed (502/504).
     pub hops: prometheus::IntCounter,
     pub hops_failed: prometheus::IntCounter,
+    /// The catalog cache: catch-ups from the store, courses published, gaps seen, and
+    /// how old the copy is (since it was last known whole).
+    pub catalog_catch_ups: prometheus::IntCounter,
+    pub catalog_published: prometheus::IntCounter,
+    pub catalog_gaps: prometheus::IntCounter,
+    pub catalog_age_seconds: prometheus::Gauge,
 }
 
 impl Default for ClusterMetrics {
@@ -206,6 +212,23 @@ impl Default for ClusterMetrics {
                 "enrolld_cluster_hops_failed_total",
                 "Hops cut or timed out (answered 502/504 outcome_unknown).",
             ),
+            catalog_catch_ups: counter(
+                "enrolld_cluster_catalog_catch_ups_total",
+                "Times the catalog cache was re-read whole from the store.",
+            ),
+            catalog_published: counter(
+                "enrolld_cluster_catalog_published_total",
+                "Course changes this node published to the other nodes' caches.",
+            ),
+            catalog_gaps: counter(
+                "enrolld_cluster_catalog_gaps_total",
+                "Missing messages from another node (each wakes a catch-up).",
+            ),
+            catalog_age_seconds: prometheus::Gauge::new(
+                "enrolld_cluster_catalog_age_seconds",
+                "Seconds since the catalog cache was last re-read whole (its staleness bound while Redis is down).",
+            )
+            .expect("valid gauge"),
         }
     }
 }
@@ -215,9 +238,20 @@ impl ClusterMetrics {
         for g in [&self.leases_held, &self.nodes_alive, &self.partitions_unowned] {
             registry.register(Box::new(g.clone())).expect("unique name");
         }
-        for c in [&self.partitions_taken, &self.partitions_released, &self.hops, &self.hops_failed] {
+        for c in [
+            &self.partitions_taken,
+            &self.partitions_released,
+            &self.hops,
+            &self.hops_failed,
+            &self.catalog_catch_ups,
+            &self.catalog_published,
+            &self.catalog_gaps,
+        ] {
             registry.register(Box::new(c.clone())).expect("unique name");
         }
+        registry
+            .register(Box::new(self.catalog_age_seconds.clone()))
+            .expect("unique name");
     }
 }
 

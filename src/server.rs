@@ -18,6 +18,8 @@ use crate::config::{Config, LogFormat};
 use crate::ids::{ShardClock, ShardId, SystemClock};
 use crate::limit::breaker::Breaker;
 use crate::limit::{Limiter, ShardLimiter};
+use crate::cluster::bus::{self, BusConfig};
+use crate::cluster::catalog::{publish_changes, Catalog, Published, PUBLISH_QUEUE_MAX};
 use crate::cluster::forward::Forwarder;
 use crate::cluster::keeper::{self, KeeperConfig};
 use crate::cluster::Cluster;
@@ -67,6 +69,10 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(c), Some(l)) => Some(Arc::new(Cluster::new(c.node_id.clone(), c.advertise.clone(), l.held.clone()))),
         _ => None,
     };
+    // Cluster mode: the catalog cache, and the queue the shards hand their changes to.
+    let catalog = cluster.as_ref().map(|_| Arc::new(Catalog::default()));
+    let (changes_tx, changes_rx) = flume::bounded::<Published>(PUBLISH_QUEUE_MAX);
+    let publish_seq = Arc::new(AtomicU64::new(0));
     let (
         tables,
         persist::Persist {
@@ -76,7 +82,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
         },
     ) = load_tables(&cfg, persist_metrics.clone(), store_breaker.clone(), leases.clone())?;
     let (limits_tx, limits_rx) = watch::channel(Arc::new(cfg.limits.clone()));
-    let limiter = Arc::new(Limiter::new(limits_rx, cfg.redis.as_deref(), store_breaker)?);
+    let limiter = Arc::new(Limiter::new(
+        limits_rx,
+        cfg.redis.as_deref().map(|url| (url, cfg.redis_prefix.as_str())),
+        store_breaker,
+    )?);
     let courses: usize = tables.iter().map(CourseTable::len).sum();
     let seats: u64 = tables.iter().map(CourseTable::enrolled_total).sum();
     tracing::info!(
@@ -143,6 +153,9 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             std::time::Duration::from_millis(cfg.store_statement_timeout_ms) * ANSWER_WAIT_STATEMENT_TIMEOUTS;
         let cluster = cluster.clone();
         let cluster_metrics = cluster_metrics.clone();
+        let catalog = catalog.clone();
+        let changes_tx = changes_tx.clone();
+        let publish_seq = publish_seq.clone();
         let thread = std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let set = tokio::task::LocalSet::new();
@@ -150,7 +163,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 let limiter = Rc::new(ShardLimiter::new(limiter, shards));
                 let render = crate::net::http::render_course;
                 let clock = ShardClock::new(Arc::new(SystemClock));
-                let shard = Rc::new(Shard::new(
+                let shard = Shard::new(
                     ShardId(i),
                     table,
                     persist,
@@ -159,15 +172,25 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     render,
                     clock,
                     answer_wait,
-                ));
+                );
+                let shard = Rc::new(if cluster.is_some() { shard.track_changes() } else { shard });
+                if let Some(cluster) = &cluster {
+                    tokio::task::spawn_local(publish_changes(
+                        shard.clone(),
+                        cluster.held.clone(),
+                        publish_seq,
+                        changes_tx,
+                    ));
+                }
                 tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
                 tokio::task::spawn_local(publish_heat(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));
                 let router = Router { me: shard, peers };
-                let cluster = cluster.map(|cluster| ClusterCtx {
+                let cluster = cluster.zip(catalog).map(|(cluster, catalog)| ClusterCtx {
                     forwarder: Forwarder::new(&cluster.node_id, answer_wait),
                     node: hyper::header::HeaderValue::from_str(&cluster.node_id).expect("validated node id"),
                     cluster,
+                    catalog,
                     metrics: cluster_metrics,
                 });
                 let ctx = Rc::new(Ctx::new(
@@ -191,6 +214,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     // Cluster mode: this node's share of the partitions, loaded into the shards, before
     // it is ready.
+    drop(changes_tx);
     let keeper = match (&cluster, &leases) {
         (Some(cluster), Some(l)) => Some(keeper::spawn(KeeperConfig {
             store_url: cfg.store.clone(),
@@ -198,6 +222,22 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
             cluster: cluster.clone(),
             shards: inbox_tx.clone(),
             statement_timeout: std::time::Duration::from_millis(cfg.store_statement_timeout_ms),
+            metrics: cluster_metrics.clone(),
+        })?),
+        _ => None,
+    };
+    // Cluster mode: the whole catalog in the cache before the node is ready.
+    let _bus = match (&cluster, &catalog, &leases) {
+        (Some(cluster), Some(catalog), Some(l)) => Some(bus::spawn(BusConfig {
+            store_url: cfg.store.clone(),
+            redis: cfg.redis.clone(),
+            channel: format!("{}catalog", cfg.redis_prefix),
+            node_id: cluster.node_id.clone(),
+            incarnation: l.node.incarnation,
+            catchup: std::time::Duration::from_millis(cfg.cluster_catchup_ms),
+            statement_timeout: std::time::Duration::from_millis(cfg.store_statement_timeout_ms),
+            catalog: catalog.clone(),
+            changes: changes_rx,
             metrics: cluster_metrics.clone(),
         })?),
         _ => None,

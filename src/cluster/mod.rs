@@ -9,6 +9,8 @@
 //! Must never: decide a seat (only the owner shard does, under a lease the store granted),
 //! or answer for a course from memory when this node does not hold its lease.
 
+pub mod bus;
+pub mod catalog;
 pub mod forward;
 pub mod keeper;
 pub mod ring;

@@ -284,17 +284,18 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// `redis`: the URL and the prefix every key starts with (`redis_prefix`).
     pub fn new(
         cfg: watch::Receiver<Arc<LimitsConfig>>,
-        redis_url: Option<&str>,
+        redis: Option<(&str, &str)>,
         store_breaker: Arc<breaker::Breaker>,
     ) -> anyhow::Result<Limiter> {
         let current = cfg.borrow().clone();
-        let redis = match redis_url {
+        let redis = match redis {
             None => None,
-            Some(url) => {
+            Some((url, prefix)) => {
                 let b = Arc::new(breaker::Breaker::new("redis", current.redis_breaker.clone()));
-                Some(Arc::new(redis::RedisShared::new(url, b)?))
+                Some(Arc::new(redis::RedisShared::new(url, prefix, b)?))
             }
         };
         Ok(Limiter {

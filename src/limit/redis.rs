@@ -32,15 +32,18 @@ const CALL_TIMEOUT_MS: u64 = 200;
 /// Process-wide Redis state.
 pub struct RedisShared {
     client: redis::Client,
+    /// Every bucket key starts with it (`redis_prefix`).
+    prefix: String,
     script: redis::Script,
     pub breaker: Arc<Breaker>,
     fallbacks: AtomicU64,
 }
 
 impl RedisShared {
-    pub fn new(url: &str, breaker: Arc<Breaker>) -> redis::RedisResult<RedisShared> {
+    pub fn new(url: &str, prefix: &str, breaker: Arc<Breaker>) -> redis::RedisResult<RedisShared> {
         Ok(RedisShared {
             client: redis::Client::open(url)?,
+            prefix: prefix.to_string(),
             script: redis::Script::new(include_str!("../../lua/token_bucket.lua")),
             breaker,
             fallbacks: AtomicU64::new(0),
@@ -157,7 +160,7 @@ impl RedisLink {
                 c
             }
         };
-        let mut invocation = self.shared.script.key(format!("enrolld:tb:{{{key}}}"));
+        let mut invocation = self.shared.script.key(format!("{}tb:{{{key}}}", self.shared.prefix));
         // The key may expire only once an idle bucket would be full again anyway: an
         // earlier expiry would hand back a full burst too soon.
         let key_ttl_ms = ttl_ms.max(rate.fill_ms().ceil() as u64 + KEY_TTL_SLACK_MS);

@@ -59,6 +59,8 @@ const _: () = assert!(REQUEST_ID_CHUNK_BYTES >= REQUEST_ID_BYTES_MAX);
 /// Cluster mode's part of a shard's request context.
 pub struct ClusterCtx {
     pub cluster: Arc<crate::cluster::Cluster>,
+    /// Every course, for the reads of courses other nodes own.
+    pub catalog: Arc<crate::cluster::catalog::Catalog>,
     pub forwarder: crate::cluster::forward::Forwarder,
     /// This node's id, for `X-Enrolld-Node`.
     pub node: HeaderValue,
@@ -393,8 +395,16 @@ async fn route(
     if declared_length(headers).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {
         return Err(ApiError::PayloadTooLarge);
     }
-    // Cluster mode: a course this node does not own is the owner's to answer (its limits
-    // apply there).
+    // Cluster mode: a course another node owns is read from the catalog cache...
+    if let (Some(cluster), &Method::GET, ["v1", "courses", id]) = (&ctx.cluster, &method, segments) {
+        if CourseId::valid(id) && cluster.cluster.route(id) != crate::cluster::Route::Here {
+            if let Some(view) = cluster.catalog.get(id) {
+                return Ok(json(StatusCode::OK, render_course(&view)));
+            }
+        }
+    }
+    // ...and any other request about it is the owner's to answer (its limits apply
+    // there).
     let req = match (&ctx.cluster, owned_route(&method, segments)) {
         (Some(cluster), Some(course)) if CourseId::valid(course) => {
             match pass_to_owner(ctx, cluster, course, headers, rid, req).await? {
@@ -775,8 +785,11 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
             _ => return Err(ApiError::BadRequest(format!("unknown query parameter {k:?}"))),
         }
     }
-    let mut courses: Vec<CourseView> = if ctx.cluster.is_some() {
-        // Cluster mode: every node's courses, as committed.
+    let mut courses: Vec<CourseView> = if let Some(cluster) = ctx.cluster.as_ref().filter(|c| c.catalog.ready()) {
+        // Cluster mode: every node's courses, from the catalog cache.
+        cluster.catalog.list(after.as_ref(), limit + 1)
+    } else if ctx.cluster.is_some() {
+        // Cluster mode before the cache is whole: every node's courses, as committed.
         let (reply, rx) = tokio::sync::oneshot::channel();
         let read = crate::persist::CatalogRead::Courses {
             after: after.clone(),

@@ -151,6 +151,9 @@ pub struct Shard {
     /// How long a request waits for the outcome of its change (see
     /// [`ANSWER_WAIT_STATEMENT_TIMEOUTS`]).
     answer_wait: std::time::Duration,
+    /// Cluster mode: courses changed since [`Shard::take_changed`] last ran (the other
+    /// nodes' catalog caches follow them); None on a single node.
+    changed: Option<RefCell<HashSet<CourseId>>>,
 }
 
 /// How net/ renders a course; the shard caches the bytes until the course changes.
@@ -178,7 +181,30 @@ impl Shard {
             metrics,
             limiter,
             render_course,
+            changed: None,
         }
+    }
+
+    /// Records the courses that change from now on, for [`Shard::take_changed`].
+    pub fn track_changes(mut self) -> Self {
+        self.changed = Some(RefCell::default());
+        self
+    }
+
+    fn note_changed(&self, course: &CourseId) {
+        if let Some(changed) = &self.changed {
+            changed.borrow_mut().insert(course.clone());
+        }
+    }
+
+    /// The courses changed since the last call, as they are now.
+    pub fn take_changed(&self) -> Vec<CourseView> {
+        let Some(changed) = &self.changed else {
+            return Vec::new();
+        };
+        let ids = std::mem::take(&mut *changed.borrow_mut());
+        let table = self.table.borrow();
+        ids.iter().filter_map(|id| table.view(id)).collect()
     }
 
     pub fn persist(&self) -> &PersistHandle {
@@ -352,6 +378,7 @@ impl Shard {
                 Outcome::Committed => {
                     c.confirm_enroll(&student);
                     table.index_enrolled(&course, &student);
+                    self.note_changed(&course);
                     enrolled(course, student, at, true)
                 }
                 Outcome::Full => {
@@ -409,6 +436,7 @@ impl Shard {
             return if outcome == Outcome::Committed {
                 c.confirm_drop(&student);
                 table.index_dropped(&course, &student);
+                self.note_changed(&course);
                 Reply::Dropped
             } else {
                 c.cancel_drop(&student);
@@ -530,6 +558,7 @@ impl Shard {
         };
         let created = matches!(outcome, Outcome::CoursePut(PutResult::Created { .. }));
         table.upsert(&course, spec, version);
+        self.note_changed(&course);
         Reply::Put {
             course: table.view(&course).expect("just upserted"),
             created,
