@@ -99,6 +99,9 @@ pub struct Server {
     pub args: Vec<String>,
     /// Extra environment variables of the process (kept for restarts).
     pub env: Vec<(String, String)>,
+    /// The log lines up to and including the ready line (what the start did).
+    pub start_log: Vec<String>,
+    /// The log lines after the ready line, as they come.
     pub log: mpsc::Receiver<String>,
 }
 
@@ -114,6 +117,69 @@ pub fn spawn_serve(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn enrolld")
+}
+
+/// How long a refused start may take (it refuses before or right after loading the store;
+/// on MySQL, within a heartbeat of the holder).
+pub const REFUSAL_WAIT_MS_MAX: u64 = 60_000;
+/// How long an exited server's stderr may stay open (a child it left behind holding it).
+pub const LOG_CLOSE_WAIT_MS_MAX: u64 = 10_000;
+
+/// `enrolld serve` with `args` on the test secret; expects it to exit by itself and returns
+/// its exit code and stderr. A server that becomes ready instead is killed and fails the
+/// test: it would be sharing the store or the port.
+pub fn refused(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = spawn_serve(args);
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_millis(REFUSAL_WAIT_MS_MAX);
+    let mut lines = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains("enrolld ready") => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "a second enrolld started serving {args:?}:\n{}\n{line}",
+                    lines.join("\n")
+                );
+            }
+            Ok(line) => lines.push(line),
+            // stderr closed: the process is gone.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "enrolld {args:?} neither exited nor served"
+                );
+            }
+        }
+    }
+    let status = child.wait().expect("wait for enrolld");
+    (status.code(), lines.join("\n"))
+}
+
+/// A refusal: exit 2 and a one-line error (after any log lines) naming each of `names`.
+pub fn check_refused(args: &[&str], names: &[&str]) {
+    let (code, log) = refused(args);
+    assert_eq!(code, Some(2), "{args:?}: {log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("enrolld: ")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {log}");
+    for name in names {
+        assert!(errors[0].contains(name), "{args:?}: the error names {name}: {log}");
+    }
+}
+
+/// One enrollment POST on a connection of its own; the status.
+pub async fn enroll_on(addr: SocketAddr, course: &str, student: &str) -> u16 {
+    let mut c = Conn::open(addr).await;
+    let path = format!("/v1/courses/{course}/enrollment");
+    c.request("POST", &path, Some(&token(student)), None).await.status
 }
 
 /// Enrolls `students` in `course`, each answered 201.
@@ -194,6 +260,7 @@ impl Server {
                         let shards: Vec<SocketAddr> = value(&line, " shard_listen=")
                             .map(|v| v.split(',').map(|a| a.parse().expect("shard address")).collect())
                             .unwrap_or_default();
+                        seen.push(line);
                         break (a.parse().expect("listen address"), shards);
                     }
                     seen.push(line);
@@ -207,6 +274,7 @@ impl Server {
             shard_addrs,
             args,
             env,
+            start_log: seen,
             log: rx,
         }
     }
@@ -239,6 +307,20 @@ impl Server {
     /// Every log line received so far.
     pub fn drain_log(&self) -> Vec<String> {
         self.log.try_iter().collect()
+    }
+
+    /// Every log line after the ready line until the process closes its stderr (call it
+    /// after the process exited; waits at most `LOG_CLOSE_WAIT_MS_MAX` for the pipe).
+    pub fn rest_of_log(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(LOG_CLOSE_WAIT_MS_MAX);
+        let mut lines = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.log.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(_) => break,
+            }
+        }
+        lines
     }
 
     pub async fn conn(&self) -> Conn {
@@ -308,6 +390,19 @@ impl Conn {
     }
 
     pub async fn request(&mut self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Resp {
+        self.send_request(method, path, token, body).await.expect("send");
+        self.read_response().await.expect("response")
+    }
+
+    /// Sends one request without waiting for its answer (read it with
+    /// [`Conn::read_response`]); the request reaches a stopped server's socket all the same.
+    pub async fn send_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> std::io::Result<()> {
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
         if let Some(t) = token {
             req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -317,8 +412,7 @@ impl Conn {
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ));
-        self.send_raw(req.as_bytes()).await.expect("send");
-        self.read_response().await.expect("response")
+        self.send_raw(req.as_bytes()).await
     }
 
     /// Reads one response; `None` when the server closed the connection first.
