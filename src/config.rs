@@ -639,11 +639,38 @@ mod tests {
             }
         }
         let uncommented = uncommented.replace("jwt_secret = \"change me\"\n", "");
+        // Cluster mode needs a MySQL store (and so a secret): checked with one below.
+        let cluster_keys = "node_id = \"n1\"\nadvertise = \"10.0.0.11:8080\"\n";
+        assert!(uncommented.contains(cluster_keys), "the example documents cluster mode");
+        let uncommented = uncommented.replace(cluster_keys, "");
         check_file(&uncommented, None);
+        check_file(
+            &format!("store = \"mysql://u:p@h:3306/d\"\njwt_secret = \"s\"\n{cluster_keys}"),
+            None,
+        );
         assert!(
             uncommented.matches(" = ").count() > 40,
             "the example documents every key"
         );
+    }
+
+    #[test]
+    fn cluster_keys_are_checked() {
+        let mysql = "store = \"mysql://u:p@h:3306/d\"\njwt_secret = \"s\"\n";
+        check_file(&format!("{mysql}node_id = \"n-1.a_b\""), None);
+        check_file(&format!("{mysql}node_id = \"\""), Some("`node_id`"));
+        check_file(&format!("{mysql}node_id = \"{}\"", "n".repeat(33)), Some("`node_id`"));
+        check_file(&format!("{mysql}node_id = \"n 1\""), Some("`node_id`"));
+        check_file(&format!("{mysql}node_id = \"solo-1\""), Some("`solo-`"));
+        check_file("node_id = \"n1\"", Some("needs a MySQL"));
+        check_file(&format!("{mysql}advertise = \"h:1\""), Some("`advertise` needs `node_id`"));
+        check_file(&format!("{mysql}node_id = \"n1\"\ndemo = true"), Some("`demo`"));
+        check_file(&format!("{mysql}node_id = \"n1\"\nadvertise = \"h\""), Some("host:port"));
+        check_file(&format!("{mysql}node_id = \"n1\"\nlisten = \"0.0.0.0:8080\""), Some("`advertise` is required"));
+        check_file(&format!("{mysql}node_id = \"n1\"\nlisten = \"0.0.0.0:8080\"\nadvertise = \"10.0.0.1:8080\""), None);
+        check_file("cluster_lease_ms = 299", Some("`cluster_lease_ms`"));
+        check_file("cluster_catchup_ms = 99", Some("`cluster_catchup_ms`"));
+        check_file("redis_prefix = \"a b\"", Some("`redis_prefix`"));
     }
 
     #[test]

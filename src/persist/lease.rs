@@ -172,6 +172,15 @@ impl Store {
         self.owned(node).await
     }
 
+    /// How many leases the store gives this node (the heartbeat's check: one row back).
+    pub async fn owned_count(&self, node: &NodeInfo) -> anyhow::Result<usize> {
+        let row = sqlx::query("SELECT COUNT(*) FROM leases WHERE owner = ?")
+            .bind(node.id.as_str())
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as usize)
+    }
+
     /// The leases the store gives this node.
     pub async fn owned(&self, node: &NodeInfo) -> anyhow::Result<Vec<Lease>> {
         let rows = sqlx::query("SELECT part, epoch FROM leases WHERE owner = ?")

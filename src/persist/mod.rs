@@ -349,18 +349,21 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     }
                 };
                 let _ = ready_tx.send(Ok(()));
-                let catalog = serve_catalog(&store, &cfg, catalog);
+                // The lease keeper is told to stop, and stops between two store calls: a
+                // call dropped halfway through reading its answer can leave its connection
+                // for sqlx to drain, and the pool's close would wait on it.
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
                 let keep = async {
-                    match &cfg.leases {
-                        Some(leases) if leases.solo => keep_leases(&store, &cfg, leases).await,
-                        _ => std::future::pending().await,
+                    if let Some(leases) = cfg.leases.as_ref().filter(|l| l.solo) {
+                        keep_leases(&store, &cfg, leases, stop_rx).await;
                     }
                 };
-                tokio::select! {
-                    () = serve(&store, &cfg, queues) => {}
-                    () = keep => {}
-                    () = catalog => {}
-                }
+                let serving = async {
+                    // The catalog reader ends with the last handle, like the committers.
+                    tokio::join!(serve(&store, &cfg, queues), serve_catalog(&store, &cfg, catalog));
+                    let _ = stop_tx.send(true);
+                };
+                tokio::join!(serving, keep);
                 if let Some(leases) = &cfg.leases {
                     // After the last commit: the others take over at once.
                     match bounded(&cfg, store.release(&leases.node)).await {
@@ -370,7 +373,9 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     }
                     leases.held.lose_all();
                 }
-                store.close().await;
+                if tokio::time::timeout(cfg.statement_timeout, store.close()).await.is_err() {
+                    tracing::warn!("closing the store's connections timed out; leaving them to the exit");
+                }
                 tracing::info!("persist thread: queue drained, store closed");
             });
         })
@@ -484,7 +489,6 @@ async fn serve_catalog(store: &Store, cfg: &PersistConfig, reads: flume::Receive
             }
         }
     }
-    std::future::pending().await
 }
 
 /// Renews this node's heartbeat three times per lease and checks that the store still
@@ -492,21 +496,29 @@ async fn serve_catalog(store: &Store, cfg: &PersistConfig, reads: flume::Receive
 /// (it was paused or cut off past its lease, and another process took the store over)
 /// exits at once: its commits are already fenced out, and it must not go on answering
 /// from a memory that is no longer the store's.
-async fn keep_leases(store: &Store, cfg: &PersistConfig, leases: &LeaseConfig) {
+async fn keep_leases(
+    store: &Store,
+    cfg: &PersistConfig,
+    leases: &LeaseConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(lease::heartbeat_interval(leases.node.lease));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
         let check = async {
             if !store.heartbeat(&leases.node).await? {
                 return Ok::<_, anyhow::Error>(Err("this node's row belongs to another process".to_string()));
             }
-            let owned = store.owned(&leases.node).await?;
+            let owned = store.owned_count(&leases.node).await?;
             let held = leases.held.count();
-            if owned.len() < held {
+            if owned < held {
                 let holders = store.holders(&leases.node).await?;
                 let names: Vec<String> = holders.iter().map(ToString::to_string).collect();
-                return Ok(Err(format!("{} of {held} partitions taken by {}", held - owned.len(), names.join("; "))));
+                return Ok(Err(format!("{} of {held} partitions taken by {}", held - owned, names.join("; "))));
             }
             Ok(Ok(()))
         };
