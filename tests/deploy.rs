@@ -1,127 +1,27 @@
 //! The operations files in deploy/ checked with the real tools: promtool and a real
 //! Prometheus scraping enrolld, `systemd-analyze` on the unit, nginx terminating TLS in
 //! front of enrolld (and answering 503 only when no node was sent the request, 502/504
-//! `outcome_unknown` once one was), and the Grafana dashboard's JSON and queries. The tools come from
-//! `scripts/ops-tools.sh`; a missing one fails its test with a message naming it.
+//! `outcome_unknown` once one was; the cluster front is checked to be the same but for its
+//! upstream's servers), and the Grafana dashboard's JSON and queries. The tools come from
+//! `scripts/ops-tools.sh`; a missing one fails its test with a message naming it. Running
+//! them, and the nginx fronts rendered from deploy/nginx/, live in tests/ops/ (shared with
+//! tests/cluster_nginx.rs).
 
 mod common;
+mod ops;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{admin_token, free_port, put_course, token, Conn, Server, TempDir};
+use ops::{check, read, replace, repo, tool, wait_listening, NginxSetup, Proc, CLUSTER, SINGLE};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// A file of this crate.
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
-
-/// The path of an installed tool, or a failure that names it.
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
-    for dir in dirs {
-        let p = dir.join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "`{name}` is not installed: run scripts/ops-tools.sh (it installs promtool, \
-         prometheus, nginx, openssl, systemd-analyze and curl)"
-    )
-}
-
-/// Runs a command to completion; fails the test (showing its output) unless it exits 0.
-fn check(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{shown}: {e}"));
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// `text` with `from` replaced by `to`; fails when `from` is not there, so a change to a
-/// shipped file's placeholders shows up here rather than as a test of the wrong config.
-fn replace(text: &str, from: &str, to: &str) -> String {
-    assert!(
-        text.contains(from),
-        "expected {from:?} in the shipped file (the test rewrites it)"
-    );
-    text.replace(from, to)
-}
-
-/// A background process (nginx, prometheus): SIGTERM on drop, SIGKILL if it lingers.
-struct Proc {
-    child: Child,
-    name: &'static str,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &str) -> Proc {
-        let out = std::fs::File::create(log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Proc { child, name }
-    }
-
-    /// Fails the test (with the process's output) if it has exited.
-    fn assert_running(&mut self, log: &str) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!(
-                "{} exited ({status}):\n{}",
-                self.name,
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        // SIGTERM lets nginx's master stop its workers (SIGKILL would orphan them).
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A plain HTTP/1.0 GET (no chunking, the server closes): (status, body).
 fn http_get(addr: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, String)> {
@@ -141,24 +41,6 @@ fn http_get(addr: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, Str
 
 fn urlencode(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-/// Waits until something accepts connections on `addr`.
-fn wait_listening(addr: SocketAddr, proc_: &mut Proc, log: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        proc_.assert_running(log);
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never listened on {addr}:\n{}",
-            proc_.name,
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A Prometheus query through the HTTP API: the `data.result` array (fails on an error,
@@ -657,114 +539,59 @@ fn systemd_unit_is_sandboxed() {
 // ---------------------------------------------------------------------------------------
 // nginx
 
-/// A temp dir holding a throwaway certificate, the shipped include rewritten to it (and to
-/// a free loopback port, one `server` line per address of `upstreams`, and logs in the
-/// dir), and a wrapper nginx.conf.
-struct NginxSetup {
-    dir: TempDir,
-    conf: String,
-    addr: SocketAddr,
-    access_log: String,
-}
-
-impl NginxSetup {
-    fn new(upstreams: &[SocketAddr]) -> NginxSetup {
-        let dir = TempDir::new("deploy_nginx");
-        check(Command::new(tool("openssl")).args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-days",
-            "1",
-            "-keyout",
-            &dir.path("key.pem"),
-            "-out",
-            &dir.path("cert.pem"),
-        ]));
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let access_log = dir.path("enrolld.access.log");
-        let mut inc = read("deploy/nginx/enrolld.conf");
-        inc = replace(&inc, "/etc/enrolld/tls/cert.pem", &dir.path("cert.pem"));
-        inc = replace(&inc, "/etc/enrolld/tls/key.pem", &dir.path("key.pem"));
-        inc = replace(&inc, "listen 443 ssl;", &format!("listen {addr} ssl;"));
-        let servers: Vec<String> = upstreams
-            .iter()
-            .map(|a| format!("server {a} max_fails=3 fail_timeout=5s;"))
-            .collect();
-        inc = replace(
-            &inc,
-            "server 127.0.0.1:8080 max_fails=3 fail_timeout=5s;",
-            &servers.join("\n    "),
-        );
-        inc = replace(&inc, "/var/log/nginx/enrolld.access.log", &access_log);
-        inc = replace(&inc, "/var/log/nginx/enrolld.error.log", &dir.path("enrolld.error.log"));
-        let include = dir.path("enrolld.conf");
-        std::fs::write(&include, inc).unwrap();
-        let d = |n: &str| dir.path(n);
-        let conf = dir.path("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "pid {pid};\nerror_log {err} info;\nworker_processes 1;\n\
-                 events {{ worker_connections 256; }}\n\
-                 http {{\n  default_type application/octet-stream;\n  access_log {acc};\n  \
-                 client_body_temp_path {cb};\n  proxy_temp_path {px};\n  fastcgi_temp_path {fc};\n  \
-                 uwsgi_temp_path {uw};\n  scgi_temp_path {sc};\n  include {include};\n}}\n",
-                pid = d("nginx.pid"),
-                err = d("error.log"),
-                acc = d("default.access.log"),
-                cb = d("client_body"),
-                px = d("proxy"),
-                fc = d("fastcgi"),
-                uw = d("uwsgi"),
-                sc = d("scgi"),
-            ),
-        )
-        .unwrap();
-        NginxSetup {
-            dir,
-            conf,
-            addr,
-            access_log,
-        }
-    }
-
-    /// The nginx command line for this setup (prefix, error log before the config is read).
-    fn nginx(&self) -> Command {
-        let mut c = Command::new(tool("nginx"));
-        c.args(["-p", &self.dir.path(""), "-e", &self.dir.path("error.log")])
-            .args(["-c", &self.conf]);
-        c
-    }
-
-    /// Rewrites the include in the temp dir (`replace`: `from` must be there).
-    fn edit(&self, from: &str, to: &str) {
-        let path = self.dir.path("enrolld.conf");
-        let inc = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, replace(&inc, from, to)).unwrap();
-    }
-
-    /// Checks the config (`nginx -t`) and runs nginx in the foreground until the returned
-    /// process is dropped; returns once it listens. The second value is its output's file.
-    fn start(&self) -> (Proc, String) {
-        check(self.nginx().arg("-t"));
-        let log = self.dir.path("nginx.out");
-        let mut nginx = Proc::spawn("nginx", self.nginx().args(["-g", "daemon off;"]), &log);
-        wait_listening(self.addr, &mut nginx, &log);
-        (nginx, log)
-    }
-}
-
 #[test]
-fn nginx_accepts_the_shipped_config() {
-    let setup = NginxSetup::new(&["127.0.0.1:8080".parse().unwrap()]);
-    let out = check(setup.nginx().arg("-t"));
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(said.contains("test is successful"), "{said}");
+fn nginx_accepts_the_shipped_configs() {
+    let nodes: Vec<SocketAddr> = (1..=3).map(|i| format!("127.0.0.1:808{i}").parse().unwrap()).collect();
+    for (include, upstreams) in [(&SINGLE, &nodes[..1]), (&CLUSTER, &nodes[..])] {
+        let setup = NginxSetup::new(include, upstreams);
+        let out = check(setup.nginx().arg("-t"));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("test is successful"), "{}: {said}", include.file);
+    }
+}
+
+/// The cluster front is the single one but for its upstream's `server` lines and name: the
+/// same maps, headers, timeouts, retries, keep-alive and error answers (so a fix to one
+/// that is not made to the other fails here).
+#[test]
+fn nginx_cluster_config_differs_from_the_single_one_only_in_its_servers() {
+    let single = nginx_directives(SINGLE.file, "enrolld");
+    let cluster = nginx_directives(CLUSTER.file, "enrolld_nodes");
+    let at = single.iter().zip(&cluster).position(|(a, b)| a != b);
+    assert!(
+        at.is_none() && single.len() == cluster.len(),
+        "{} and {} differ outside their upstream's server lines, from directive {}: {:?} / {:?}",
+        SINGLE.file,
+        CLUSTER.file,
+        at.unwrap_or(single.len().min(cluster.len())),
+        at.map_or_else(|| single.get(cluster.len()), |i| single.get(i)),
+        at.map_or_else(|| cluster.get(single.len()), |i| cluster.get(i)),
+    );
+}
+
+/// A shipped include's directive lines (no comments or blank lines), without the `server`
+/// lines of its upstream and with the upstream's name written `UPSTREAM`.
+fn nginx_directives(file: &str, upstream: &str) -> Vec<String> {
+    let mut in_upstream = false;
+    let mut lines = Vec::new();
+    for line in read(file).lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line == format!("upstream {upstream} {{") {
+            in_upstream = true;
+        } else if in_upstream && line == "}" {
+            in_upstream = false;
+        } else if in_upstream && line.starts_with("server ") {
+            continue;
+        }
+        lines.push(
+            line.replace(&format!("upstream {upstream} {{"), "upstream UPSTREAM {")
+                .replace(&format!("http://{upstream};"), "http://UPSTREAM;"),
+        );
+    }
+    assert!(!in_upstream, "{file}: upstream {upstream} never closes");
+    lines
 }
 
 /// One curl over TLS through nginx: (status, headers, body).
@@ -847,7 +674,7 @@ async fn nginx_hash_over_the_shard_ports_reaches_each_course_owner() {
         3,
         "the ready line names every shard's address"
     );
-    let setup = NginxSetup::new(&server.shard_addrs);
+    let setup = NginxSetup::new(&SINGLE, &server.shard_addrs);
     setup.edit("hash $course_key consistent;", "hash $course_key;");
     let (mut nginx, nginx_log) = setup.start();
 
@@ -904,7 +731,7 @@ async fn hops(conn: &mut Conn) -> f64 {
 fn enroll_through_nginx_over_tls_with_one_request_id() {
     let edir = TempDir::new("deploy_e2e");
     let server = start_enrolld(&edir, &["--access-log"]);
-    let setup = NginxSetup::new(&[server.addr]);
+    let setup = NginxSetup::new(&SINGLE, &[server.addr]);
     let (mut nginx, nginx_log) = setup.start();
 
     let rid = format!("deploy-test-{:016x}", rand::random::<u64>());
@@ -1053,7 +880,7 @@ fn nginx_answers_503_unavailable_when_no_node_takes_the_connection() {
     let dead: Vec<SocketAddr> = (0..2)
         .map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap())
         .collect();
-    let setup = NginxSetup::new(&dead);
+    let setup = NginxSetup::new(&SINGLE, &dead);
     let (mut nginx, nginx_log) = setup.start();
     let student = format!("Authorization: Bearer {}", token("dead-student"));
     let path = "/v1/courses/DEAD101-01/enrollment";
@@ -1077,7 +904,7 @@ fn nginx_answers_503_unavailable_when_no_node_takes_the_connection() {
 #[test]
 fn nginx_answers_502_outcome_unknown_when_a_node_hangs_up_after_reading() {
     let nodes = [FakeNode::start(NoAnswer::HangUp), FakeNode::start(NoAnswer::HangUp)];
-    let setup = NginxSetup::new(&[nodes[0].addr, nodes[1].addr]);
+    let setup = NginxSetup::new(&SINGLE, &[nodes[0].addr, nodes[1].addr]);
     let (mut nginx, nginx_log) = setup.start();
     let read_by_nodes = || nodes.iter().map(FakeNode::requests_read).sum::<usize>();
     let student = format!("Authorization: Bearer {}", token("cut-student"));
@@ -1103,7 +930,7 @@ fn nginx_answers_502_outcome_unknown_when_a_node_hangs_up_after_reading() {
 #[test]
 fn nginx_answers_504_outcome_unknown_when_a_node_never_answers() {
     let node = FakeNode::start(NoAnswer::Silent);
-    let setup = NginxSetup::new(&[node.addr]);
+    let setup = NginxSetup::new(&SINGLE, &[node.addr]);
     setup.edit("proxy_read_timeout 30s;", "proxy_read_timeout 1s;");
     let (mut nginx, nginx_log) = setup.start();
     let student = format!("Authorization: Bearer {}", token("slow-student"));
