@@ -204,6 +204,13 @@ const EXPOSED: &[&str] = &[
     "enrolld_store_up",
     "process_resident_memory_bytes",
     "process_open_fds",
+    "enrolld_cluster_nodes_alive",
+    "enrolld_cluster_partitions_unowned",
+    "enrolld_cluster_leases_held",
+    "enrolld_cluster_hops_total",
+    "enrolld_cluster_hops_failed_total",
+    "enrolld_cluster_fenced_batches_total",
+    "enrolld_cluster_catalog_age_seconds",
 ];
 const HISTOGRAMS: &[&str] = &[
     "enrolld_http_request_duration_seconds",

@@ -37,6 +37,8 @@ const PASSED_ON: [&str; 6] = [
 const PASSED_BACK: [&str; 4] = ["content-type", "retry-after", "allow", "x-enrolld-node"];
 /// Idle kept-alive connections to each other node, per shard.
 const IDLE_CONNECTIONS_PER_NODE_MAX: usize = 64;
+/// Longest wait for a connection to another node.
+const CONNECT_TIMEOUT_MS_MAX: u64 = 1_000;
 /// The most of an owner's answer body that is passed back.
 const ANSWER_BYTES_MAX: usize = 16 << 20;
 
@@ -67,7 +69,9 @@ impl Forwarder {
     pub fn new(node_id: &str, wait: Duration) -> Forwarder {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(wait));
+        // Shorter than the wait for an answer: a host that drops the SYN is found
+        // unreachable (nothing sent, the request waits for a takeover), not timed out.
+        connector.set_connect_timeout(Some((wait / 4).min(Duration::from_millis(CONNECT_TIMEOUT_MS_MAX))));
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_NODE_MAX)
             .build(connector);

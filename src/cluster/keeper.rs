@@ -29,6 +29,11 @@ use crate::persist::store::{LoadRow, Store, StoreOptions};
 use crate::shard::table::Adopted;
 use crate::shard::{owner_of, Command, Envelope, Reply};
 
+/// Shortest bound on one round (a lease of 300 ms, the least allowed, gives 150 ms).
+const ROUND_MS_MIN: u64 = 150;
+/// Shortest time between two rounds that requests asked for.
+const WOKEN_ROUND_GAP_MS: u64 = 100;
+
 pub struct KeeperConfig {
     pub store_url: String,
     pub node: NodeInfo,
@@ -94,18 +99,30 @@ async fn keep(cfg: KeeperConfig, stop: Arc<AtomicBool>, first: std::sync::mpsc::
     let mut tick = tokio::time::interval(crate::persist::lease::heartbeat_interval(cfg.node.lease));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    // A round that cannot finish within half a lease is given up (its connection closed):
+    // the leases are lapsing anyway, and the next round starts on a fresh connection.
+    let round_bound = (cfg.node.lease / 2).max(Duration::from_millis(ROUND_MS_MIN));
+    let mut last = tokio::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            // A request found a course nobody owns: look at once, not a heartbeat later
+            // (a node that stopped hands over this fast), but not more often than this.
+            () = cfg.cluster.woken() => {
+                tokio::time::sleep_until(last + Duration::from_millis(WOKEN_ROUND_GAP_MS)).await;
+            }
+        }
         if stop.load(Ordering::Acquire) {
             break;
         }
-        match tokio::time::timeout(cfg.statement_timeout * 2, round(&store, &cfg)).await {
+        last = tokio::time::Instant::now();
+        match tokio::time::timeout(round_bound, round(&store, &cfg)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "cluster round failed"),
             Err(_) => tracing::warn!("cluster round timed out"),
         }
     }
-    store.close().await;
+    let _ = tokio::time::timeout(cfg.statement_timeout, store.close()).await;
 }
 
 /// Opens the keeper's own store connection, registers the node, and runs the first round.
@@ -113,6 +130,15 @@ async fn start(cfg: &KeeperConfig, opts: &StoreOptions) -> anyhow::Result<Store>
     let store = Store::open(&cfg.store_url, opts).await?;
     store.ensure_partitions().await?;
     store.forget_lapsed_solo_nodes().await?;
+    // A live process outside cluster mode holds this store: it is its one writer.
+    if let Some(solo) = store
+        .holders(&cfg.node)
+        .await?
+        .into_iter()
+        .find(|h| h.alive && h.id.starts_with("solo-"))
+    {
+        return Err(crate::persist::lease::LeaseError::Held { holder: solo }.into());
+    }
     store.register(&cfg.node).await?;
     tokio::time::timeout(cfg.statement_timeout * 4, round(&store, cfg))
         .await

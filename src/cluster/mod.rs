@@ -65,6 +65,8 @@ pub struct Cluster {
     /// until the keeper has renewed and re-read the leases.
     valid_until_ms: std::sync::atomic::AtomicU64,
     epoch: std::time::Instant,
+    /// Wakes the keeper for a round now (a request found a course nobody owns).
+    wake: tokio::sync::Notify,
 }
 
 impl Cluster {
@@ -76,7 +78,19 @@ impl Cluster {
             owners: RwLock::new(Owners::default()),
             valid_until_ms: std::sync::atomic::AtomicU64::new(0),
             epoch: std::time::Instant::now(),
+            wake: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Asks the keeper for a round now: ownership looks stale (a course with no live
+    /// owner, an owner that does not answer).
+    pub fn wake_keeper(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Resolves when a round was asked for (the keeper's side of [`Cluster::wake_keeper`]).
+    pub async fn woken(&self) {
+        self.wake.notified().await;
     }
 
     fn now_ms(&self) -> u64 {

@@ -342,16 +342,19 @@ async fn pass_to_owner(
                 None => Bytes::new(),
             };
             body = Some(bytes.clone());
-            cluster.metrics.hops.inc();
             match cluster
                 .forwarder
                 .forward(&advertise, &method, &path, headers, rid, bytes)
                 .await
             {
-                Ok(resp) => return Ok(Ok(resp)),
-                // Nothing was sent: wait for a takeover, as for a course nobody owns.
+                Ok(resp) => {
+                    cluster.metrics.hops.inc();
+                    return Ok(Ok(resp));
+                }
+                // Nothing was sent (no hop): wait for a takeover, as for a course nobody owns.
                 Err(HopError::Unreachable(to)) => tracing::debug!(node = %to, "owner unreachable"),
                 Err(e) => {
+                    cluster.metrics.hops.inc();
                     cluster.metrics.hops_failed.inc();
                     tracing::warn!(error = %e, "hop failed");
                     return Err(match e {
@@ -365,6 +368,8 @@ async fn pass_to_owner(
             // Nothing was sent anywhere: nothing recorded.
             return Err(ApiError::Unavailable);
         }
+        // Nobody owns it, or its owner does not answer: the keeper looks now.
+        cluster.cluster.wake_keeper();
         tokio::time::sleep(std::time::Duration::from_millis(UNOWNED_POLL_MS)).await;
     }
 }

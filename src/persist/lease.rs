@@ -61,6 +61,8 @@ pub struct Holder {
     pub pid: i64,
     /// On the store's clock.
     pub expires_at_ms: i64,
+    /// Its heartbeat has not lapsed.
+    pub alive: bool,
     pub partitions: i64,
 }
 
@@ -226,11 +228,13 @@ impl Store {
     /// The other nodes that hold leases, with their heartbeats.
     pub async fn holders(&self, node: &NodeInfo) -> anyhow::Result<Vec<Holder>> {
         let rows = sqlx::query(
-            "SELECT l.owner, COALESCE(n.advertise, ''), COALESCE(n.host, ''), COALESCE(n.pid, 0), \
-                    COALESCE(n.expires_at_ms, 0), COUNT(*) \
-             FROM leases l LEFT JOIN nodes n ON n.id = l.owner \
-             WHERE l.owner IS NOT NULL AND l.owner <> ? \
-             GROUP BY l.owner, n.advertise, n.host, n.pid, n.expires_at_ms ORDER BY l.owner",
+            &format!(
+                "SELECT l.owner, COALESCE(n.advertise, ''), COALESCE(n.host, ''), COALESCE(n.pid, 0), \
+                        COALESCE(n.expires_at_ms, 0), COUNT(*), COALESCE(n.expires_at_ms, 0) >= {NOW_MS} \
+                 FROM leases l LEFT JOIN nodes n ON n.id = l.owner \
+                 WHERE l.owner IS NOT NULL AND l.owner <> ? \
+                 GROUP BY l.owner, n.advertise, n.host, n.pid, n.expires_at_ms ORDER BY l.owner"
+            ),
         )
         .bind(node.id.as_str())
         .fetch_all(self.pool())
@@ -244,15 +248,19 @@ impl Store {
                     pid: r.try_get(3)?,
                     expires_at_ms: r.try_get(4)?,
                     partitions: r.try_get(5)?,
+                    alive: r.try_get::<i64, _>(6)? != 0,
                 })
             })
             .collect()
     }
 
-    /// Every node row, with whether its heartbeat is live on the store's clock.
+    /// Every cluster node's row, with whether its heartbeat is live on the store's clock.
+    /// Rows of processes outside cluster mode (`solo-…`) are left out: such a process is
+    /// never a member (one that starts beside a cluster refuses, and must not be handed
+    /// partitions while it does).
     pub async fn nodes(&self) -> anyhow::Result<Vec<crate::cluster::Node>> {
         let rows = sqlx::query(&format!(
-            "SELECT id, advertise, expires_at_ms >= {NOW_MS} FROM nodes ORDER BY id"
+            "SELECT id, advertise, expires_at_ms >= {NOW_MS} FROM nodes WHERE id NOT LIKE 'solo-%' ORDER BY id"
         ))
         .fetch_all(self.pool())
         .await?;
@@ -419,6 +427,11 @@ pub fn heartbeat_interval(lease: Duration) -> Duration {
 pub async fn take_all(store: &Store, node: &NodeInfo) -> anyhow::Result<Vec<Lease>> {
     store.ensure_partitions().await?;
     store.forget_lapsed_solo_nodes().await?;
+    // A live cluster on this store: refuse before registering or taking anything, or its
+    // keepers would count this process as a member for a moment and hand it partitions.
+    if let Some(member) = store.holders(node).await?.into_iter().find(|h| h.alive && !h.id.starts_with("solo-")) {
+        return Err(LeaseError::Held { holder: member }.into());
+    }
     store.register(node).await?;
     let mut first_seen: Vec<Holder> = Vec::new();
     let poll = (node.lease / 6).clamp(Duration::from_millis(20), Duration::from_millis(500));

@@ -711,6 +711,8 @@ fn call_of<T>(result: &Result<Result<T, CommitError>, TimedOut>) -> Call {
     match result {
         Ok(Ok(_)) => Call::Ok,
         Ok(Err(CommitError::NotCommitted(e))) if store::is_connection_error(e) => Call::Unreachable,
+        // The store answered: it chose this transaction as a deadlock victim.
+        Ok(Err(CommitError::NotCommitted(e))) if store::is_deadlock(e) => Call::Ok,
         // The store answered: another node holds the lease, which is no fault of the store.
         Ok(Err(CommitError::Fenced)) => Call::Ok,
         Ok(Err(_)) => Call::Failed,
@@ -768,9 +770,21 @@ async fn put_course<B: Backend>(
     lease: Option<Lease>,
     cfg: &PersistConfig,
 ) -> Outcome {
-    let session = Session::default();
+    let mut session = Session::default();
     let started = tokio::time::Instant::now();
-    let result = bounded(cfg, store.put_course(course, spec, lease, &session)).await;
+    let mut result = bounded(cfg, store.put_course(course, spec, lease, &session)).await;
+    // Two new courses created at once on two nodes can deadlock on the gap their rows go
+    // into; InnoDB rolls one back whole, which is then simply run again.
+    for _ in 0..DEADLOCK_RETRIES_MAX {
+        match &result {
+            Ok(Err(CommitError::NotCommitted(e))) if store::is_deadlock(e) => {
+                tracing::debug!(course = %course, "admin change chosen as a deadlock victim; running it again");
+                session = Session::default();
+                result = bounded(cfg, store.put_course(course, spec, lease, &session)).await;
+            }
+            _ => break,
+        }
+    }
     cfg.breaker.record(call_of(&result), started.elapsed());
     match result {
         Ok(Ok(r)) => Outcome::CoursePut(r),
@@ -789,6 +803,9 @@ async fn put_course<B: Backend>(
         },
     }
 }
+
+/// Times an admin change chosen as a deadlock victim is run again before it fails (503).
+const DEADLOCK_RETRIES_MAX: usize = 3;
 
 /// A seat op in a batch: the op, the lease it was decided under, who waits for it.
 type Seat = (SeatOp, Option<Lease>, oneshot::Sender<Outcome>);

@@ -23,6 +23,11 @@ use crate::partition::{Lease, Partition};
 pub const BATCH_ROWS_LIMIT: usize = 5_000;
 const _: () = assert!(BATCH_ROWS_LIMIT * 3 < 32_766);
 
+/// Tries to migrate the schema at start before giving up (see [`Store::open`]).
+const MIGRATE_ATTEMPTS_MAX: u32 = 5;
+/// Wait before the second try; it grows with each try.
+const MIGRATE_RETRY_MS: u64 = 300;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
     Mysql,
@@ -264,7 +269,22 @@ impl Store {
             Dialect::Mysql => &MIGRATOR_MYSQL,
             Dialect::Sqlite => &MIGRATOR_SQLITE,
         };
-        migrator.run(&pool).await.context("migrating the schema")?;
+        // Nodes started together on an empty database race to migrate it; the loser sees
+        // the winner's migration half done and fails. Waiting for the winner and looking
+        // again finds it done.
+        let mut attempt = 1;
+        loop {
+            match migrator.run(&pool).await {
+                Ok(()) => break,
+                Err(e) if attempt < MIGRATE_ATTEMPTS_MAX => {
+                    tracing::warn!(error = %e, attempt, "migrating the schema failed; another process may be migrating it, looking again");
+                    let pause = MIGRATE_RETRY_MS * attempt as u64 + u64::from(rand::random::<u8>());
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("migrating the schema")),
+            }
+        }
         Ok(Store {
             pool,
             commit_pool,
@@ -1222,6 +1242,15 @@ impl Drop for OpenTransaction {
 
 fn not_committed(e: impl Into<anyhow::Error>) -> CommitError {
     CommitError::NotCommitted(e.into())
+}
+
+/// Whether the store rolled the transaction back as a deadlock victim (InnoDB's 1213,
+/// SQLSTATE 40001): nothing of it applied, and running it again is the remedy.
+pub fn is_deadlock(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(db)) => db.code().as_deref() == Some("40001") || db.message().contains("Deadlock found"),
+        _ => false,
+    }
 }
 
 pub fn is_connection_error(e: &anyhow::Error) -> bool {
