@@ -40,21 +40,57 @@ pub struct Lease {
     pub epoch: u64,
 }
 
-/// The epoch this node holds on each partition; 0 where it holds none. Lock-free: shards
-/// read it on every decision.
+/// What a write transaction proves (`persist::store`, the fence): that the store's
+/// fence generation of this node is still `gen`, i.e. no lease was taken from it or given
+/// up since its leases were last read. Every takeover of a node's partition, and every
+/// release, bumps that node's generation in the same transaction. `leases` are those its
+/// changes were decided under, each checked against [`Held`] as the batch is made; empty:
+/// nothing to prove (a store without leases).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Proof {
+    pub gen: u64,
+    pub leases: Vec<Lease>,
+}
+
+/// The epoch this node holds on each partition; 0 where it holds none; and the fence
+/// generation these leases are the store's at. Lock-free: shards read it on every
+/// decision.
 pub struct Held {
     epochs: Box<[AtomicU64]>,
+    gen: AtomicU64,
 }
 
 impl Default for Held {
     fn default() -> Self {
         Held {
             epochs: (0..PARTITIONS).map(|_| AtomicU64::new(0)).collect(),
+            gen: AtomicU64::new(0),
         }
     }
 }
 
 impl Held {
+    /// The fence generation the leases held are valid at. Read it before checking a
+    /// batch's leases: a refresh loses leases first and then moves the generation on.
+    pub fn gen(&self) -> u64 {
+        self.gen.load(Ordering::Acquire)
+    }
+
+    /// After reading the store's (generation, leases) in one snapshot: forgets every lease
+    /// held that is not among `owned`, then moves to `gen`. Leases in `owned` that are not
+    /// held stay unheld (the keeper grants them once their courses are loaded).
+    pub fn refresh(&self, gen: u64, owned: &[Lease]) {
+        let mine: std::collections::HashSet<Lease> = owned.iter().copied().collect();
+        for p in 0..PARTITIONS {
+            if let Some(lease) = self.lease(Partition(p)) {
+                if !mine.contains(&lease) {
+                    self.lose(lease);
+                }
+            }
+        }
+        self.gen.store(gen, Ordering::Release);
+    }
+
     /// The lease held on `p`, if any.
     pub fn lease(&self, p: Partition) -> Option<Lease> {
         match self.epochs[p.0 as usize].load(Ordering::Acquire) {

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use enrolld::ids::{CourseId, StudentId};
 use enrolld::model::CourseSpec;
+use enrolld::partition::Proof;
 use enrolld::persist::store::{LoadRow, PutResult, SeatOp, SeatResult, Session, Store, StoreOptions};
 
 const OPTS: StoreOptions = StoreOptions {
@@ -81,14 +82,14 @@ async fn group_commit_applies_a_batch_atomically() {
     each_store(|store, kind| async move {
         assert_eq!(
             store
-                .put_course(&cid("A"), &spec(3), None, &Session::default())
+                .put_course(&cid("A"), &spec(3), &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Created { version: 1 }
         );
         assert_eq!(
             store
-                .put_course(&cid("B"), &spec(5), None, &Session::default())
+                .put_course(&cid("B"), &spec(5), &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Created { version: 1 }
@@ -100,7 +101,7 @@ async fn group_commit_applies_a_batch_atomically() {
             enroll("B", "s3"),
         ];
         assert_eq!(
-            store.commit_seats(&batch, &[], &Session::default()).await.unwrap(),
+            store.commit_seats(&batch, &Proof::default(), &Session::default()).await.unwrap(),
             vec![SeatResult::Applied; 4],
             "{kind}"
         );
@@ -116,17 +117,17 @@ async fn group_commit_applies_a_batch_atomically() {
 async fn the_guard_refuses_seats_beyond_capacity() {
     each_store(|store, kind| async move {
         store
-            .put_course(&cid("G"), &spec(2), None, &Session::default())
+            .put_course(&cid("G"), &spec(2), &Proof::default(), &Session::default())
             .await
             .unwrap();
         store
-            .put_course(&cid("H"), &spec(9), None, &Session::default())
+            .put_course(&cid("H"), &spec(9), &Proof::default(), &Session::default())
             .await
             .unwrap();
         // Three seats for a course of two in one batch (as two nodes selling it could ask):
         // the store sells two, refuses the third, and the rest of the batch still applies.
         let batch = vec![enroll("G", "a"), enroll("H", "z"), enroll("G", "b"), enroll("G", "c")];
-        let got = store.commit_seats(&batch, &[], &Session::default()).await.unwrap();
+        let got = store.commit_seats(&batch, &Proof::default(), &Session::default()).await.unwrap();
         assert_eq!(
             got,
             vec![
@@ -140,18 +141,18 @@ async fn the_guard_refuses_seats_beyond_capacity() {
         assert_eq!(store.roster(&cid("G")).await.unwrap(), vec!["a", "b"], "{kind}");
         assert_eq!(store.roster(&cid("H")).await.unwrap(), vec!["z"], "{kind}");
         let got = store
-            .commit_seats(&[enroll("G", "d")], &[], &Session::default())
+            .commit_seats(&[enroll("G", "d")], &Proof::default(), &Session::default())
             .await
             .unwrap();
         assert_eq!(got, vec![SeatResult::Full], "{kind}");
         // Capacity 0 sells nothing.
         store
-            .put_course(&cid("Z"), &spec(0), None, &Session::default())
+            .put_course(&cid("Z"), &spec(0), &Proof::default(), &Session::default())
             .await
             .unwrap();
         assert_eq!(
             store
-                .commit_seats(&[enroll("Z", "a")], &[], &Session::default())
+                .commit_seats(&[enroll("Z", "a")], &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             vec![SeatResult::Full],
@@ -166,17 +167,17 @@ async fn the_guard_refuses_seats_beyond_capacity() {
 async fn inserts_are_idempotent_and_drops_free_the_counter() {
     each_store(|store, kind| async move {
         store
-            .put_course(&cid("I"), &spec(2), None, &Session::default())
+            .put_course(&cid("I"), &spec(2), &Proof::default(), &Session::default())
             .await
             .unwrap();
         store
-            .commit_seats(&[enroll("I", "a")], &[], &Session::default())
+            .commit_seats(&[enroll("I", "a")], &Proof::default(), &Session::default())
             .await
             .unwrap();
         // The same seat again (a retried batch): applied, no second seat, counter unchanged.
         assert_eq!(
             store
-                .commit_seats(&[enroll("I", "a"), enroll("I", "b")], &[], &Session::default())
+                .commit_seats(&[enroll("I", "a"), enroll("I", "b")], &Proof::default(), &Session::default())
                 .await
                 .unwrap()
                 .len(),
@@ -185,24 +186,24 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
         assert_eq!(store.roster(&cid("I")).await.unwrap(), vec!["a", "b"], "{kind}");
         assert_eq!(
             store
-                .put_course(&cid("I"), &spec(1), None, &Session::default())
+                .put_course(&cid("I"), &spec(1), &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::BelowEnrolled,
             "{kind}"
         );
         store
-            .commit_seats(&[drop_op("I", "a")], &[], &Session::default())
+            .commit_seats(&[drop_op("I", "a")], &Proof::default(), &Session::default())
             .await
             .unwrap();
         // Dropping a seat that is not there is harmless.
         store
-            .commit_seats(&[drop_op("I", "nobody")], &[], &Session::default())
+            .commit_seats(&[drop_op("I", "nobody")], &Proof::default(), &Session::default())
             .await
             .unwrap();
         assert_eq!(
             store
-                .put_course(&cid("I"), &spec(1), None, &Session::default())
+                .put_course(&cid("I"), &spec(1), &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Updated { version: 2 },
@@ -210,7 +211,7 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
         );
         assert_eq!(
             store
-                .commit_seats(&[enroll("I", "c")], &[], &Session::default())
+                .commit_seats(&[enroll("I", "c")], &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             vec![SeatResult::Full],
@@ -226,16 +227,16 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
 async fn order_per_key_holds_across_batches() {
     each_store(|store, kind| async move {
         store
-            .put_course(&cid("O"), &spec(1), None, &Session::default())
+            .put_course(&cid("O"), &spec(1), &Proof::default(), &Session::default())
             .await
             .unwrap();
         // Enroll, drop, enroll another, as the persist thread splits them (one key per batch).
         store
-            .commit_seats(&[enroll("O", "a")], &[], &Session::default())
+            .commit_seats(&[enroll("O", "a")], &Proof::default(), &Session::default())
             .await
             .unwrap();
         store
-            .commit_seats(&[drop_op("O", "a"), enroll("O", "b")], &[], &Session::default())
+            .commit_seats(&[drop_op("O", "a"), enroll("O", "b")], &Proof::default(), &Session::default())
             .await
             .unwrap();
         assert_eq!(store.roster(&cid("O")).await.unwrap(), vec!["b"], "{kind}");
@@ -250,20 +251,20 @@ async fn recovery_reloads_exactly_what_was_committed() {
     each_store(|store, kind| async move {
         for (c, cap) in [("R1", 3), ("R2", 1), ("R3", 0)] {
             store
-                .put_course(&cid(c), &spec(cap), None, &Session::default())
+                .put_course(&cid(c), &spec(cap), &Proof::default(), &Session::default())
                 .await
                 .unwrap();
         }
         store
             .commit_seats(
                 &[enroll("R1", "x"), enroll("R1", "y"), enroll("R2", "x")],
-                &[],
+                &Proof::default(),
                 &Session::default(),
             )
             .await
             .unwrap();
         store
-            .commit_seats(&[drop_op("R1", "y")], &[], &Session::default())
+            .commit_seats(&[drop_op("R1", "y")], &Proof::default(), &Session::default())
             .await
             .unwrap();
         let (courses, seats) = loaded(&store).await;
@@ -279,12 +280,12 @@ async fn recovery_reloads_exactly_what_was_committed() {
         );
         // Ids differing only in case are two courses, as they are in memory.
         store
-            .put_course(&cid("case"), &spec(1), None, &Session::default())
+            .put_course(&cid("case"), &spec(1), &Proof::default(), &Session::default())
             .await
             .unwrap();
         assert_eq!(
             store
-                .put_course(&cid("CASE"), &spec(1), None, &Session::default())
+                .put_course(&cid("CASE"), &spec(1), &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Created { version: 1 },

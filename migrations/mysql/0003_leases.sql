@@ -1,8 +1,8 @@
 -- Partition leases (DESIGN.md, "Beyond one machine"). A node decides for a course only
--- while it holds the lease of the course's partition; every write transaction reads the
--- lease rows it depends on with a shared lock and checks owner and epoch, so a node that
--- lost a partition can never commit to it. The rows (one per partition, 0..16383) are
--- inserted at start by enrolld (persist/lease.rs).
+-- while it holds the lease of the course's partition; every write transaction proves it
+-- still holds the leases it depends on, so a node that
+-- lost a partition can never commit to it (through the node's `fences` row below). The
+-- rows (one per partition, 0..16383) are inserted at start by enrolld (persist/lease.rs).
 CREATE TABLE IF NOT EXISTS nodes (
     id             VARCHAR(32)  CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
     -- Each start of a node id is a new incarnation: a node that restarts under the same id
@@ -14,6 +14,15 @@ CREATE TABLE IF NOT EXISTS nodes (
     started_at_ms  BIGINT       NOT NULL,
     -- The store's own clock (not the node's): a heartbeat moves it forward.
     expires_at_ms  BIGINT       NOT NULL
+) ENGINE=InnoDB;
+
+-- The fence: one row per node id. Every takeover of a node's partition and every release
+-- bumps its `gen` in the same transaction, and each of the node's write transactions reads
+-- its row with a shared lock and checks `gen`: one point read per transaction proves no
+-- lease was taken from the node since it last read its leases.
+CREATE TABLE IF NOT EXISTS fences (
+    node  VARCHAR(32) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
+    gen   BIGINT      NOT NULL DEFAULT 0
 ) ENGINE=InnoDB;
 
 CREATE TABLE IF NOT EXISTS leases (

@@ -116,7 +116,7 @@ async fn keep(cfg: KeeperConfig, stop: Arc<AtomicBool>, first: std::sync::mpsc::
             break;
         }
         last = tokio::time::Instant::now();
-        match tokio::time::timeout(round_bound, round(&store, &cfg)).await {
+        match tokio::time::timeout(round_bound, round(&store, &cfg, false)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "cluster round failed"),
             Err(_) => tracing::warn!("cluster round timed out"),
@@ -140,14 +140,15 @@ async fn start(cfg: &KeeperConfig, opts: &StoreOptions) -> anyhow::Result<Store>
         return Err(crate::persist::lease::LeaseError::Held { holder: solo }.into());
     }
     store.register(&cfg.node).await?;
-    tokio::time::timeout(cfg.statement_timeout * 4, round(&store, cfg))
+    tokio::time::timeout(cfg.statement_timeout * 4, round(&store, cfg, true))
         .await
         .context("the first cluster round timed out")??;
     Ok(store)
 }
 
-/// One round: heartbeat, read the owners, hand over, take over.
-async fn round(store: &Store, cfg: &KeeperConfig) -> anyhow::Result<()> {
+/// One round: heartbeat, read the owners, hand over, take over. `fresh`: the first round
+/// (the fence generation is read whatever happens).
+async fn round(store: &Store, cfg: &KeeperConfig, fresh: bool) -> anyhow::Result<()> {
     let sent = std::time::Instant::now();
     if !store.heartbeat(&cfg.node).await? {
         tracing::error!(node = %cfg.node.id, "another process started as this node id; exiting");
@@ -222,6 +223,12 @@ async fn round(store: &Store, cfg: &KeeperConfig) -> anyhow::Result<()> {
         if !newly.is_empty() {
             adopt(store, cfg, newly).await?;
         }
+    }
+    if fresh || taken_from_me > 0 || !give.is_empty() || !take.is_empty() {
+        // This node's fence generation moved (a release, a loss) or is not known yet: the
+        // committers prove the one read here, with the leases of this same snapshot.
+        let (gen, owned) = store.fence_state(&cfg.node.id).await?;
+        held.refresh(gen, &owned);
     }
     cfg.metrics.leases_held.set(held.count() as i64);
     cfg.metrics.nodes_alive.set(live.len() as i64);

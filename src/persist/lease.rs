@@ -127,6 +127,11 @@ impl Store {
         .execute(self.pool())
         .await
         .context("registering the node")?;
+        sqlx::query("INSERT IGNORE INTO fences (node, gen) VALUES (?, 0)")
+            .bind(node.id.as_str())
+            .execute(self.pool())
+            .await
+            .context("registering the node's fence")?;
         Ok(())
     }
 
@@ -148,9 +153,10 @@ impl Store {
     /// Takes every partition (of `only`, when given) whose owner is gone: no owner, an
     /// owner without a row, an owner whose heartbeat lapsed, or this node id itself (an
     /// earlier incarnation's lease, or one this process gave up in memory; callers pass
-    /// only partitions they do not hold). Each taken lease's epoch is bumped in the same statement, so
-    /// whatever the previous owner still has queued can never commit. Returns every lease
-    /// this node holds afterwards.
+    /// only partitions they do not hold). Each taken lease's epoch, and its previous
+    /// owner's fence generation, are bumped in the same statement, so whatever the previous
+    /// owner still has queued can never commit. Returns every lease this node holds
+    /// afterwards.
     pub async fn take_lapsed(&self, node: &NodeInfo, only: Option<&[Partition]>) -> anyhow::Result<Vec<Lease>> {
         mysql_only(self)?;
         let only_sql = match only {
@@ -162,8 +168,8 @@ impl Store {
             }
         };
         sqlx::query(&format!(
-            "UPDATE leases l LEFT JOIN nodes n ON n.id = l.owner \
-             SET l.owner = ?, l.epoch = l.epoch + 1 \
+            "UPDATE leases l LEFT JOIN nodes n ON n.id = l.owner LEFT JOIN fences f ON f.node = l.owner \
+             SET l.owner = ?, l.epoch = l.epoch + 1, f.gen = f.gen + 1 \
              WHERE (l.owner IS NULL OR n.id IS NULL OR n.expires_at_ms < {NOW_MS} OR l.owner = ?){only_sql}"
         ))
         .bind(node.id.as_str())
@@ -199,30 +205,35 @@ impl Store {
             .collect()
     }
 
-    /// Which of `leases` the store no longer gives this node.
-    pub async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
-        let Some(owner) = self.lease_owner() else {
-            return Ok(Vec::new());
-        };
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        let list: Vec<String> = leases.iter().map(|l| l.partition.0.to_string()).collect();
-        let rows = sqlx::query(&format!(
-            "SELECT part, epoch FROM leases WHERE owner = ? AND part IN ({})",
-            list.join(",")
-        ))
-        .bind(owner)
-        .fetch_all(self.pool())
-        .await?;
-        let mut still = Vec::with_capacity(rows.len());
-        for r in &rows {
-            still.push(Lease {
-                partition: Partition(r.try_get::<i32, _>(0)? as u32),
-                epoch: r.try_get::<i64, _>(1)? as u64,
-            });
-        }
-        Ok(leases.iter().filter(|l| !still.contains(l)).copied().collect())
+    /// The node's fence generation and the leases the store gives it, read in one
+    /// snapshot (the generation's row share-locked first, so no takeover or release of
+    /// this node's leases can land between the two reads).
+    pub async fn fence_state(&self, node: &str) -> anyhow::Result<(u64, Vec<Lease>)> {
+        let mut conn = super::store::OpenTransaction::new(self.pool().acquire().await?);
+        sqlx::query("BEGIN").execute(conn.get()).await?;
+        let gen: i64 = sqlx::query("SELECT gen FROM fences WHERE node = ? LOCK IN SHARE MODE")
+            .bind(node)
+            .fetch_optional(conn.get())
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .unwrap_or(0);
+        let rows = sqlx::query("SELECT part, epoch FROM leases WHERE owner = ?")
+            .bind(node)
+            .fetch_all(conn.get())
+            .await?;
+        sqlx::query("COMMIT").execute(conn.get()).await?;
+        conn.ended();
+        let leases = rows
+            .iter()
+            .map(|r| {
+                Ok(Lease {
+                    partition: Partition(r.try_get::<i32, _>(0)? as u32),
+                    epoch: r.try_get::<i64, _>(1)? as u64,
+                })
+            })
+            .collect::<anyhow::Result<Vec<Lease>>>()?;
+        Ok((gen as u64, leases))
     }
 
     /// The other nodes that hold leases, with their heartbeats.
@@ -290,28 +301,34 @@ impl Store {
         Ok(owners)
     }
 
-    /// Gives up these partitions (a hand-over: another node should own them now). The
-    /// caller stopped deciding for them first; a change of theirs still queued is fenced
-    /// out once the next owner bumps the epoch.
+    /// Gives up these partitions (a hand-over: another node should own them now), bumping
+    /// this node's fence generation in the same statement, so a change of theirs still
+    /// queued can never commit. The caller stopped deciding for them first, and reads its
+    /// fence state afterwards.
     pub async fn release_parts(&self, node: &NodeInfo, parts: &[Partition]) -> anyhow::Result<u64> {
         if parts.is_empty() {
             return Ok(0);
         }
         let list: Vec<String> = parts.iter().map(|p| p.0.to_string()).collect();
         Ok(sqlx::query(&format!(
-            "UPDATE leases SET owner = NULL WHERE owner = ? AND part IN ({})",
+            "UPDATE leases l JOIN fences f ON f.node = l.owner SET l.owner = NULL, f.gen = f.gen + 1 \
+             WHERE l.owner = ? AND l.part IN ({})",
             list.join(",")
         ))
         .bind(node.id.as_str())
         .execute(self.pool())
         .await?
-        .rows_affected())
+        .rows_affected()
+        // The count takes in the fence row too.
+        .saturating_sub(1))
     }
 
     /// Gives up every lease this node holds (after its last commit) and ends its
     /// heartbeat, so other nodes take over at once instead of waiting for expiry.
     pub async fn release(&self, node: &NodeInfo) -> anyhow::Result<u64> {
-        let released = sqlx::query("UPDATE leases SET owner = NULL WHERE owner = ?")
+        let released = sqlx::query(
+            "UPDATE leases l JOIN fences f ON f.node = l.owner SET l.owner = NULL, f.gen = f.gen + 1 WHERE l.owner = ?",
+        )
             .bind(node.id.as_str())
             .execute(self.pool())
             .await?
@@ -338,6 +355,12 @@ impl Store {
             "DELETE FROM nodes WHERE id LIKE 'solo-%' AND expires_at_ms < {NOW_MS} \
              AND id NOT IN (SELECT owner FROM leases WHERE owner IS NOT NULL)"
         ))
+        .execute(self.pool())
+        .await?;
+        sqlx::query(
+            "DELETE FROM fences WHERE node LIKE 'solo-%' AND node NOT IN (SELECT id FROM nodes) \
+             AND node NOT IN (SELECT owner FROM leases WHERE owner IS NOT NULL)",
+        )
         .execute(self.pool())
         .await?;
         Ok(())

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, Call};
 use crate::model::CourseSpec;
-use crate::partition::{Held, Lease};
+use crate::partition::{Held, Lease, Proof};
 use store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled, Store, StoreOptions};
 
 /// The store as the committers see it: the seam between the group-commit logic (batching,
@@ -35,18 +35,19 @@ use store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session,
 #[allow(async_fn_in_trait)] // used on one current-thread runtime; no Send bound wanted
 pub trait Backend {
     async fn ping(&self) -> anyhow::Result<()>;
-    /// Commits the ops only if this node still holds every one of `leases` (empty: the
-    /// store does not fence), else `CommitError::Fenced`.
-    async fn commit_seats(&self, ops: &[SeatOp], leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError>;
+    /// Commits the ops only if the proof holds (no leases: the store does not fence),
+    /// else `CommitError::Fenced`.
+    async fn commit_seats(&self, ops: &[SeatOp], proof: &Proof, session: &Session) -> Result<Vec<SeatResult>, CommitError>;
     async fn put_course(
         &self,
         id: &CourseId,
         spec: &CourseSpec,
-        lease: Option<Lease>,
+        proof: &Proof,
         session: &Session,
     ) -> Result<PutResult, CommitError>;
-    /// Which of `leases` the store no longer gives this node (after a fenced batch).
-    async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>>;
+    /// This node's fence generation and the leases the store gives it, in one snapshot
+    /// (after a fenced batch).
+    async fn fence_state(&self) -> anyhow::Result<(u64, Vec<Lease>)>;
     /// After an unanswered COMMIT: makes sure the session can no longer commit (its
     /// COMMIT has applied or never will).
     async fn fence(&self, session: &Session) -> anyhow::Result<()>;
@@ -62,20 +63,23 @@ impl Backend for Store {
     async fn ping(&self) -> anyhow::Result<()> {
         Store::ping(self).await
     }
-    async fn commit_seats(&self, ops: &[SeatOp], leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
-        Store::commit_seats(self, ops, leases, session).await
+    async fn commit_seats(&self, ops: &[SeatOp], proof: &Proof, session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        Store::commit_seats(self, ops, proof, session).await
     }
     async fn put_course(
         &self,
         id: &CourseId,
         spec: &CourseSpec,
-        lease: Option<Lease>,
+        proof: &Proof,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
-        Store::put_course(self, id, spec, lease, session).await
+        Store::put_course(self, id, spec, proof, session).await
     }
-    async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
-        Store::lost_leases(self, leases).await
+    async fn fence_state(&self) -> anyhow::Result<(u64, Vec<Lease>)> {
+        match self.lease_owner() {
+            Some(node) => Store::fence_state(self, node).await,
+            None => Ok((0, Vec::new())),
+        }
     }
     async fn fence(&self, session: &Session) -> anyhow::Result<()> {
         Store::fence(self, session).await
@@ -419,9 +423,12 @@ async fn open_and_load(cfg: &PersistConfig, sink: impl FnMut(LoadRow)) -> anyhow
         if leases.solo {
             // Before anything is read: what is loaded next is what the store holds once
             // every earlier owner is fenced out.
-            for lease in lease::take_all(&store, &leases.node).await? {
-                leases.held.grant(lease);
+            lease::take_all(&store, &leases.node).await?;
+            let (gen, owned) = store.fence_state(&leases.node.id).await?;
+            for lease in &owned {
+                leases.held.grant(*lease);
             }
+            leases.held.refresh(gen, &owned);
             leases.metrics.leases_held.set(leases.held.count() as i64);
             tracing::info!(node = %leases.node.id, partitions = leases.held.count(), "took the store's leases");
         } else {
@@ -463,9 +470,12 @@ async fn seed_demo(store: &Store, held: Option<&Held>) -> anyhow::Result<()> {
             opens_at: *opens_at,
             closes_at: None,
         };
-        let lease = held.and_then(|h| h.lease_of(id.as_str()));
+        let proof = Proof {
+            gen: held.map_or(0, Held::gen),
+            leases: held.and_then(|h| h.lease_of(id.as_str())).into_iter().collect(),
+        };
         store
-            .put_course(&id, &spec, lease, &Session::default())
+            .put_course(&id, &spec, &proof, &Session::default())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
@@ -770,9 +780,12 @@ async fn put_course<B: Backend>(
     lease: Option<Lease>,
     cfg: &PersistConfig,
 ) -> Outcome {
+    let Some(proof) = proof_of(cfg, lease.as_slice()) else {
+        return Outcome::Failed; // decided under a lease this node has lost since
+    };
     let mut session = Session::default();
     let started = tokio::time::Instant::now();
-    let mut result = bounded(cfg, store.put_course(course, spec, lease, &session)).await;
+    let mut result = bounded(cfg, store.put_course(course, spec, &proof, &session)).await;
     // Two new courses created at once on two nodes can deadlock on the gap their rows go
     // into; InnoDB rolls one back whole, which is then simply run again.
     for _ in 0..DEADLOCK_RETRIES_MAX {
@@ -780,7 +793,7 @@ async fn put_course<B: Backend>(
             Ok(Err(CommitError::NotCommitted(e))) if store::is_deadlock(e) => {
                 tracing::debug!(course = %course, "admin change chosen as a deadlock victim; running it again");
                 session = Session::default();
-                result = bounded(cfg, store.put_course(course, spec, lease, &session)).await;
+                result = bounded(cfg, store.put_course(course, spec, &proof, &session)).await;
             }
             _ => break,
         }
@@ -793,7 +806,7 @@ async fn put_course<B: Backend>(
             Outcome::Failed
         }
         Ok(Err(CommitError::Fenced)) => {
-            fenced_out(store, lease.as_slice(), cfg).await;
+            fenced_out(store, cfg).await;
             Outcome::Failed
         }
         Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
@@ -810,20 +823,37 @@ const DEADLOCK_RETRIES_MAX: usize = 3;
 /// A seat op in a batch: the op, the lease it was decided under, who waits for it.
 type Seat = (SeatOp, Option<Lease>, oneshot::Sender<Outcome>);
 
-/// After a fenced batch: learns which of its leases the store gave to another node and
-/// forgets them, so the shards stop deciding for those partitions. The batch's changes
-/// are answered as not recorded (true: it rolled back), including those of partitions
-/// still held; their clients retry.
-async fn fenced_out<B: Backend>(store: &B, leases: &[Lease], cfg: &PersistConfig) {
+/// The proof for changes decided under `leases`: the fence generation first, then each
+/// lease checked against what is held (a refresh loses leases before it moves the
+/// generation, so a lease lost before the generation read is seen lost here). None: one
+/// of them was lost since (the change was decided from a memory that is no longer the
+/// store's; it is answered as not recorded without reaching the store).
+fn proof_of(cfg: &PersistConfig, leases: &[Lease]) -> Option<Proof> {
+    let Some(held) = cfg.leases.as_ref().map(|l| &l.held) else {
+        return Some(Proof::default());
+    };
+    let gen = held.gen();
+    leases
+        .iter()
+        .all(|l| held.lease(l.partition) == Some(*l))
+        .then(|| Proof {
+            gen,
+            leases: leases.to_vec(),
+        })
+}
+
+/// After a fenced batch: reads the store's fence generation and this node's leases, and
+/// forgets the leases it lost, so the shards stop deciding for those partitions. The
+/// batch's changes are answered as not recorded (true: it rolled back), including those
+/// of partitions still held; their clients retry.
+async fn fenced_out<B: Backend>(store: &B, cfg: &PersistConfig) {
     cfg.metrics.fenced_batches.inc();
     let held = cfg.leases.as_ref().map(|l| &l.held);
-    match bounded(cfg, store.lost_leases(leases)).await {
-        Ok(Ok(lost)) => {
-            tracing::warn!(lost = lost.len(), "batch fenced out: partitions taken over by another node");
-            for lease in lost {
-                if let Some(held) = held {
-                    held.lose(lease);
-                }
+    match bounded(cfg, store.fence_state()).await {
+        Ok(Ok((gen, owned))) => {
+            tracing::warn!(gen, leases = owned.len(), "batch fenced out: this node's leases changed in the store");
+            if let Some(held) = held {
+                held.refresh(gen, &owned);
             }
         }
         Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "batch fenced out; reading the leases failed"),
@@ -836,13 +866,20 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &Persis
         return;
     }
     let metrics = &cfg.metrics;
-    let ops: Vec<SeatOp> = seats.iter().map(|(op, _, _)| op.clone()).collect();
     let mut leases: Vec<Lease> = seats.iter().filter_map(|(_, lease, _)| *lease).collect();
     leases.sort_unstable();
     leases.dedup();
+    let Some(proof) = proof_of(cfg, &leases) else {
+        // Decided under a lease lost since: not one of them may reach the store.
+        for (_, _, reply) in seats.drain(..) {
+            let _ = reply.send(Outcome::Failed);
+        }
+        return;
+    };
+    let ops: Vec<SeatOp> = seats.iter().map(|(op, _, _)| op.clone()).collect();
     let session = Session::default();
     let started = tokio::time::Instant::now();
-    let result = bounded(cfg, store.commit_seats(&ops, &leases, &session)).await;
+    let result = bounded(cfg, store.commit_seats(&ops, &proof, &session)).await;
     let elapsed = started.elapsed();
     cfg.breaker.record(call_of(&result), elapsed);
     tracing::debug!(
@@ -859,7 +896,7 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &Persis
             None
         }
         Ok(Err(CommitError::Fenced)) => {
-            fenced_out(store, &leases, cfg).await;
+            fenced_out(store, cfg).await;
             None
         }
         Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {

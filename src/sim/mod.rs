@@ -256,9 +256,12 @@ impl World {
             },
         ));
         let held = Arc::new(crate::partition::Held::default());
-        for lease in self.store.take_over(node) {
-            held.grant(lease);
+        self.store.take_over(node);
+        let (gen, owned) = self.store.fence_state(node);
+        for lease in &owned {
+            held.grant(*lease);
         }
+        held.refresh(gen, &owned);
         let leases = persist::LeaseConfig {
             node: persist::lease::NodeInfo {
                 id: format!("sim-{node}"),

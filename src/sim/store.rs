@@ -11,7 +11,7 @@
 //! which node wrote under each (partition, epoch) and every commit that wrote a
 //! partition it did not prove, for the checker.
 
-use crate::partition::{partition_of, Lease, Partition};
+use crate::partition::{partition_of, Lease, Partition, Proof as LeaseProof};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
@@ -48,6 +48,8 @@ pub type NodeTag = u32;
 #[derive(Clone, Debug)]
 struct Proof {
     node: NodeTag,
+    /// The node's fence generation it proves (the real store's `fences` row).
+    gen: u64,
     leases: Vec<Lease>,
     /// The partitions its effects write.
     writes: Vec<Partition>,
@@ -162,6 +164,8 @@ pub struct SimStore {
     late: RefCell<BTreeMap<u64, (Proof, Vec<Effect>)>>,
     /// The lease table: each partition's owner and epoch (none before a node takes it).
     leases: RefCell<BTreeMap<Partition, (NodeTag, u64)>>,
+    /// Each node's fence generation: bumped whenever one of its leases is taken.
+    gens: RefCell<BTreeMap<NodeTag, u64>>,
     /// Every seat ever inserted (for the checker's view of a deposed node's answers).
     ever: RefCell<std::collections::BTreeSet<(CourseId, StudentId)>>,
     /// Which node wrote under each (partition, epoch): one writer per partition per epoch.
@@ -184,6 +188,7 @@ impl SimStore {
             next_session: Cell::new(1),
             late: RefCell::default(),
             leases: RefCell::default(),
+            gens: RefCell::default(),
             ever: RefCell::default(),
             writers: RefCell::default(),
             violations: RefCell::default(),
@@ -303,15 +308,36 @@ impl SimStore {
             .map(|c| partition_of(c.as_str()))
             .collect();
         let mut leases = self.leases.borrow_mut();
+        let mut gens = self.gens.borrow_mut();
         parts
             .into_iter()
             .map(|p| {
                 let row = leases.entry(p).or_insert((node, 0));
+                if row.1 > 0 {
+                    // Taken from its owner: the owner's fence moves on.
+                    *gens.entry(row.0).or_default() += 1;
+                }
                 row.0 = node;
                 row.1 += 1;
                 Lease { partition: p, epoch: row.1 }
             })
             .collect()
+    }
+
+    /// A node's fence generation and its leases, as the real store's `fence_state` reads them.
+    pub fn fence_state(&self, node: NodeTag) -> (u64, Vec<Lease>) {
+        let gen = self.gens.borrow().get(&node).copied().unwrap_or(0);
+        let leases = self
+            .leases
+            .borrow()
+            .iter()
+            .filter(|(_, (owner, _))| *owner == node)
+            .map(|(p, (_, epoch))| Lease {
+                partition: *p,
+                epoch: *epoch,
+            })
+            .collect();
+        (gen, leases)
     }
 
     /// Whether the seat was ever committed (it may have been dropped since).
@@ -330,10 +356,19 @@ impl SimStore {
     fn land(&self, proof: &Proof, effects: &[Effect]) -> bool {
         {
             let table = self.leases.borrow();
-            let holds = |l: &Lease| table.get(&l.partition) == Some(&(proof.node, l.epoch));
-            if !proof.leases.iter().all(holds) {
+            let gen = self.gens.borrow().get(&proof.node).copied().unwrap_or(0);
+            // The fence is the generation alone (as in the real store); the leases must
+            // then be the node's, or the generation check let a stale proof through.
+            if !proof.leases.is_empty() && proof.gen != gen {
                 self.count("commit fenced out");
                 return false;
+            }
+            let holds = |l: &Lease| table.get(&l.partition) == Some(&(proof.node, l.epoch));
+            if !proof.leases.iter().all(holds) {
+                self.violations.borrow_mut().push(format!(
+                    "node {} committed at its current fence generation {gen} under leases it does not hold: {:?}",
+                    proof.node, proof.leases
+                ));
             }
             for p in &proof.writes {
                 if table.contains_key(p) && !proof.leases.iter().any(|l| l.partition == *p) {
@@ -569,28 +604,23 @@ impl Backend for SimNode {
     async fn ping(&self) -> anyhow::Result<()> {
         self.store.ping(self.node).await
     }
-    async fn commit_seats(&self, ops: &[SeatOp], leases: &[Lease], session: &Session) -> Result<Vec<SeatResult>, CommitError> {
-        self.store.commit_seats(self.node, ops, leases, session).await
+    async fn commit_seats(&self, ops: &[SeatOp], proof: &LeaseProof, session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+        self.store.commit_seats(self.node, ops, proof, session).await
     }
     async fn put_course(
         &self,
         id: &CourseId,
         spec: &CourseSpec,
-        lease: Option<Lease>,
+        proof: &LeaseProof,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
-        self.store.put_course(self.node, id, spec, lease, session).await
+        self.store.put_course(self.node, id, spec, proof, session).await
     }
     async fn fence(&self, session: &Session) -> anyhow::Result<()> {
         self.store.fence(self.node, session).await
     }
-    async fn lost_leases(&self, leases: &[Lease]) -> anyhow::Result<Vec<Lease>> {
-        let table = self.store.leases.borrow();
-        Ok(leases
-            .iter()
-            .filter(|l| table.get(&l.partition) != Some(&(self.node, l.epoch)))
-            .copied()
-            .collect())
+    async fn fence_state(&self) -> anyhow::Result<(u64, Vec<Lease>)> {
+        Ok(self.store.fence_state(self.node))
     }
     async fn read_back(&self, probe: &Probe) -> anyhow::Result<bool> {
         self.store.read_back(self.node, probe).await
@@ -618,7 +648,7 @@ impl SimStore {
         &self,
         node: NodeTag,
         ops: &[SeatOp],
-        leases: &[Lease],
+        lease_proof: &LeaseProof,
         session: &Session,
     ) -> Result<Vec<SeatResult>, CommitError> {
         let id = self.session(session);
@@ -628,7 +658,8 @@ impl SimStore {
         let (results, effects, probe) = self.plan_seats(ops);
         let proof = Proof {
             node,
-            leases: leases.to_vec(),
+            gen: lease_proof.gen,
+            leases: lease_proof.leases.clone(),
             writes: ops.iter().map(|op| partition_of(op.key().0.as_str())).collect(),
         };
         session.commit_sent(probe, Settled::Seats(results.clone()));
@@ -642,12 +673,13 @@ impl SimStore {
         node: NodeTag,
         id: &CourseId,
         spec: &CourseSpec,
-        lease: Option<Lease>,
+        lease_proof: &LeaseProof,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
         let proof = Proof {
             node,
-            leases: lease.into_iter().collect(),
+            gen: lease_proof.gen,
+            leases: lease_proof.leases.clone(),
             writes: vec![partition_of(id.as_str())],
         };
         let sid = self.session(session);
