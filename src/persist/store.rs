@@ -16,7 +16,7 @@ use sqlx::{AnyPool, Row};
 use super::feed::{EventKind, EventRows, NewEvent};
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::model::CourseSpec;
-use crate::partition::{Lease, Partition, Proof};
+use crate::partition::{Partition, Proof};
 
 /// Rows in one multi-row statement at most. SQLite allows 32,766 bound variables and the
 /// widest statement binds 3 per row.
