@@ -88,7 +88,9 @@ impl Held {
                 }
             }
         }
-        self.gen.store(gen, Ordering::Release);
+        // Two refreshes may race (the keeper's and a committer's): the newer snapshot's
+        // generation stays.
+        self.gen.fetch_max(gen, Ordering::AcqRel);
     }
 
     /// The lease held on `p`, if any.

@@ -329,10 +329,12 @@ impl Store {
         let released = sqlx::query(
             "UPDATE leases l JOIN fences f ON f.node = l.owner SET l.owner = NULL, f.gen = f.gen + 1 WHERE l.owner = ?",
         )
-            .bind(node.id.as_str())
-            .execute(self.pool())
-            .await?
-            .rows_affected();
+        .bind(node.id.as_str())
+        .execute(self.pool())
+        .await?
+        .rows_affected()
+        // The count takes in the fence row too.
+        .saturating_sub(1);
         // A cluster node's row stays (lapsed) for `cluster status`; a process outside
         // cluster mode has an id of its own, which no later start reuses.
         let end = if node.id.starts_with("solo-") {
