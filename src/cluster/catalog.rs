@@ -47,6 +47,10 @@ struct Entry {
     stamp: Stamp,
     /// When a change (not a catch-up) last set it.
     changed_at: Instant,
+    /// This node passed a change of the course to its owner at this instant: the copy is
+    /// not served until a newer change or a catch-up begun after it arrives (a student
+    /// reads their own write on the node they wrote through).
+    stale_since: Option<Instant>,
 }
 
 /// A course as the owners publish it.
@@ -133,6 +137,7 @@ impl Catalog {
                 e.view = view;
                 e.stamp = change.stamp;
                 e.changed_at = Instant::now();
+                e.stale_since = None;
                 true
             }
             None if full => false,
@@ -143,6 +148,7 @@ impl Catalog {
                         view,
                         stamp: change.stamp,
                         changed_at: Instant::now(),
+                        stale_since: None,
                     },
                 );
                 true
@@ -160,7 +166,12 @@ impl Catalog {
                 // The store's state, newer than the last change applied; that change's
                 // stamp stays, so a change older than it that arrives late cannot
                 // take the copy back.
-                Some(e) => e.view = view,
+                Some(e) => {
+                    e.view = view;
+                    if e.stale_since.is_some_and(|t| t < started) {
+                        e.stale_since = None;
+                    }
+                }
                 None => {
                     courses.insert(
                         view.id.clone(),
@@ -168,6 +179,7 @@ impl Catalog {
                             view,
                             stamp: Stamp::default(),
                             changed_at: started,
+                            stale_since: None,
                         },
                     );
                 }
@@ -186,8 +198,21 @@ impl Catalog {
         self.refreshed_at.read().map(|t| t.elapsed())
     }
 
+    /// The course's copy, unless a change this node passed on has not reached it yet.
     pub fn get(&self, id: &str) -> Option<CourseView> {
-        self.courses.read().get(id).map(|e| e.view.clone())
+        self.courses
+            .read()
+            .get(id)
+            .filter(|e| e.stale_since.is_none())
+            .map(|e| e.view.clone())
+    }
+
+    /// This node just passed a change of `id` to its owner: reads of it go to the owner
+    /// until the copy has caught up.
+    pub fn passed_on(&self, id: &str) {
+        if let Some(e) = self.courses.write().get_mut(id) {
+            e.stale_since = Some(Instant::now());
+        }
     }
 
     /// Up to `limit` courses with ids after `after`, in id order.
@@ -237,6 +262,22 @@ mod tests {
         assert!(c.apply(&change("A", 3, 4, 1)), "the new owner's first change");
         assert!(!c.apply(&change("A", 9, 3, 99)), "the old owner, after the takeover");
         assert_eq!(c.get("A").unwrap().enrolled, 3);
+    }
+
+    #[test]
+    fn a_change_passed_on_is_not_read_from_the_copy_until_it_arrives() {
+        let c = Catalog::default();
+        assert!(c.apply(&change("A", 1, 1, 1)));
+        c.passed_on("A");
+        assert_eq!(c.get("A"), None, "read from the owner meanwhile");
+        assert!(!c.apply(&change("A", 1, 1, 1)), "not newer");
+        assert_eq!(c.get("A"), None);
+        assert!(c.apply(&change("A", 2, 1, 2)));
+        assert_eq!(c.get("A").unwrap().enrolled, 2);
+        c.passed_on("A");
+        let later = Instant::now();
+        c.catch_up(vec![change("A", 3, 0, 0).view().unwrap()], later);
+        assert_eq!(c.get("A").unwrap().enrolled, 3, "a catch-up begun after the change");
     }
 
     #[test]

@@ -349,6 +349,11 @@ async fn pass_to_owner(
             {
                 Ok(resp) => {
                     cluster.metrics.hops.inc();
+                    if method != Method::GET && resp.status().is_success() {
+                        // Read your writes here: the cache's copy is behind until the
+                        // owner's change arrives.
+                        cluster.catalog.passed_on(course);
+                    }
                     return Ok(Ok(resp));
                 }
                 // Nothing was sent (no hop): wait for a takeover, as for a course nobody owns.
