@@ -66,7 +66,8 @@ fn redis_rate(lease: u32, secs: f64) -> Option<f64> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let breaker = Arc::new(Breaker::new("bench", BreakerConfig::default()));
-        let shared = Arc::new(RedisShared::new("redis://127.0.0.1:6379", enrolld::config::REDIS_PREFIX_DEFAULT, breaker).ok()?);
+        let shared =
+            Arc::new(RedisShared::new("redis://127.0.0.1:6379", enrolld::config::REDIS_PREFIX_DEFAULT, breaker).ok()?);
         let link = RedisLink::new(shared);
         let rate = Rate {
             per_sec: 1e9,

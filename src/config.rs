@@ -275,7 +275,12 @@ fn cluster_of(
     let port_ok = advertise
         .rsplit_once(':')
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if !port_ok || advertise.len() > 300 || advertise.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+    if !port_ok
+        || advertise.len() > 300
+        || advertise
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
         return Err(ConfigError(format!("`advertise` {advertise:?} must be host:port")));
     }
     Ok(Some(ClusterConfig { node_id, advertise }))
@@ -347,7 +352,11 @@ impl Config {
             .clone()
             .or(file.redis_prefix.clone())
             .unwrap_or_else(|| REDIS_PREFIX_DEFAULT.into());
-        if redis_prefix.len() > 64 || redis_prefix.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        if redis_prefix.len() > 64
+            || redis_prefix
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
             return Err(ConfigError(format!(
                 "`redis_prefix` {redis_prefix:?} must be at most 64 bytes, without spaces"
             )));
@@ -486,7 +495,9 @@ impl Config {
             events_redis_stream,
             cluster_lease_ms: range(
                 "cluster_lease_ms",
-                args.cluster_lease_ms.or(file.cluster_lease_ms).unwrap_or(CLUSTER_LEASE_MS_DEFAULT),
+                args.cluster_lease_ms
+                    .or(file.cluster_lease_ms)
+                    .unwrap_or(CLUSTER_LEASE_MS_DEFAULT),
                 CLUSTER_LEASE_MS_MIN,
                 CLUSTER_LEASE_MS_MAX,
             )?,
@@ -663,11 +674,23 @@ mod tests {
         check_file(&format!("{mysql}node_id = \"n 1\""), Some("`node_id`"));
         check_file(&format!("{mysql}node_id = \"solo-1\""), Some("`solo-`"));
         check_file("node_id = \"n1\"", Some("needs a MySQL"));
-        check_file(&format!("{mysql}advertise = \"h:1\""), Some("`advertise` needs `node_id`"));
+        check_file(
+            &format!("{mysql}advertise = \"h:1\""),
+            Some("`advertise` needs `node_id`"),
+        );
         check_file(&format!("{mysql}node_id = \"n1\"\ndemo = true"), Some("`demo`"));
-        check_file(&format!("{mysql}node_id = \"n1\"\nadvertise = \"h\""), Some("host:port"));
-        check_file(&format!("{mysql}node_id = \"n1\"\nlisten = \"0.0.0.0:8080\""), Some("`advertise` is required"));
-        check_file(&format!("{mysql}node_id = \"n1\"\nlisten = \"0.0.0.0:8080\"\nadvertise = \"10.0.0.1:8080\""), None);
+        check_file(
+            &format!("{mysql}node_id = \"n1\"\nadvertise = \"h\""),
+            Some("host:port"),
+        );
+        check_file(
+            &format!("{mysql}node_id = \"n1\"\nlisten = \"0.0.0.0:8080\""),
+            Some("`advertise` is required"),
+        );
+        check_file(
+            &format!("{mysql}node_id = \"n1\"\nlisten = \"0.0.0.0:8080\"\nadvertise = \"10.0.0.1:8080\""),
+            None,
+        );
         check_file("cluster_lease_ms = 299", Some("`cluster_lease_ms`"));
         check_file("cluster_catchup_ms = 99", Some("`cluster_catchup_ms`"));
         check_file("redis_prefix = \"a b\"", Some("`redis_prefix`"));

@@ -179,7 +179,10 @@ fn refused(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause.downcast_ref::<ConfigError>().is_some()
             || matches!(cause.downcast_ref::<BindError>(), Some(BindError::InUse(_)))
-            || matches!(cause.downcast_ref::<StoreLockError>(), Some(StoreLockError::Held { .. }))
+            || matches!(
+                cause.downcast_ref::<StoreLockError>(),
+                Some(StoreLockError::Held { .. })
+            )
             || matches!(cause.downcast_ref::<LeaseError>(), Some(LeaseError::Held { .. }))
     })
 }
@@ -242,7 +245,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn cluster_status(store: &str, json: bool) -> anyhow::Result<()> {
     use enrolld::persist::store::{Dialect, Store, StoreOptions};
     if Dialect::of_url(store) != Some(Dialect::Mysql) {
-        return Err(ConfigError(format!("--store {:?} must be the nodes' mysql:// store", enrolld::server::redact(store))).into());
+        return Err(ConfigError(format!(
+            "--store {:?} must be the nodes' mysql:// store",
+            enrolld::server::redact(store)
+        ))
+        .into());
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let status = rt.block_on(async {
@@ -259,7 +266,10 @@ fn cluster_status(store: &str, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(&status)?);
     } else {
-        println!("{:<32} {:<24} {:<6} {:>10} {:>8}", "NODE", "ADVERTISE", "ALIVE", "PARTITIONS", "COURSES");
+        println!(
+            "{:<32} {:<24} {:<6} {:>10} {:>8}",
+            "NODE", "ADVERTISE", "ALIVE", "PARTITIONS", "COURSES"
+        );
         for n in &status.nodes {
             let alive = if n.alive { "yes" } else { "no" };
             println!(

@@ -138,7 +138,10 @@ mod tests {
     #[test]
     fn partitions_cover_the_hash_space_in_order() {
         assert_eq!(first_hash_of(Partition(0)), 0);
-        assert_eq!(first_hash_of(Partition(PARTITIONS - 1)) >> (32 - PARTITION_BITS), PARTITIONS - 1);
+        assert_eq!(
+            first_hash_of(Partition(PARTITIONS - 1)) >> (32 - PARTITION_BITS),
+            PARTITIONS - 1
+        );
         let p = partition_of("CS101-01");
         let h = crc32fast::hash(b"CS101-01");
         assert!(first_hash_of(p) <= h);

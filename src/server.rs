@@ -14,15 +14,15 @@ use std::time::Instant;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{Config, LogFormat};
-use crate::ids::{ShardClock, ShardId, SystemClock};
-use crate::limit::breaker::Breaker;
-use crate::limit::{Limiter, ShardLimiter};
 use crate::cluster::bus::{self, BusConfig};
 use crate::cluster::catalog::{publish_changes, Catalog, Published, PUBLISH_QUEUE_MAX};
 use crate::cluster::forward::Forwarder;
 use crate::cluster::keeper::{self, KeeperConfig};
 use crate::cluster::Cluster;
+use crate::config::{Config, LogFormat};
+use crate::ids::{ShardClock, ShardId, SystemClock};
+use crate::limit::breaker::Breaker;
+use crate::limit::{Limiter, ShardLimiter};
 use crate::metrics::{ClusterMetrics, Collector, Metrics, PersistMetrics, ShardMetrics};
 use crate::net::auth::Auth;
 use crate::net::http::{ClusterCtx, Ctx, HttpLimits};
@@ -66,7 +66,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
     let store_breaker = Arc::new(Breaker::new("store", cfg.limits.store_breaker.clone()));
     let leases = lease_config(&cfg, cluster_metrics.clone());
     let cluster = match (&cfg.cluster, &leases) {
-        (Some(c), Some(l)) => Some(Arc::new(Cluster::new(c.node_id.clone(), c.advertise.clone(), l.held.clone()))),
+        (Some(c), Some(l)) => Some(Arc::new(Cluster::new(
+            c.node_id.clone(),
+            c.advertise.clone(),
+            l.held.clone(),
+        ))),
         _ => None,
     };
     // Cluster mode: the catalog cache, and the queue the shards hand their changes to.
@@ -173,7 +177,11 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                     clock,
                     answer_wait,
                 );
-                let shard = Rc::new(if cluster.is_some() { shard.track_changes() } else { shard });
+                let shard = Rc::new(if cluster.is_some() {
+                    shard.track_changes()
+                } else {
+                    shard
+                });
                 if let Some(cluster) = &cluster {
                     tokio::task::spawn_local(publish_changes(
                         shard.clone(),

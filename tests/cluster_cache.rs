@@ -27,7 +27,16 @@ struct PrivateRedis {
 impl PrivateRedis {
     fn start(port: u16) -> PrivateRedis {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -46,7 +55,10 @@ impl PrivateRedis {
             if pong {
                 return r;
             }
-            assert!(Instant::now() < deadline, "private redis-server did not answer on {port}");
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server did not answer on {port}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -92,9 +104,14 @@ fn node(id: &str, port: u16, db: &TestDb, redis: u16) -> Server {
 }
 
 async fn capacity_on(c: &mut Conn, course: &str) -> (u64, String) {
-    let r = c.request("GET", &format!("/v1/courses/{course}"), Some(&token("reader")), None).await;
+    let r = c
+        .request("GET", &format!("/v1/courses/{course}"), Some(&token("reader")), None)
+        .await;
     assert_eq!(r.status, 200, "GET {course}");
-    let node = r.header("x-enrolld-node").expect("every /v1 answer names its node").to_string();
+    let node = r
+        .header("x-enrolld-node")
+        .expect("every /v1 answer names its node")
+        .to_string();
     (r.json()["capacity"].as_u64().expect("capacity"), node)
 }
 
@@ -134,7 +151,14 @@ async fn a_change_reaches_the_other_nodes_cache_within_a_second_and_within_the_c
         let mut on_b = None;
         for i in 0..40 {
             let id = format!("CACHE-{i}");
-            let r = ca.request("GET", &format!("/v1/admin/courses/{id}/roster"), Some(&admin_token()), None).await;
+            let r = ca
+                .request(
+                    "GET",
+                    &format!("/v1/admin/courses/{id}/roster"),
+                    Some(&admin_token()),
+                    None,
+                )
+                .await;
             match r.header("x-enrolld-node") {
                 Some("ca") => on_a = Some(id),
                 Some("cb") => on_b = Some(id),
@@ -162,7 +186,10 @@ async fn a_change_reaches_the_other_nodes_cache_within_a_second_and_within_the_c
         if served_by == "ca" {
             break;
         }
-        assert!(cached.elapsed() < second, "A answers a read of B's course from its own cache again");
+        assert!(
+            cached.elapsed() < second,
+            "A answers a read of B's course from its own cache again"
+        );
         tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     }
     let t2 = staleness(&mut cb, &mut ca, &on_b, 12, second).await;
@@ -181,7 +208,12 @@ async fn a_change_reaches_the_other_nodes_cache_within_a_second_and_within_the_c
     eprintln!("cache staleness with Redis down: {t4:?}, {t5:?} (bound cluster_catchup_ms = {CATCHUP_MS} ms)");
     // Seats still sell with Redis down (it never decides a seat).
     let r = cb
-        .request("POST", &format!("/v1/courses/{on_b}/enrollment"), Some(&token("while-redis-down")), None)
+        .request(
+            "POST",
+            &format!("/v1/courses/{on_b}/enrollment"),
+            Some(&token("while-redis-down")),
+            None,
+        )
         .await;
     assert_eq!(r.status, 201);
 

@@ -101,7 +101,10 @@ async fn group_commit_applies_a_batch_atomically() {
             enroll("B", "s3"),
         ];
         assert_eq!(
-            store.commit_seats(&batch, &Proof::default(), &Session::default()).await.unwrap(),
+            store
+                .commit_seats(&batch, &Proof::default(), &Session::default())
+                .await
+                .unwrap(),
             vec![SeatResult::Applied; 4],
             "{kind}"
         );
@@ -127,7 +130,10 @@ async fn the_guard_refuses_seats_beyond_capacity() {
         // Three seats for a course of two in one batch (as two nodes selling it could ask):
         // the store sells two, refuses the third, and the rest of the batch still applies.
         let batch = vec![enroll("G", "a"), enroll("H", "z"), enroll("G", "b"), enroll("G", "c")];
-        let got = store.commit_seats(&batch, &Proof::default(), &Session::default()).await.unwrap();
+        let got = store
+            .commit_seats(&batch, &Proof::default(), &Session::default())
+            .await
+            .unwrap();
         assert_eq!(
             got,
             vec![
@@ -177,7 +183,11 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
         // The same seat again (a retried batch): applied, no second seat, counter unchanged.
         assert_eq!(
             store
-                .commit_seats(&[enroll("I", "a"), enroll("I", "b")], &Proof::default(), &Session::default())
+                .commit_seats(
+                    &[enroll("I", "a"), enroll("I", "b")],
+                    &Proof::default(),
+                    &Session::default()
+                )
                 .await
                 .unwrap()
                 .len(),
@@ -236,7 +246,11 @@ async fn order_per_key_holds_across_batches() {
             .await
             .unwrap();
         store
-            .commit_seats(&[drop_op("O", "a"), enroll("O", "b")], &Proof::default(), &Session::default())
+            .commit_seats(
+                &[drop_op("O", "a"), enroll("O", "b")],
+                &Proof::default(),
+                &Session::default(),
+            )
             .await
             .unwrap();
         assert_eq!(store.roster(&cid("O")).await.unwrap(), vec!["b"], "{kind}");

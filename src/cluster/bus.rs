@@ -235,7 +235,9 @@ async fn subscribe(cfg: &BusConfig, wake: &tokio::sync::Notify) {
         let mut last: HashMap<(String, i64), u64> = HashMap::new();
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
-            let Ok(payload) = msg.get_payload::<String>() else { continue };
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
             let Ok(message) = serde_json::from_str::<Message>(&payload) else {
                 tracing::warn!("an unreadable catalog message; catching up from the store");
                 wake.notify_one();

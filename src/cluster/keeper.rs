@@ -202,7 +202,10 @@ async fn round(store: &Store, cfg: &KeeperConfig, fresh: bool) -> anyhow::Result
     // The leases read above are this node's as of the heartbeat.
     cfg.cluster.renewed(sent, cfg.node.lease);
     if taken_from_me > 0 {
-        tracing::warn!(partitions = taken_from_me, "partitions were taken over by other nodes while this one was away");
+        tracing::warn!(
+            partitions = taken_from_me,
+            "partitions were taken over by other nodes while this one was away"
+        );
     }
     if !give.is_empty() {
         // Stop deciding first; then the store row, so the next owner can take it.
@@ -212,7 +215,10 @@ async fn round(store: &Store, cfg: &KeeperConfig, fresh: bool) -> anyhow::Result
         let parts: Vec<Partition> = give.iter().map(|l| l.partition).collect();
         let released = store.release_parts(&cfg.node, &parts).await?;
         cfg.metrics.partitions_released.inc_by(released);
-        tracing::info!(partitions = released, "handed partitions over to their preferred owners");
+        tracing::info!(
+            partitions = released,
+            "handed partitions over to their preferred owners"
+        );
     }
     if !take.is_empty() {
         let owned = store.take_lapsed(&cfg.node, Some(&take)).await?;
@@ -286,8 +292,7 @@ async fn adopt(store: &Store, cfg: &KeeperConfig, leases: Vec<Lease>) -> anyhow:
             other => anyhow::bail!("a shard answered an adoption with {other:?}"),
         }
     }
-    let refused: std::collections::HashSet<Partition> =
-        unsettled.iter().map(|c| partition_of(c.as_str())).collect();
+    let refused: std::collections::HashSet<Partition> = unsettled.iter().map(|c| partition_of(c.as_str())).collect();
     for lease in &leases {
         if !refused.contains(&lease.partition) {
             cfg.cluster.held.grant(*lease);
@@ -295,7 +300,10 @@ async fn adopt(store: &Store, cfg: &KeeperConfig, leases: Vec<Lease>) -> anyhow:
     }
     if !refused.is_empty() {
         let back: Vec<Partition> = refused.into_iter().collect();
-        tracing::warn!(partitions = back.len(), "courses still busy under the old lease; partitions given back for now");
+        tracing::warn!(
+            partitions = back.len(),
+            "courses still busy under the old lease; partitions given back for now"
+        );
         store.release_parts(&cfg.node, &back).await?;
     }
     cfg.metrics.partitions_taken.inc_by((leases.len()) as u64);

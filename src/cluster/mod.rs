@@ -116,7 +116,11 @@ impl Cluster {
         let p = partition_of(course);
         if self.held.lease(p).is_some() {
             // A lease this node cannot vouch for is nobody's until the keeper looked.
-            return if self.leases_valid() { Route::Here } else { Route::Nobody };
+            return if self.leases_valid() {
+                Route::Here
+            } else {
+                Route::Nobody
+            };
         }
         let owners = self.owners.read();
         match owners.by_partition.get(p.0 as usize).copied().flatten() {

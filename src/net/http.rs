@@ -321,7 +321,7 @@ async fn pass_to_owner(
                     // The body went to a hop that could not be made, and this node took the
                     // course over meanwhile. Nothing was sent: the client retries.
                     None => Err(ApiError::Unavailable),
-                }
+                };
             }
             // Passed on once already: never again (the nodes disagree for a moment).
             Route::Node { .. } if headers.contains_key(crate::cluster::forward::X_ENROLLD_HOP) => {
@@ -806,7 +806,11 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
             limit: (limit + 1) as u32,
             reply,
         };
-        ctx.router.me.persist().read_catalog(read).map_err(|_| ApiError::Unavailable)?;
+        ctx.router
+            .me
+            .persist()
+            .read_catalog(read)
+            .map_err(|_| ApiError::Unavailable)?;
         let stored = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
             tracing::warn!(error = %format!("{e:#}"), "reading the catalog failed");
             ApiError::Unavailable
@@ -857,7 +861,11 @@ async fn my_enrollments(ctx: &Ctx, caller: &Caller) -> Result<Response<Full<Byte
             student: caller.id.clone(),
             reply,
         };
-        ctx.router.me.persist().read_catalog(read).map_err(|_| ApiError::Unavailable)?;
+        ctx.router
+            .me
+            .persist()
+            .read_catalog(read)
+            .map_err(|_| ApiError::Unavailable)?;
         let seats = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
             tracing::warn!(error = %format!("{e:#}"), "reading a student's seats failed");
             ApiError::Unavailable

@@ -85,7 +85,10 @@ pub enum LeaseError {
 }
 
 fn mysql_only(store: &Store) -> anyhow::Result<()> {
-    anyhow::ensure!(store.dialect() == Dialect::Mysql, "partition leases live in MySQL/MariaDB only");
+    anyhow::ensure!(
+        store.dialect() == Dialect::Mysql,
+        "partition leases live in MySQL/MariaDB only"
+    );
     Ok(())
 }
 
@@ -93,7 +96,9 @@ impl Store {
     /// Inserts the partitions' lease rows that are missing (a new or older database).
     pub async fn ensure_partitions(&self) -> anyhow::Result<()> {
         mysql_only(self)?;
-        let row = sqlx::query("SELECT COUNT(*) FROM leases").fetch_one(self.pool()).await?;
+        let row = sqlx::query("SELECT COUNT(*) FROM leases")
+            .fetch_one(self.pool())
+            .await?;
         if row.try_get::<i64, _>(0)? == i64::from(PARTITIONS) {
             return Ok(());
         }
@@ -238,15 +243,13 @@ impl Store {
 
     /// The other nodes that hold leases, with their heartbeats.
     pub async fn holders(&self, node: &NodeInfo) -> anyhow::Result<Vec<Holder>> {
-        let rows = sqlx::query(
-            &format!(
-                "SELECT l.owner, COALESCE(n.advertise, ''), COALESCE(n.host, ''), COALESCE(n.pid, 0), \
+        let rows = sqlx::query(&format!(
+            "SELECT l.owner, COALESCE(n.advertise, ''), COALESCE(n.host, ''), COALESCE(n.pid, 0), \
                         COALESCE(n.expires_at_ms, 0), COUNT(*), COALESCE(n.expires_at_ms, 0) >= {NOW_MS} \
                  FROM leases l LEFT JOIN nodes n ON n.id = l.owner \
                  WHERE l.owner IS NOT NULL AND l.owner <> ? \
                  GROUP BY l.owner, n.advertise, n.host, n.pid, n.expires_at_ms ORDER BY l.owner"
-            ),
-        )
+        ))
         .bind(node.id.as_str())
         .fetch_all(self.pool())
         .await?;
@@ -454,7 +457,12 @@ pub async fn take_all(store: &Store, node: &NodeInfo) -> anyhow::Result<Vec<Leas
     store.forget_lapsed_solo_nodes().await?;
     // A live cluster on this store: refuse before registering or taking anything, or its
     // keepers would count this process as a member for a moment and hand it partitions.
-    if let Some(member) = store.holders(node).await?.into_iter().find(|h| h.alive && !h.id.starts_with("solo-")) {
+    if let Some(member) = store
+        .holders(node)
+        .await?
+        .into_iter()
+        .find(|h| h.alive && !h.id.starts_with("solo-"))
+    {
         return Err(LeaseError::Held { holder: member }.into());
     }
     store.register(node).await?;

@@ -37,7 +37,12 @@ pub trait Backend {
     async fn ping(&self) -> anyhow::Result<()>;
     /// Commits the ops only if the proof holds (no leases: the store does not fence),
     /// else `CommitError::Fenced`.
-    async fn commit_seats(&self, ops: &[SeatOp], proof: &Proof, session: &Session) -> Result<Vec<SeatResult>, CommitError>;
+    async fn commit_seats(
+        &self,
+        ops: &[SeatOp],
+        proof: &Proof,
+        session: &Session,
+    ) -> Result<Vec<SeatResult>, CommitError>;
     async fn put_course(
         &self,
         id: &CourseId,
@@ -63,7 +68,12 @@ impl Backend for Store {
     async fn ping(&self) -> anyhow::Result<()> {
         Store::ping(self).await
     }
-    async fn commit_seats(&self, ops: &[SeatOp], proof: &Proof, session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+    async fn commit_seats(
+        &self,
+        ops: &[SeatOp],
+        proof: &Proof,
+        session: &Session,
+    ) -> Result<Vec<SeatResult>, CommitError> {
         Store::commit_seats(self, ops, proof, session).await
     }
     async fn put_course(
@@ -172,7 +182,12 @@ pub struct LeaseConfig {
 
 impl std::fmt::Debug for LeaseConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LeaseConfig {{ node: {:?}, held: {} partitions }}", self.node, self.held.count())
+        write!(
+            f,
+            "LeaseConfig {{ node: {:?}, held: {} partitions }}",
+            self.node,
+            self.held.count()
+        )
     }
 }
 
@@ -372,12 +387,17 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                     // After the last commit: the others take over at once.
                     match bounded(&cfg, store.release(&leases.node)).await {
                         Ok(Ok(n)) => tracing::info!(partitions = n, "leases released"),
-                        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "releasing the leases failed; they lapse"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %format!("{e:#}"), "releasing the leases failed; they lapse")
+                        }
                         Err(e) => tracing::warn!(error = %e, "releasing the leases timed out; they lapse"),
                     }
                     leases.held.lose_all();
                 }
-                if tokio::time::timeout(cfg.statement_timeout, store.close()).await.is_err() {
+                if tokio::time::timeout(cfg.statement_timeout, store.close())
+                    .await
+                    .is_err()
+                {
                     tracing::warn!("closing the store's connections timed out; leaving them to the exit");
                 }
                 tracing::info!("persist thread: queue drained, store closed");
@@ -528,7 +548,11 @@ async fn keep_leases(
             if owned < held {
                 let holders = store.holders(&leases.node).await?;
                 let names: Vec<String> = holders.iter().map(ToString::to_string).collect();
-                return Ok(Err(format!("{} of {held} partitions taken by {}", held - owned, names.join("; "))));
+                return Ok(Err(format!(
+                    "{} of {held} partitions taken by {}",
+                    held - owned,
+                    names.join("; ")
+                )));
             }
             Ok(Ok(()))
         };
@@ -851,7 +875,11 @@ async fn fenced_out<B: Backend>(store: &B, cfg: &PersistConfig) {
     let held = cfg.leases.as_ref().map(|l| &l.held);
     match bounded(cfg, store.fence_state()).await {
         Ok(Ok((gen, owned))) => {
-            tracing::warn!(gen, leases = owned.len(), "batch fenced out: this node's leases changed in the store");
+            tracing::warn!(
+                gen,
+                leases = owned.len(),
+                "batch fenced out: this node's leases changed in the store"
+            );
             if let Some(held) = held {
                 held.refresh(gen, &owned);
             }

@@ -315,7 +315,10 @@ impl Store {
             return None; // measurement builds only (Cargo.toml)
         }
         let owner = self.lease_owner.as_deref()?;
-        assert!(!proof.leases.is_empty(), "a fenced store writes only changes decided under a lease");
+        assert!(
+            !proof.leases.is_empty(),
+            "a fenced store writes only changes decided under a lease"
+        );
         Some(fence_sql(owner, proof.gen))
     }
 
@@ -405,7 +408,11 @@ impl Store {
             Some(parts) => {
                 assert_eq!(self.dialect, Dialect::Mysql, "partitions are stored on MySQL only");
                 let list: Vec<String> = parts.iter().map(|p| p.0.to_string()).collect();
-                let list = if list.is_empty() { "-1".to_string() } else { list.join(",") };
+                let list = if list.is_empty() {
+                    "-1".to_string()
+                } else {
+                    list.join(",")
+                };
                 (
                     format!(" WHERE part IN ({list})"),
                     format!(" AND part IN ({list})"),
@@ -598,7 +605,10 @@ impl Store {
                 return Ok(());
             }
         }
-        sqlx::query("ROLLBACK").execute(conn.get()).await.map_err(not_committed)?;
+        sqlx::query("ROLLBACK")
+            .execute(conn.get())
+            .await
+            .map_err(not_committed)?;
         conn.ended();
         Err(CommitError::Fenced)
     }
@@ -882,12 +892,11 @@ impl Store {
 
     /// A student's committed seats, in course order (cluster mode: every node's).
     pub async fn enrollments_of(&self, student: &StudentId) -> anyhow::Result<Vec<(CourseId, UnixMs)>> {
-        let rows = sqlx::query(
-            "SELECT course_id, enrolled_at_ms FROM enrollments WHERE student_id = ? ORDER BY course_id",
-        )
-        .bind(student.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows =
+            sqlx::query("SELECT course_id, enrolled_at_ms FROM enrollments WHERE student_id = ? ORDER BY course_id")
+                .bind(student.as_str())
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
             .map(|row| {
                 let id: String = row.try_get(0)?;
@@ -1240,7 +1249,9 @@ fn not_committed(e: impl Into<anyhow::Error>) -> CommitError {
 /// SQLSTATE 40001): nothing of it applied, and running it again is the remedy.
 pub fn is_deadlock(e: &anyhow::Error) -> bool {
     match e.downcast_ref::<sqlx::Error>() {
-        Some(sqlx::Error::Database(db)) => db.code().as_deref() == Some("40001") || db.message().contains("Deadlock found"),
+        Some(sqlx::Error::Database(db)) => {
+            db.code().as_deref() == Some("40001") || db.message().contains("Deadlock found")
+        }
         _ => false,
     }
 }
@@ -1275,7 +1286,10 @@ mod tests {
             opens_at: None,
             closes_at: None,
         };
-        store.put_course(&c, &spec, &Proof::default(), &Session::default()).await.unwrap();
+        store
+            .put_course(&c, &spec, &Proof::default(), &Session::default())
+            .await
+            .unwrap();
         (store, c, s)
     }
 
@@ -1299,7 +1313,10 @@ mod tests {
             "committed fast"
         );
         assert!(
-            !store.try_fast(&[op], &Proof::default(), &Session::default()).await.unwrap(),
+            !store
+                .try_fast(&[op], &Proof::default(), &Session::default())
+                .await
+                .unwrap(),
             "a stored row refuses the batch"
         );
         store.close().await;
@@ -1335,7 +1352,10 @@ mod tests {
         };
         let session = Session::default();
         assert!(
-            store.try_fast(std::slice::from_ref(&op), &Proof::default(), &session).await.unwrap(),
+            store
+                .try_fast(std::slice::from_ref(&op), &Proof::default(), &session)
+                .await
+                .unwrap(),
             "committed fast"
         );
         assert!(session.id.get().is_some(), "the session id was read");
@@ -1394,7 +1414,10 @@ mod tests {
     #[test]
     fn the_fence_is_one_point_read_before_any_change() {
         let fence = fence_sql("n-1", 7);
-        assert_eq!(fence.sql, "SELECT gen FROM fences WHERE node = 'n-1' LOCK IN SHARE MODE");
+        assert_eq!(
+            fence.sql,
+            "SELECT gen FROM fences WHERE node = 'n-1' LOCK IN SHARE MODE"
+        );
         assert_eq!(fence.expected, 7);
         let (a, s1) = ids("A-1", "s.1");
         let op = SeatOp::Enroll {
@@ -1403,7 +1426,11 @@ mod tests {
             at: 1,
         };
         let script = OneTrip::of(Dialect::Mysql, &[op], Some(fence)).unwrap();
-        assert_eq!(script.expects[..2], [Expect::SessionId, Expect::Fence(7)], "the fence comes before any change");
+        assert_eq!(
+            script.expects[..2],
+            [Expect::SessionId, Expect::Fence(7)],
+            "the fence comes before any change"
+        );
     }
 
     /// The fence on MariaDB: a batch commits under the leases it proves, and is refused,
@@ -1463,7 +1490,9 @@ mod tests {
         let fenced = store.commit_seats(&[enroll("b")], &proof, &Session::default()).await;
         assert!(matches!(fenced, Err(CommitError::Fenced)), "{fenced:?}");
         // The row-by-row path proves the lease too.
-        let fenced = store.commit_row_by_row(&[enroll("b")], &proof, &Session::default()).await;
+        let fenced = store
+            .commit_row_by_row(&[enroll("b")], &proof, &Session::default())
+            .await;
         assert!(matches!(fenced, Err(CommitError::Fenced)), "{fenced:?}");
         let fenced = store
             .put_course(
@@ -1479,7 +1508,11 @@ mod tests {
             )
             .await;
         assert!(matches!(fenced, Err(CommitError::Fenced)), "{fenced:?}");
-        assert_eq!(store.roster(&c).await.unwrap(), vec!["a".to_string()], "nothing fenced was written");
+        assert_eq!(
+            store.roster(&c).await.unwrap(),
+            vec!["a".to_string()],
+            "nothing fenced was written"
+        );
         // The node learns its new generation and that the partition is gone.
         let (gen_after, left) = store.fence_state(&node.id).await.unwrap();
         assert_eq!(gen_after, gen + 1);

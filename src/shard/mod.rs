@@ -122,7 +122,9 @@ pub enum Reply {
     Courses(Vec<CourseView>),
     Enrollments(Vec<EnrollmentView>),
     /// The courses adopted, but for these, whose old copies still had changes in flight.
-    Adopted { unsettled: Vec<CourseId> },
+    Adopted {
+        unsettled: Vec<CourseId>,
+    },
 }
 
 pub struct Envelope {

@@ -100,7 +100,12 @@ impl CourseTable {
                 self.index_dropped(&adopted.id, &student);
             }
         }
-        let Adopted { id, spec, version, seats } = adopted;
+        let Adopted {
+            id,
+            spec,
+            version,
+            seats,
+        } = adopted;
         self.courses.insert(id.clone(), Course::new(id.clone(), spec, version));
         for (student, at) in seats {
             if !self.load_enrollment(&id, student.clone(), at) {

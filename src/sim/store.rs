@@ -319,7 +319,10 @@ impl SimStore {
                 }
                 row.0 = node;
                 row.1 += 1;
-                Lease { partition: p, epoch: row.1 }
+                Lease {
+                    partition: p,
+                    epoch: row.1,
+                }
             })
             .collect()
     }
@@ -604,7 +607,12 @@ impl Backend for SimNode {
     async fn ping(&self) -> anyhow::Result<()> {
         self.store.ping(self.node).await
     }
-    async fn commit_seats(&self, ops: &[SeatOp], proof: &LeaseProof, session: &Session) -> Result<Vec<SeatResult>, CommitError> {
+    async fn commit_seats(
+        &self,
+        ops: &[SeatOp],
+        proof: &LeaseProof,
+        session: &Session,
+    ) -> Result<Vec<SeatResult>, CommitError> {
         self.store.commit_seats(self.node, ops, proof, session).await
     }
     async fn put_course(
