@@ -26,12 +26,12 @@ const FRESH_STUDENTS: usize = 1_024;
 const NOW: i64 = 1_800_000_000_000;
 
 fn spec() -> CourseSpec {
-    CourseSpec {
-        title: "Benchmarking 101".to_string(),
-        capacity: CAPACITY,
-        opens_at: Some(NOW - 86_400_000),
-        closes_at: Some(NOW + 86_400_000),
-    }
+    CourseSpec::plain(
+        "Benchmarking 101",
+        CAPACITY,
+        Some(NOW - 86_400_000),
+        Some(NOW + 86_400_000),
+    )
 }
 
 fn students(prefix: &str, n: usize) -> Vec<StudentId> {
@@ -70,8 +70,14 @@ fn round_trip(c: &mut Criterion) {
     let s = &fresh[0];
     assert_eq!(course.enroll(s, NOW), EnrollDecision::Reserved { at: NOW });
     course.confirm_enroll(s);
-    assert_eq!(course.drop_seat(s), DropDecision::Dropping);
-    course.confirm_drop(s);
+    assert_eq!(
+        course.drop_seat(s),
+        DropDecision::Dropping {
+            promote: None,
+            lane: false
+        }
+    );
+    course.confirm_drop(s, None, false);
     assert_eq!(course.enrolled(), HALF);
     let mut next = 0;
     c.bench_function("enroll_confirm_drop_confirm_round_trip", |b| {
@@ -81,7 +87,7 @@ fn round_trip(c: &mut Criterion) {
             black_box(course.enroll(black_box(s), black_box(NOW)));
             course.confirm_enroll(s);
             black_box(course.drop_seat(s));
-            course.confirm_drop(s);
+            course.confirm_drop(s, None, false);
         })
     });
     assert_eq!(course.enrolled(), HALF, "round trip must leave the course unchanged");

@@ -40,6 +40,9 @@ enum Cmd {
         /// Print COUNT tokens, one a line, for subjects SUB-0 .. SUB-(COUNT-1) (load generation)
         #[arg(long)]
         count: Option<u32>,
+        /// A time ticket: the student may not enroll before this instant (unix seconds)
+        #[arg(long)]
+        enroll_from: Option<u64>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -199,6 +202,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             role,
             ttl,
             count,
+            enroll_from,
             config,
         } => {
             let cfg = Config::load(&config)?;
@@ -209,13 +213,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let bad_sub = || ConfigError(format!("--sub {sub:?} must be 1-64 chars of [A-Za-z0-9_.-]"));
             match count {
-                None => println!("{}", auth.mint(&StudentId::parse(&sub).ok_or_else(bad_sub)?, role, ttl)),
+                None => {
+                    let id = StudentId::parse(&sub).ok_or_else(bad_sub)?;
+                    println!("{}", auth.mint_ticket(&id, role, ttl, None, enroll_from));
+                }
                 Some(n) => {
                     use std::io::Write;
                     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
                     for i in 0..n {
                         let id = StudentId::parse(&format!("{sub}-{i}")).ok_or_else(bad_sub)?;
-                        writeln!(out, "{}", auth.mint(&id, role, ttl))?;
+                        writeln!(out, "{}", auth.mint_ticket(&id, role, ttl, None, enroll_from))?;
                     }
                 }
             }

@@ -52,8 +52,10 @@ pub enum Attempt {
     NotFound,
     RateLimited,
     Unavailable,
+    /// Entered in a draw or placed on a waitlist (202).
+    Placed,
 }
-pub const ATTEMPTS: [&str; 7] = [
+pub const ATTEMPTS: [&str; 8] = [
     "enrolled",
     "already",
     "full",
@@ -61,6 +63,7 @@ pub const ATTEMPTS: [&str; 7] = [
     "not_found",
     "rate_limited",
     "unavailable",
+    "placed",
 ];
 
 /// Why an enrollment was refused (`enrolld_enroll_rejected_total{reason}`).
@@ -158,6 +161,14 @@ pub struct PersistMetrics {
     pub events_trimmed: prometheus::IntCounter,
     /// Batches refused because this node no longer held a lease they were decided under.
     pub fenced_batches: prometheus::IntCounter,
+    /// Registration rounds: entries committed, draws run (their entries and commit time),
+    /// students waiting, and promotions from a waitlist to a seat.
+    pub entries: prometheus::IntCounter,
+    pub draws: prometheus::IntCounter,
+    pub draw_entries: prometheus::Histogram,
+    pub draw_seconds: prometheus::Histogram,
+    pub waitlisted: prometheus::IntGauge,
+    pub promotions: prometheus::IntCounter,
 }
 
 /// The cluster's figures (leases, takeovers, hops). Outside cluster mode on MySQL, the one
@@ -296,6 +307,37 @@ impl Default for PersistMetrics {
             fenced_batches: prometheus::IntCounter::new(
                 "enrolld_cluster_fenced_batches_total",
                 "Batches the store refused because another node had taken over a partition they wrote (nothing of them recorded).",
+            )
+            .expect("valid counter"),
+            entries: prometheus::IntCounter::new(
+                "enrolld_rounds_entries_total",
+                "Entries in a draw committed (repeats not counted).",
+            )
+            .expect("valid counter"),
+            draws: prometheus::IntCounter::new("enrolld_rounds_draws_total", "Draws tried (committed or not).")
+                .expect("valid counter"),
+            draw_entries: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new("enrolld_rounds_draw_entries", "Entries per draw.").buckets(vec![
+                    0.0, 10.0, 100.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0, 200_000.0,
+                ]),
+            )
+            .expect("valid histogram opts"),
+            draw_seconds: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "enrolld_rounds_draw_seconds",
+                    "Time a draw's commit took (its shuffle on the owner shard is logged with the draw).",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )
+            .expect("valid histogram opts"),
+            waitlisted: prometheus::IntGauge::new(
+                "enrolld_rounds_waitlisted",
+                "Students waiting on the waitlists this node loaded or changed.",
+            )
+            .expect("valid gauge"),
+            promotions: prometheus::IntCounter::new(
+                "enrolld_rounds_promotions_total",
+                "Students given a seat from a waitlist (by a drop, a capacity raise, or a seat found free).",
             )
             .expect("valid counter"),
         }
@@ -607,15 +649,25 @@ impl Metrics {
         registry
             .register(Box::new(persist.commit_seconds.clone()))
             .expect("unique name");
+        for histogram in [&persist.draw_entries, &persist.draw_seconds] {
+            registry.register(Box::new(histogram.clone())).expect("unique name");
+        }
         for gauge in [
             &persist.courses_overfull,
             &persist.seats_orphaned,
             &persist.feed_head,
             &persist.feed_served,
+            &persist.waitlisted,
         ] {
             registry.register(Box::new(gauge.clone())).expect("unique name");
         }
-        for counter in [&persist.events_trimmed, &persist.fenced_batches] {
+        for counter in [
+            &persist.events_trimmed,
+            &persist.fenced_batches,
+            &persist.entries,
+            &persist.draws,
+            &persist.promotions,
+        ] {
             registry.register(Box::new(counter.clone())).expect("unique name");
         }
         #[cfg(target_os = "linux")]

@@ -31,7 +31,8 @@ use crate::persist::store::{LoadRow, StoreOptions};
 use crate::persist::{self, PersistConfig};
 use crate::shard::table::CourseTable;
 use crate::shard::{
-    owner_of, publish_heat, serve_inbox, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS, INBOX_MESSAGES_MAX,
+    owner_of, publish_heat, run_rounds, serve_inbox, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS,
+    INBOX_MESSAGES_MAX,
 };
 
 /// Rows between two progress lines while the catalog loads.
@@ -192,6 +193,7 @@ pub fn serve(cfg: Config) -> anyhow::Result<()> {
                 }
                 tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
                 tokio::task::spawn_local(publish_heat(shard.clone()));
+                tokio::task::spawn_local(run_rounds(shard.clone()));
                 tokio::task::spawn_local(beat(heartbeats, i));
                 let router = Router { me: shard, peers };
                 let cluster = cluster.zip(catalog).map(|(cluster, catalog)| ClusterCtx {
@@ -355,15 +357,15 @@ fn load_tables(
     let sink_tables = tables.clone();
     let mut rows: u64 = 0;
     let started = Instant::now();
+    let waitlisted = metrics.waitlisted.clone();
     let sink = move |row: LoadRow| {
         let mut t = sink_tables.lock().expect("loader is the only user");
-        match row {
-            LoadRow::Course { id, spec, version } => t[owner_of(&id, shards).0].upsert(&id, spec, version),
-            LoadRow::Enrollment { course, student, at } => {
-                if !t[owner_of(&course, shards).0].load_enrollment(&course, student.clone(), at) {
-                    tracing::error!(course = %course, student = %student, "stored seat not loaded (already on the roster)");
-                }
-            }
+        if matches!(row, LoadRow::Place { rank: Some(_), .. }) {
+            waitlisted.inc();
+        }
+        let owner = owner_of(row.course(), shards).0;
+        if let Err(what) = t[owner].load_row(row) {
+            tracing::error!("stored {what} not loaded (the student already has one there)");
         }
         rows += 1;
         if rows % LOAD_PROGRESS_ROWS == 0 {

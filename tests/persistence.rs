@@ -39,12 +39,7 @@ fn sid(s: &str) -> StudentId {
     StudentId::parse(s).unwrap()
 }
 fn spec(capacity: u32) -> CourseSpec {
-    CourseSpec {
-        title: "T".into(),
-        capacity,
-        opens_at: None,
-        closes_at: None,
-    }
+    CourseSpec::plain("T", capacity, None, None)
 }
 fn enroll(c: &str, s: &str) -> SeatOp {
     SeatOp::Enroll {
@@ -67,6 +62,7 @@ async fn loaded(store: &Store) -> (Vec<(String, u32, u64)>, Vec<(String, String)
         .load(None, |row| match row {
             LoadRow::Course { id, spec, version } => courses.push((id.to_string(), spec.capacity, version)),
             LoadRow::Enrollment { course, student, .. } => seats.push((course.to_string(), student.to_string())),
+            LoadRow::Place { .. } | LoadRow::Drawn { .. } => {}
         })
         .await
         .unwrap();
@@ -82,14 +78,14 @@ async fn group_commit_applies_a_batch_atomically() {
     each_store(|store, kind| async move {
         assert_eq!(
             store
-                .put_course(&cid("A"), &spec(3), &Proof::default(), &Session::default())
+                .put_course(&cid("A"), &spec(3), &[], &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Created { version: 1 }
         );
         assert_eq!(
             store
-                .put_course(&cid("B"), &spec(5), &Proof::default(), &Session::default())
+                .put_course(&cid("B"), &spec(5), &[], &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Created { version: 1 }
@@ -120,11 +116,11 @@ async fn group_commit_applies_a_batch_atomically() {
 async fn the_guard_refuses_seats_beyond_capacity() {
     each_store(|store, kind| async move {
         store
-            .put_course(&cid("G"), &spec(2), &Proof::default(), &Session::default())
+            .put_course(&cid("G"), &spec(2), &[], &Proof::default(), &Session::default())
             .await
             .unwrap();
         store
-            .put_course(&cid("H"), &spec(9), &Proof::default(), &Session::default())
+            .put_course(&cid("H"), &spec(9), &[], &Proof::default(), &Session::default())
             .await
             .unwrap();
         // Three seats for a course of two in one batch (as two nodes selling it could ask):
@@ -153,7 +149,7 @@ async fn the_guard_refuses_seats_beyond_capacity() {
         assert_eq!(got, vec![SeatResult::Full], "{kind}");
         // Capacity 0 sells nothing.
         store
-            .put_course(&cid("Z"), &spec(0), &Proof::default(), &Session::default())
+            .put_course(&cid("Z"), &spec(0), &[], &Proof::default(), &Session::default())
             .await
             .unwrap();
         assert_eq!(
@@ -173,7 +169,7 @@ async fn the_guard_refuses_seats_beyond_capacity() {
 async fn inserts_are_idempotent_and_drops_free_the_counter() {
     each_store(|store, kind| async move {
         store
-            .put_course(&cid("I"), &spec(2), &Proof::default(), &Session::default())
+            .put_course(&cid("I"), &spec(2), &[], &Proof::default(), &Session::default())
             .await
             .unwrap();
         store
@@ -196,7 +192,7 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
         assert_eq!(store.roster(&cid("I")).await.unwrap(), vec!["a", "b"], "{kind}");
         assert_eq!(
             store
-                .put_course(&cid("I"), &spec(1), &Proof::default(), &Session::default())
+                .put_course(&cid("I"), &spec(1), &[], &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::BelowEnrolled,
@@ -213,7 +209,7 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
             .unwrap();
         assert_eq!(
             store
-                .put_course(&cid("I"), &spec(1), &Proof::default(), &Session::default())
+                .put_course(&cid("I"), &spec(1), &[], &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Updated { version: 2 },
@@ -237,7 +233,7 @@ async fn inserts_are_idempotent_and_drops_free_the_counter() {
 async fn order_per_key_holds_across_batches() {
     each_store(|store, kind| async move {
         store
-            .put_course(&cid("O"), &spec(1), &Proof::default(), &Session::default())
+            .put_course(&cid("O"), &spec(1), &[], &Proof::default(), &Session::default())
             .await
             .unwrap();
         // Enroll, drop, enroll another, as the persist thread splits them (one key per batch).
@@ -265,7 +261,7 @@ async fn recovery_reloads_exactly_what_was_committed() {
     each_store(|store, kind| async move {
         for (c, cap) in [("R1", 3), ("R2", 1), ("R3", 0)] {
             store
-                .put_course(&cid(c), &spec(cap), &Proof::default(), &Session::default())
+                .put_course(&cid(c), &spec(cap), &[], &Proof::default(), &Session::default())
                 .await
                 .unwrap();
         }
@@ -294,12 +290,12 @@ async fn recovery_reloads_exactly_what_was_committed() {
         );
         // Ids differing only in case are two courses, as they are in memory.
         store
-            .put_course(&cid("case"), &spec(1), &Proof::default(), &Session::default())
+            .put_course(&cid("case"), &spec(1), &[], &Proof::default(), &Session::default())
             .await
             .unwrap();
         assert_eq!(
             store
-                .put_course(&cid("CASE"), &spec(1), &Proof::default(), &Session::default())
+                .put_course(&cid("CASE"), &spec(1), &[], &Proof::default(), &Session::default())
                 .await
                 .unwrap(),
             PutResult::Created { version: 1 },

@@ -124,13 +124,7 @@ async fn catch_up(store: &Store, cfg: &BusConfig) -> anyhow::Result<()> {
             .context("the store did not answer in time")??;
         let done = page.len() < CATCH_UP_PAGE as usize;
         after = page.last().map(|c| c.id.clone());
-        all.extend(page.into_iter().map(|c| CourseView {
-            seats_left: c.spec.capacity.saturating_sub(c.enrolled),
-            id: c.id,
-            spec: c.spec,
-            enrolled: c.enrolled,
-            version: c.version,
-        }));
+        all.extend(page.into_iter().map(CourseView::from));
         if done {
             break;
         }

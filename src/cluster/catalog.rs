@@ -64,6 +64,12 @@ pub struct Published {
     pub closes_at: Option<i64>,
     pub version: u64,
     pub stamp: Stamp,
+    #[serde(default)]
+    pub draw_at: Option<i64>,
+    #[serde(default)]
+    pub waitlist_max: u32,
+    #[serde(default)]
+    pub waitlisted: u32,
 }
 
 impl Published {
@@ -77,6 +83,9 @@ impl Published {
             closes_at: view.spec.closes_at,
             version: view.version,
             stamp,
+            draw_at: view.spec.draw_at,
+            waitlist_max: view.spec.waitlist_max,
+            waitlisted: view.waitlisted,
         }
     }
 
@@ -88,10 +97,13 @@ impl Published {
                 capacity: self.capacity,
                 opens_at: self.opens_at,
                 closes_at: self.closes_at,
+                draw_at: self.draw_at,
+                waitlist_max: self.waitlist_max,
             },
             enrolled: self.enrolled,
             seats_left: self.capacity.saturating_sub(self.enrolled),
             version: self.version,
+            waitlisted: self.waitlisted,
         })
     }
 }
@@ -250,6 +262,9 @@ mod tests {
             closes_at: None,
             version: 1,
             stamp: Stamp { epoch, seq },
+            draw_at: None,
+            waitlist_max: 0,
+            waitlisted: 0,
         }
     }
 

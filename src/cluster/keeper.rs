@@ -261,12 +261,14 @@ async fn adopt(store: &Store, cfg: &KeeperConfig, leases: Vec<Lease>) -> anyhow:
                         spec,
                         version,
                         seats: Vec::new(),
+                        places: Vec::new(),
+                        drawn_at: None,
                     },
                 );
             }
-            LoadRow::Enrollment { course, student, at } => {
-                if let Some(c) = courses.get_mut(&course) {
-                    c.seats.push((student, at));
+            row => {
+                if let Some(c) = courses.get_mut(row.course()) {
+                    c.absorb(row);
                 }
             }
         })

@@ -33,6 +33,10 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// A time ticket: no enrollment POST of this student before this instant (unix
+    /// seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_from: Option<u64>,
 }
 
 /// An authenticated caller.
@@ -44,6 +48,8 @@ pub struct Caller {
     pub exp: u64,
     /// The rate-limit profile the token names, if any.
     pub tier: Option<String>,
+    /// The time ticket, unix seconds, if any.
+    pub enroll_from: Option<u64>,
 }
 
 /// The claims exactly as `mint` writes them, borrowed from the decoded payload where they
@@ -58,6 +64,8 @@ struct WireClaims<'a> {
     exp: u64,
     #[serde(default, borrow)]
     tier: Option<Cow<'a, str>>,
+    #[serde(default)]
+    enroll_from: Option<u64>,
 }
 
 /// The longest claims payload (decoded) the fast path reads from a stack buffer; longer
@@ -123,6 +131,7 @@ impl Auth {
             role: c.role,
             exp: c.exp,
             tier: c.tier,
+            enroll_from: c.enroll_from,
         })
     }
 
@@ -167,6 +176,7 @@ impl Auth {
             role: c.role,
             exp: c.exp,
             tier: c.tier.map(Cow::into_owned),
+            enroll_from: c.enroll_from,
         })
     }
 
@@ -192,12 +202,25 @@ impl Auth {
 
     /// Mints a token naming a rate-limit profile.
     pub fn mint_tier(&self, sub: &StudentId, role: Role, ttl_secs: u64, tier: Option<&str>) -> String {
+        self.mint_ticket(sub, role, ttl_secs, tier, None)
+    }
+
+    /// Mints a token with a time ticket (`enroll_from`, unix seconds).
+    pub fn mint_ticket(
+        &self,
+        sub: &StudentId,
+        role: Role,
+        ttl_secs: u64,
+        tier: Option<&str>,
+        enroll_from: Option<u64>,
+    ) -> String {
         let exp = crate::ids::now_ms() as u64 / 1000 + ttl_secs;
         let claims = Claims {
             sub: sub.to_string(),
             role,
             exp,
             tier: tier.map(str::to_owned),
+            enroll_from,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 encoding of plain claims cannot fail")
@@ -229,6 +252,7 @@ mod tests {
             role: Role::Student,
             exp: 1,
             tier: None,
+            enroll_from: None,
         };
         let expired = format!(
             "Bearer {}",
@@ -285,6 +309,7 @@ mod tests {
                 role: Role::Student,
                 exp: exp as u64,
                 tier: None,
+                enroll_from: None,
             },
             &enc,
         )
@@ -297,6 +322,7 @@ mod tests {
                 role: Role::Student,
                 exp: exp as u64 - 3600,
                 tier: None,
+                enroll_from: None,
             },
             &enc,
         )

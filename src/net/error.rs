@@ -28,6 +28,9 @@ pub enum ApiError {
     CourseFull,
     #[error("registration for this course is not open now")]
     RegistrationClosed,
+    /// The student's time ticket opens later (the message names when).
+    #[error("{0}")]
+    TicketNotYet(String),
     #[error("you are not enrolled in this course")]
     NotEnrolled,
     #[error("capacity cannot go below the seats already taken")]
@@ -63,7 +66,7 @@ impl ApiError {
     /// An index into [`FIXED_BODIES`] for errors whose body never varies.
     fn fixed_index(&self) -> Option<usize> {
         Some(match self {
-            ApiError::BadRequest(_) | ApiError::NotFound(_) => return None,
+            ApiError::BadRequest(_) | ApiError::NotFound(_) | ApiError::TicketNotYet(_) => return None,
             ApiError::Unauthorized => 0,
             ApiError::Forbidden => 1,
             ApiError::MethodNotAllowed { .. } => 2,
@@ -87,7 +90,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden | ApiError::RegistrationClosed => StatusCode::FORBIDDEN,
+            ApiError::Forbidden | ApiError::RegistrationClosed | ApiError::TicketNotYet(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NotEnrolled => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::CourseFull | ApiError::CapacityBelowEnrolled => StatusCode::CONFLICT,
@@ -107,7 +110,7 @@ impl ApiError {
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::CourseFull => "course_full",
-            ApiError::RegistrationClosed => "registration_closed",
+            ApiError::RegistrationClosed | ApiError::TicketNotYet(_) => "registration_closed",
             ApiError::NotEnrolled => "not_enrolled",
             ApiError::CapacityBelowEnrolled => "capacity_below_enrolled",
             ApiError::PayloadTooLarge => "payload_too_large",

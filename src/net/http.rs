@@ -23,7 +23,7 @@ use super::error::{ApiError, RETRY_AFTER_SECS};
 use crate::ids::{parse_rfc3339, rfc3339, CourseId, UnixMs};
 use crate::limit::{ClientAddr, Dimension, Refusal, RouteGroup};
 use crate::metrics::{Attempt, Metrics, Reject, ShardMetrics};
-use crate::model::{CourseSpec, CAPACITY_MAX};
+use crate::model::{CourseSpec, Standing, CAPACITY_MAX, WAITLIST_MAX};
 use crate::shard::table::{CourseView, EnrollmentView};
 use crate::shard::{Command, Reply, Router};
 
@@ -401,6 +401,15 @@ async fn route(
         .get(hyper::header::AUTHORIZATION)
         .and_then(|h| ctx.auth.verify_cached(h.as_bytes(), tokens))
         .ok_or(ApiError::Unauthorized)?;
+    // A time ticket: no enrollment POST before it, on any course (API.md).
+    if let (Some(from), &Method::POST, ["v1", "courses", _, "enrollment"]) = (caller.enroll_from, &method, segments) {
+        if crate::ids::now_ms() < (from as i64).saturating_mul(1000) {
+            return Err(ApiError::TicketNotYet(format!(
+                "your registration opens at {} (time ticket)",
+                rfc3339((from as i64).saturating_mul(1000))
+            )));
+        }
+    }
     let query = req.uri().query().map(str::to_owned);
     if declared_length(headers).is_some_and(|n| n > ctx.limits.body_bytes_max as u64) {
         return Err(ApiError::PayloadTooLarge);
@@ -475,9 +484,9 @@ async fn route(
                 student: caller.id.clone(),
             };
             match ctx.router.call(&course, cmd).await {
-                Reply::Dropped => Ok(json_of(
+                Reply::Dropped(status) => Ok(json_of(
                     StatusCode::OK,
-                    &serde_json::json!({"course_id": course, "student_id": caller.id, "status": "dropped"}),
+                    &serde_json::json!({"course_id": course, "student_id": caller.id, "status": status}),
                 )),
                 other => reply(other),
             }
@@ -503,12 +512,17 @@ async fn route(
             admin(&caller)?;
             let course = course_id(id)?;
             match ctx.router.call(&course, Command::Roster(course.clone())).await {
-                Reply::Roster(students) => Ok(json_of(
+                Reply::Roster { students, waitlist } => Ok(json_of(
                     StatusCode::OK,
-                    &serde_json::json!({"course_id": course, "students": students}),
+                    &serde_json::json!({"course_id": course, "students": students, "waitlist": waitlist}),
                 )),
                 other => reply(other),
             }
+        }
+        (&Method::GET, ["admin", "courses", id, "draw"]) => {
+            admin(&caller)?;
+            let course = course_id(id)?;
+            draw_record(ctx, course).await
         }
         (&Method::GET, ["admin", "events"]) => {
             admin(&caller)?;
@@ -520,6 +534,7 @@ async fn route(
             | ["courses", _]
             | ["me", "enrollments"]
             | ["admin", "courses", _, "roster"]
+            | ["admin", "courses", _, "draw"]
             | ["admin", "events"],
         ) => Err(ApiError::MethodNotAllowed { allow: "GET" }),
         (_, ["courses", _, "enrollment"]) => Err(ApiError::MethodNotAllowed { allow: "POST, DELETE" }),
@@ -640,6 +655,10 @@ struct CourseBody {
     opens_at: Option<String>,
     #[serde(default)]
     closes_at: Option<String>,
+    #[serde(default)]
+    draw_at: Option<String>,
+    #[serde(default)]
+    waitlist_max: Option<serde_json::Number>,
 }
 
 fn course_spec(body: &[u8]) -> Result<CourseSpec, ApiError> {
@@ -674,11 +693,31 @@ fn course_spec(body: &[u8]) -> Result<CourseSpec, ApiError> {
             return Err(ApiError::BadRequest("closes_at must be after opens_at".into()));
         }
     }
+    let draw_at = instant(b.draw_at, "draw_at")?;
+    if let Some(d) = draw_at {
+        if opens_at.is_some_and(|o| d <= o) {
+            return Err(ApiError::BadRequest("draw_at must be after opens_at".into()));
+        }
+        if closes_at.is_some_and(|c| d >= c) {
+            return Err(ApiError::BadRequest("draw_at must be before closes_at".into()));
+        }
+    }
+    let waitlist_max = match b.waitlist_max {
+        None => 0,
+        Some(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().and_then(integral))
+            .and_then(|c| u32::try_from(c).ok())
+            .filter(|c| *c <= WAITLIST_MAX)
+            .ok_or_else(|| ApiError::BadRequest(format!("waitlist_max must be 0-{WAITLIST_MAX}")))?,
+    };
     Ok(CourseSpec {
         title: b.title,
         capacity,
         opens_at,
         closes_at,
+        draw_at,
+        waitlist_max,
     })
 }
 
@@ -815,16 +854,7 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
             tracing::warn!(error = %format!("{e:#}"), "reading the catalog failed");
             ApiError::Unavailable
         })?;
-        stored
-            .into_iter()
-            .map(|c| CourseView {
-                seats_left: c.spec.capacity.saturating_sub(c.enrolled),
-                id: c.id,
-                spec: c.spec,
-                enrolled: c.enrolled,
-                version: c.version,
-            })
-            .collect()
+        stored.into_iter().map(CourseView::from).collect()
     } else {
         // Each shard gives one more than a page, so we know whether another page follows.
         let replies = ctx
@@ -872,12 +902,7 @@ async fn my_enrollments(ctx: &Ctx, caller: &Caller) -> Result<Response<Full<Byte
         })?;
         let list: Vec<EnrollmentJson> = seats
             .iter()
-            .map(|(course, at)| EnrollmentJson {
-                course_id: course,
-                student_id: &caller.id,
-                status: "enrolled",
-                enrolled_at: rfc3339(*at),
-            })
+            .map(|(course, standing)| EnrollmentJson::of(course, &caller.id, *standing))
             .collect();
         return Ok(json_of(StatusCode::OK, &serde_json::json!({"enrollments": list})));
     }
@@ -933,6 +958,8 @@ fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(json_of(status, &EnrollmentJson::from(&enrollment)))
         }
+        Reply::Placed(enrollment) => Ok(json_of(StatusCode::ACCEPTED, &EnrollmentJson::from(&enrollment))),
+        Reply::Refused(why) => Err(ApiError::BadRequest(why.to_string())),
         Reply::NotFound => Err(ApiError::NotFound("no such course")),
         Reply::Full => Err(ApiError::CourseFull),
         Reply::Closed => Err(ApiError::RegistrationClosed),
@@ -941,7 +968,11 @@ fn reply(r: Reply) -> Result<Response<Full<Bytes>>, ApiError> {
         Reply::Unavailable => Err(ApiError::Unavailable),
         Reply::OutcomeUnknown => Err(ApiError::OutcomeUnknown),
         Reply::RateLimited(_, secs) => Err(ApiError::RateLimited { retry_after_secs: secs }),
-        Reply::Dropped | Reply::Roster(_) | Reply::Courses(_) | Reply::Enrollments(_) | Reply::Adopted { .. } => {
+        Reply::Dropped(_)
+        | Reply::Roster { .. }
+        | Reply::Courses(_)
+        | Reply::Enrollments(_)
+        | Reply::Adopted { .. } => {
             unreachable!("handled by the route that asked")
         }
     }
@@ -957,6 +988,9 @@ struct CourseJson<'a> {
     opens_at: Option<String>,
     closes_at: Option<String>,
     version: u64,
+    draw_at: Option<String>,
+    waitlist_max: u32,
+    waitlisted: u32,
 }
 
 impl<'a> From<&'a CourseView> for CourseJson<'a> {
@@ -970,6 +1004,9 @@ impl<'a> From<&'a CourseView> for CourseJson<'a> {
             opens_at: c.spec.opens_at.map(rfc3339),
             closes_at: c.spec.closes_at.map(rfc3339),
             version: c.version,
+            draw_at: c.spec.draw_at.map(rfc3339),
+            waitlist_max: c.spec.waitlist_max,
+            waitlisted: c.waitlisted,
         }
     }
 }
@@ -979,18 +1016,70 @@ struct EnrollmentJson<'a> {
     course_id: &'a CourseId,
     student_id: &'a crate::ids::StudentId,
     status: &'static str,
-    enrolled_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enrolled_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    position: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    draw_at: Option<String>,
+}
+
+impl<'a> EnrollmentJson<'a> {
+    fn of(course: &'a CourseId, student: &'a crate::ids::StudentId, standing: Standing) -> Self {
+        let (status, enrolled_at, position, draw_at) = match standing {
+            Standing::Enrolled { at } => ("enrolled", Some(rfc3339(at)), None, None),
+            Standing::Waitlisted { position } => ("waitlisted", None, Some(position), None),
+            Standing::Entered { draw_at } => ("entered", None, None, draw_at.map(rfc3339)),
+        };
+        EnrollmentJson {
+            course_id: course,
+            student_id: student,
+            status,
+            enrolled_at,
+            position,
+            draw_at,
+        }
+    }
 }
 
 impl<'a> From<&'a EnrollmentView> for EnrollmentJson<'a> {
     fn from(e: &'a EnrollmentView) -> Self {
-        EnrollmentJson {
-            course_id: &e.course,
-            student_id: &e.student,
-            status: "enrolled",
-            enrolled_at: rfc3339(e.enrolled_at),
-        }
+        EnrollmentJson::of(&e.course, &e.student, e.status)
     }
+}
+
+/// `GET /v1/admin/courses/{id}/draw`: the draw's record, read from the store (where the
+/// draw's own transaction wrote it).
+async fn draw_record(ctx: &Ctx, course: CourseId) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let read = crate::persist::CatalogRead::Draw {
+        course: course.clone(),
+        reply,
+    };
+    ctx.router
+        .me
+        .persist()
+        .read_catalog(read)
+        .map_err(|_| ApiError::Unavailable)?;
+    let record = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "reading a draw failed");
+        ApiError::Unavailable
+    })?;
+    let Some(r) = record else {
+        return Err(ApiError::NotFound("no draw has run for this course"));
+    };
+    Ok(json_of(
+        StatusCode::OK,
+        &serde_json::json!({
+            "course_id": course,
+            "drawn_at": rfc3339(r.drawn_at),
+            "seed": r.seed,
+            "entries": r.order.len(),
+            "seats": r.seats,
+            "waitlisted": r.waitlisted,
+            "order": r.order,
+        }),
+    ))
 }
 
 #[cfg(test)]

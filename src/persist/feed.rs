@@ -12,8 +12,9 @@
 //! Must never: write an event outside the transaction of its change, or number events
 //! other than through `feed.seq`.
 //!
-//! A later kind of change (waitlists, draws) adds a variant to [`EventKind`] and writes
-//! its events through [`EventRows`] in the transaction that makes the change.
+//! A later kind of change adds a variant to [`EventKind`] (and its name to
+//! `EventKind::ALL`) and writes its events through [`EventRows`] in the transaction that
+//! makes the change, as the registration rounds' kinds do.
 
 use std::fmt::Write;
 
@@ -32,24 +33,40 @@ pub const TRIM_ROWS_MAX: u32 = 1_000;
 pub enum EventKind {
     Enrolled,
     Dropped,
+    Waitlisted,
+    Promoted,
+    LeftWaitlist,
+    Entered,
+    Withdrawn,
+    NotSelected,
+    Drawn,
     CourseChanged,
 }
 
 impl EventKind {
+    /// Every kind, with its name on the wire (API.md, "The change feed").
+    pub const ALL: [(EventKind, &'static str); 10] = [
+        (EventKind::Enrolled, "enrolled"),
+        (EventKind::Dropped, "dropped"),
+        (EventKind::Waitlisted, "waitlisted"),
+        (EventKind::Promoted, "promoted"),
+        (EventKind::LeftWaitlist, "left_waitlist"),
+        (EventKind::Entered, "entered"),
+        (EventKind::Withdrawn, "withdrawn"),
+        (EventKind::NotSelected, "not_selected"),
+        (EventKind::Drawn, "drawn"),
+        (EventKind::CourseChanged, "course_changed"),
+    ];
+
     pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Enrolled => "enrolled",
-            EventKind::Dropped => "dropped",
-            EventKind::CourseChanged => "course_changed",
-        }
+        Self::ALL
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map(|(_, name)| *name)
+            .expect("every kind is listed")
     }
     fn parse(s: &str) -> Option<EventKind> {
-        Some(match s {
-            "enrolled" => EventKind::Enrolled,
-            "dropped" => EventKind::Dropped,
-            "course_changed" => EventKind::CourseChanged,
-            _ => return None,
-        })
+        Self::ALL.iter().find(|(_, name)| *name == s).map(|(k, _)| *k)
     }
 }
 
@@ -77,15 +94,49 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
+    /// The event of a plain seat op (an enrollment or a drop).
     pub fn of_seat(op: &SeatOp) -> NewEvent {
+        let mut events = Self::of_op(op);
+        assert_eq!(events.len(), 1, "{op:?} is not a plain seat op");
+        events.remove(0)
+    }
+
+    /// The events of a committed op, in the order they happened.
+    pub fn of_op(op: &SeatOp) -> Vec<NewEvent> {
         let (course, student) = op.key();
+        let one = |kind| vec![NewEvent::of_student(kind, course, student)];
+        match op {
+            SeatOp::Enroll { .. } => one(EventKind::Enrolled),
+            SeatOp::Drop { .. } => one(EventKind::Dropped),
+            SeatOp::Enter { .. } => one(EventKind::Entered),
+            SeatOp::Withdraw { .. } => one(EventKind::Withdrawn),
+            SeatOp::Join { .. } => one(EventKind::Waitlisted),
+            SeatOp::Leave { .. } => one(EventKind::LeftWaitlist),
+            SeatOp::Promote { .. } => one(EventKind::Promoted),
+            SeatOp::DropPromote { next, .. } => vec![
+                NewEvent::of_student(EventKind::Dropped, course, student),
+                NewEvent::of_student(EventKind::Promoted, course, next),
+            ],
+        }
+    }
+
+    /// An event about one student.
+    pub fn of_student(kind: EventKind, course: &CourseId, student: &StudentId) -> NewEvent {
         NewEvent {
-            kind: match op {
-                SeatOp::Enroll { .. } => EventKind::Enrolled,
-                SeatOp::Drop { .. } => EventKind::Dropped,
-            },
+            kind,
             course: course.clone(),
             student: Some(student.clone()),
+            version: None,
+            capacity: None,
+        }
+    }
+
+    /// An event about the course as a whole.
+    pub fn of_course(kind: EventKind, course: &CourseId) -> NewEvent {
+        NewEvent {
+            kind,
+            course: course.clone(),
+            student: None,
             version: None,
             capacity: None,
         }

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, Call};
-use crate::model::CourseSpec;
+use crate::model::{CourseSpec, DrawRecord, Standing};
 use crate::partition::{Held, Lease, Proof};
 use store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled, Store, StoreOptions};
 
@@ -43,13 +43,24 @@ pub trait Backend {
         proof: &Proof,
         session: &Session,
     ) -> Result<Vec<SeatResult>, CommitError>;
+    /// Creates or changes a course, giving seats to `promote` (heads of its waitlist) in
+    /// the same commit.
     async fn put_course(
         &self,
         id: &CourseId,
         spec: &CourseSpec,
+        promote: &[(StudentId, UnixMs)],
         proof: &Proof,
         session: &Session,
     ) -> Result<PutResult, CommitError>;
+    /// Commits a course's draw whole (record, seats, waitlist, events), or nothing.
+    async fn draw(
+        &self,
+        course: &CourseId,
+        record: &DrawRecord,
+        proof: &Proof,
+        session: &Session,
+    ) -> Result<(), CommitError>;
     /// This node's fence generation and the leases the store gives it, in one snapshot
     /// (after a fenced batch).
     async fn fence_state(&self) -> anyhow::Result<(u64, Vec<Lease>)>;
@@ -80,10 +91,20 @@ impl Backend for Store {
         &self,
         id: &CourseId,
         spec: &CourseSpec,
+        promote: &[(StudentId, UnixMs)],
         proof: &Proof,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
-        Store::put_course(self, id, spec, proof, session).await
+        Store::put_course(self, id, spec, promote, proof, session).await
+    }
+    async fn draw(
+        &self,
+        course: &CourseId,
+        record: &DrawRecord,
+        proof: &Proof,
+        session: &Session,
+    ) -> Result<(), CommitError> {
+        Store::draw(self, course, record, proof, session).await
     }
     async fn fence_state(&self) -> anyhow::Result<(u64, Vec<Lease>)> {
         match self.lease_owner() {
@@ -109,14 +130,24 @@ impl Backend for Store {
 #[derive(Debug)]
 pub enum Change {
     Seat(SeatOp),
-    PutCourse { course: CourseId, spec: CourseSpec },
+    PutCourse {
+        course: CourseId,
+        spec: CourseSpec,
+        /// Heads of the waitlist a capacity raise gives seats to.
+        promote: Vec<(StudentId, UnixMs)>,
+    },
+    /// A course's draw, committed whole.
+    Draw {
+        course: CourseId,
+        record: DrawRecord,
+    },
 }
 
 impl Change {
     fn course(&self) -> &CourseId {
         match self {
             Change::Seat(op) => op.key().0,
-            Change::PutCourse { course, .. } => course,
+            Change::PutCourse { course, .. } | Change::Draw { course, .. } => course,
         }
     }
 }
@@ -215,7 +246,12 @@ pub enum CatalogRead {
     },
     Enrollments {
         student: StudentId,
-        reply: oneshot::Sender<anyhow::Result<Vec<(CourseId, UnixMs)>>>,
+        reply: oneshot::Sender<anyhow::Result<Vec<(CourseId, Standing)>>>,
+    },
+    /// A course's draw record (`GET /v1/admin/courses/{id}/draw`).
+    Draw {
+        course: CourseId,
+        reply: oneshot::Sender<anyhow::Result<Option<DrawRecord>>>,
     },
 }
 
@@ -484,18 +520,13 @@ async fn seed_demo(store: &Store, held: Option<&Held>) -> anyhow::Result<()> {
     ];
     for (id, title, capacity, opens_at) in courses {
         let id = CourseId::parse(id).expect("demo ids are valid");
-        let spec = CourseSpec {
-            title: title.to_string(),
-            capacity: *capacity,
-            opens_at: *opens_at,
-            closes_at: None,
-        };
+        let spec = CourseSpec::plain(*title, *capacity, *opens_at, None);
         let proof = Proof {
             gen: held.map_or(0, Held::gen),
             leases: held.and_then(|h| h.lease_of(id.as_str())).into_iter().collect(),
         };
         store
-            .put_course(&id, &spec, &proof, &Session::default())
+            .put_course(&id, &spec, &[], &proof, &Session::default())
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
@@ -516,6 +547,9 @@ async fn serve_catalog(store: &Store, cfg: &PersistConfig, reads: flume::Receive
             }
             CatalogRead::Enrollments { student, reply } => {
                 let _ = reply.send(flatten(bounded(cfg, store.enrollments_of(&student)).await));
+            }
+            CatalogRead::Draw { course, reply } => {
+                let _ = reply.send(flatten(bounded(cfg, store.read_draw(&course)).await));
             }
         }
     }
@@ -786,10 +820,16 @@ async fn run_batch<B: Backend>(store: &B, batch: &mut Vec<Job>, cfg: &PersistCon
                 }
                 seats.push((op, job.lease, job.reply));
             }
-            Change::PutCourse { course, spec } => {
+            Change::PutCourse { course, spec, promote } => {
                 commit_seats(store, &mut seats, cfg).await;
                 keys.clear();
-                let outcome = put_course(store, &course, &spec, job.lease, cfg).await;
+                let outcome = put_course(store, &course, &spec, &promote, job.lease, cfg).await;
+                let _ = job.reply.send(outcome);
+            }
+            Change::Draw { course, record } => {
+                commit_seats(store, &mut seats, cfg).await;
+                keys.clear();
+                let outcome = draw(store, &course, &record, job.lease, cfg).await;
                 let _ = job.reply.send(outcome);
             }
         }
@@ -797,10 +837,72 @@ async fn run_batch<B: Backend>(store: &B, batch: &mut Vec<Job>, cfg: &PersistCon
     commit_seats(store, &mut seats, cfg).await;
 }
 
+/// Commits a draw. Its one transaction can be large (a 50,000-entry draw writes about
+/// 100,000 rows), so it is bounded by [`DRAW_STATEMENT_TIMEOUTS`] statement timeouts; an
+/// unanswered COMMIT is settled like any other (the record is there or not).
+async fn draw<B: Backend>(
+    store: &B,
+    course: &CourseId,
+    record: &DrawRecord,
+    lease: Option<Lease>,
+    cfg: &PersistConfig,
+) -> Outcome {
+    let Some(proof) = proof_of(cfg, lease.as_slice()) else {
+        return Outcome::Failed;
+    };
+    let session = Session::default();
+    let started = tokio::time::Instant::now();
+    let wide = PersistConfig {
+        statement_timeout: cfg.statement_timeout * DRAW_STATEMENT_TIMEOUTS,
+        ..cfg.clone()
+    };
+    let result = bounded(&wide, store.draw(course, record, &proof, &session)).await;
+    cfg.breaker.record(call_of(&result), started.elapsed());
+    cfg.metrics.draws.inc();
+    cfg.metrics.draw_entries.observe(record.order.len() as f64);
+    match result {
+        Ok(Ok(())) => {
+            cfg.metrics.draw_seconds.observe(started.elapsed().as_secs_f64());
+            cfg.metrics.waitlisted.add(i64::from(record.waitlisted));
+            Outcome::Committed
+        }
+        Ok(Err(CommitError::NotCommitted(e))) => {
+            tracing::error!(error = %format!("{e:#}"), course = %course, "draw not committed; it runs again");
+            Outcome::Failed
+        }
+        Ok(Err(CommitError::Fenced)) => {
+            fenced_out(store, cfg).await;
+            Outcome::Failed
+        }
+        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
+            Some(_) => Outcome::Committed,
+            None => Outcome::Failed,
+        },
+    }
+}
+
+/// Counts a committed op in the rounds' metrics.
+fn count_rounds(m: &crate::metrics::PersistMetrics, op: &SeatOp) {
+    match op {
+        SeatOp::Enter { .. } => m.entries.inc(),
+        SeatOp::Join { .. } => m.waitlisted.inc(),
+        SeatOp::Leave { .. } => m.waitlisted.dec(),
+        SeatOp::DropPromote { .. } | SeatOp::Promote { .. } => {
+            m.waitlisted.dec();
+            m.promotions.inc();
+        }
+        SeatOp::Enroll { .. } | SeatOp::Drop { .. } | SeatOp::Withdraw { .. } => {}
+    }
+}
+
+/// A draw's bound, in statement timeouts.
+const DRAW_STATEMENT_TIMEOUTS: u32 = 4;
+
 async fn put_course<B: Backend>(
     store: &B,
     course: &CourseId,
     spec: &CourseSpec,
+    promote: &[(StudentId, UnixMs)],
     lease: Option<Lease>,
     cfg: &PersistConfig,
 ) -> Outcome {
@@ -809,7 +911,7 @@ async fn put_course<B: Backend>(
     };
     let mut session = Session::default();
     let started = tokio::time::Instant::now();
-    let mut result = bounded(cfg, store.put_course(course, spec, &proof, &session)).await;
+    let mut result = bounded(cfg, store.put_course(course, spec, promote, &proof, &session)).await;
     // Two new courses created at once on two nodes can deadlock on the gap their rows go
     // into; InnoDB rolls one back whole, which is then simply run again.
     for _ in 0..DEADLOCK_RETRIES_MAX {
@@ -817,12 +919,16 @@ async fn put_course<B: Backend>(
             Ok(Err(CommitError::NotCommitted(e))) if store::is_deadlock(e) => {
                 tracing::debug!(course = %course, "admin change chosen as a deadlock victim; running it again");
                 session = Session::default();
-                result = bounded(cfg, store.put_course(course, spec, &proof, &session)).await;
+                result = bounded(cfg, store.put_course(course, spec, promote, &proof, &session)).await;
             }
             _ => break,
         }
     }
     cfg.breaker.record(call_of(&result), started.elapsed());
+    if matches!(result, Ok(Ok(PutResult::Updated { .. }))) && !promote.is_empty() {
+        cfg.metrics.waitlisted.sub(promote.len() as i64);
+        cfg.metrics.promotions.inc_by(promote.len() as u64);
+    }
     match result {
         Ok(Ok(r)) => Outcome::CoursePut(r),
         Ok(Err(CommitError::NotCommitted(e))) => {
@@ -835,7 +941,7 @@ async fn put_course<B: Backend>(
         }
         Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
             Some(Settled::Put(r)) => Outcome::CoursePut(r),
-            Some(Settled::Seats(_)) => unreachable!("an admin change settles as a put"),
+            Some(Settled::Seats(_) | Settled::Draw) => unreachable!("an admin change settles as a put"),
             None => Outcome::Failed,
         },
     }
@@ -929,7 +1035,7 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &Persis
         }
         Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
             Some(Settled::Seats(results)) => Some(results),
-            Some(Settled::Put(_)) => unreachable!("a seat batch settles as seats"),
+            Some(Settled::Put(_) | Settled::Draw) => unreachable!("a seat batch settles as seats"),
             None => {
                 tracing::error!(rows = ops.len(), "seat batch not committed; seats released");
                 None
@@ -949,7 +1055,10 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &Persis
         }
         None => vec![Outcome::Failed; ops.len()],
     };
-    for ((_, _, reply), outcome) in seats.drain(..).zip(outcomes) {
+    for ((op, _, reply), outcome) in seats.drain(..).zip(outcomes) {
+        if outcome == Outcome::Committed {
+            count_rounds(metrics, &op);
+        }
         let _ = reply.send(outcome);
     }
 }

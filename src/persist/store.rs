@@ -15,7 +15,7 @@ use sqlx::{AnyPool, Row};
 
 use super::feed::{EventKind, EventRows, NewEvent};
 use crate::ids::{CourseId, StudentId, UnixMs};
-use crate::model::CourseSpec;
+use crate::model::{CourseSpec, DrawRecord, Standing};
 use crate::partition::{Partition, Proof};
 
 /// Rows in one multi-row statement at most. SQLite allows 32,766 bound variables and the
@@ -80,12 +80,56 @@ pub enum SeatOp {
         course: CourseId,
         student: StudentId,
     },
+    /// An entry in the course's draw.
+    Enter {
+        course: CourseId,
+        student: StudentId,
+        at: UnixMs,
+    },
+    /// An entry withdrawn.
+    Withdraw {
+        course: CourseId,
+        student: StudentId,
+    },
+    /// A place at the end of the waitlist.
+    Join {
+        course: CourseId,
+        student: StudentId,
+        rank: u64,
+        at: UnixMs,
+    },
+    /// A waitlist place given up.
+    Leave {
+        course: CourseId,
+        student: StudentId,
+    },
+    /// A drop whose seat goes to `next`, the head of the waitlist, in the same commit
+    /// (`at`: when `next` asked).
+    DropPromote {
+        course: CourseId,
+        student: StudentId,
+        next: StudentId,
+        at: UnixMs,
+    },
+    /// The head of the waitlist takes a seat that is free (guarded like an enrollment).
+    Promote {
+        course: CourseId,
+        student: StudentId,
+        at: UnixMs,
+    },
 }
 
 impl SeatOp {
     pub fn key(&self) -> (&CourseId, &StudentId) {
         match self {
-            SeatOp::Enroll { course, student, .. } | SeatOp::Drop { course, student } => (course, student),
+            SeatOp::Enroll { course, student, .. }
+            | SeatOp::Drop { course, student }
+            | SeatOp::Enter { course, student, .. }
+            | SeatOp::Withdraw { course, student }
+            | SeatOp::Join { course, student, .. }
+            | SeatOp::Leave { course, student }
+            | SeatOp::DropPromote { course, student, .. }
+            | SeatOp::Promote { course, student, .. } => (course, student),
         }
     }
 }
@@ -139,7 +183,13 @@ pub struct StoredCourse {
     pub spec: CourseSpec,
     pub enrolled: u32,
     pub version: u64,
+    pub waitlisted: u32,
 }
+
+/// `places.kind` of an entry in a draw.
+pub const PLACE_ENTRY: &str = "entry";
+/// `places.kind` of a waitlist place.
+pub const PLACE_WAIT: &str = "wait";
 
 /// A row streamed out of the store at start.
 pub enum LoadRow {
@@ -153,6 +203,27 @@ pub enum LoadRow {
         student: StudentId,
         at: UnixMs,
     },
+    /// An entry (rank None) or a waitlist place; waitlist places come in rank order.
+    Place {
+        course: CourseId,
+        student: StudentId,
+        rank: Option<u64>,
+        at: UnixMs,
+    },
+    /// The course's draw ran at `at`.
+    Drawn { course: CourseId, at: UnixMs },
+}
+
+impl LoadRow {
+    /// The course the row is about.
+    pub fn course(&self) -> &CourseId {
+        match self {
+            LoadRow::Course { id, .. } => id,
+            LoadRow::Enrollment { course, .. } | LoadRow::Place { course, .. } | LoadRow::Drawn { course, .. } => {
+                course
+            }
+        }
+    }
 }
 
 /// How to tell, after an unknown commit, whether it applied: one thing it changed.
@@ -169,6 +240,14 @@ pub enum Probe {
         course: CourseId,
         version_if_committed: u64,
     },
+    /// A place (entry or waitlist) row present (or absent) only if the batch committed.
+    Place {
+        course: CourseId,
+        student: StudentId,
+        present_if_committed: bool,
+    },
+    /// The course's draw record, present only if the draw committed.
+    Draw { course: CourseId },
 }
 
 /// What a transaction's callers are told if its unanswered COMMIT turns out to have
@@ -177,6 +256,7 @@ pub enum Probe {
 pub enum Settled {
     Seats(Vec<SeatResult>),
     Put(PutResult),
+    Draw,
 }
 
 /// One transaction's session, as far as settling it needs: which server session runs it,
@@ -446,8 +526,10 @@ impl Store {
             counters_fixed,
             ..LoadReport::default()
         };
-        let courses_sql =
-            format!("SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, {count} FROM courses{in_parts}");
+        let courses_sql = format!(
+            "SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, {count}, draw_at_ms, waitlist_max \
+             FROM courses{in_parts}"
+        );
         let mut rows = sqlx::query(&courses_sql).fetch(conn.get());
         while let Some(row) = rows.try_next().await? {
             let id: String = row.try_get(0)?;
@@ -458,6 +540,8 @@ impl Store {
                 capacity: u32::try_from(capacity).context("capacity out of range")?,
                 opens_at: row.try_get(3)?,
                 closes_at: row.try_get(4)?,
+                draw_at: row.try_get(7)?,
+                waitlist_max: u32::try_from(row.try_get::<i64, _>(8)?).context("waitlist_max out of range")?,
             };
             let seats: i64 = row.try_get(6)?;
             if seats > capacity {
@@ -508,6 +592,53 @@ impl Store {
             });
         }
         drop(rows);
+        let join = |table: &str| {
+            format!(
+                "{table} x JOIN courses c ON c.id = x.course_id{}",
+                if only.is_some() {
+                    format!(" WHERE 1 = 1{and_c_in_parts}")
+                } else {
+                    String::new()
+                }
+            )
+        };
+        // Waitlist places in rank order, so each course's waitlist is built by appending.
+        let places_sql = format!(
+            "SELECT x.course_id, x.student_id, x.kind, x.ord, x.at_ms FROM {} ORDER BY x.ord",
+            join("places")
+        );
+        let mut rows = sqlx::query(&places_sql).fetch(conn.get());
+        while let Some(row) = rows.try_next().await? {
+            let course: String = row.try_get(0)?;
+            let student: String = row.try_get(1)?;
+            let (Some(course), Some(student)) = (CourseId::parse(&course), StudentId::parse(&student)) else {
+                bail!("bad place ids in store: {course:?} {student:?}");
+            };
+            let kind: String = row.try_get(2)?;
+            let rank = match kind.as_str() {
+                PLACE_ENTRY => None,
+                PLACE_WAIT => Some(row.try_get::<i64, _>(3)? as u64),
+                other => bail!("unknown place kind in store: {other:?}"),
+            };
+            sink(LoadRow::Place {
+                course,
+                student,
+                rank,
+                at: row.try_get(4)?,
+            });
+        }
+        drop(rows);
+        let draws_sql = format!("SELECT x.course_id, x.drawn_at_ms FROM {}", join("draws"));
+        let mut rows = sqlx::query(&draws_sql).fetch(conn.get());
+        while let Some(row) = rows.try_next().await? {
+            let course: String = row.try_get(0)?;
+            let course = CourseId::parse(&course).with_context(|| format!("bad course id in draws: {course:?}"))?;
+            sink(LoadRow::Drawn {
+                course,
+                at: row.try_get(1)?,
+            });
+        }
+        drop(rows);
         sqlx::query("ROLLBACK").execute(conn.get()).await?;
         conn.ended();
         Ok(report)
@@ -554,7 +685,7 @@ impl Store {
         };
         // Every op of a fast batch changes a row (or the batch rolls back), so each has its
         // event, written by the same round trip.
-        let events: Vec<NewEvent> = ops.iter().map(NewEvent::of_seat).collect();
+        let events: Vec<NewEvent> = ops.iter().flat_map(NewEvent::of_op).collect();
         if let Some(rows) = self.event_rows(&events) {
             script.append(&rows);
         }
@@ -648,6 +779,10 @@ impl Store {
              WHERE id = ?",
             self.dialect.least()
         );
+        let insert_place = format!(
+            "{} places (course_id, student_id, kind, ord, at_ms) VALUES (?, ?, ?, ?, ?)",
+            self.dialect.insert_ignore()
+        );
         for op in ops {
             let (course, student) = op.key();
             let result = match op {
@@ -711,6 +846,119 @@ impl Store {
                     }
                     SeatResult::Applied
                 }
+                SeatOp::Enter { at, .. } | SeatOp::Join { at, .. } => {
+                    let (kind, rank) = match op {
+                        SeatOp::Join { rank, .. } => (PLACE_WAIT, *rank as i64),
+                        _ => (PLACE_ENTRY, 0),
+                    };
+                    let inserted = sqlx::query(&insert_place)
+                        .bind(course.as_str())
+                        .bind(student.as_str())
+                        .bind(kind)
+                        .bind(rank)
+                        .bind(*at)
+                        .execute(conn.get())
+                        .await
+                        .map_err(not_committed)?
+                        .rows_affected();
+                    if inserted == 1 {
+                        probe.get_or_insert_with(|| probe_of(op));
+                        events.extend(NewEvent::of_op(op));
+                    }
+                    SeatResult::Applied
+                }
+                SeatOp::Withdraw { .. } | SeatOp::Leave { .. } => {
+                    let kind = if matches!(op, SeatOp::Leave { .. }) {
+                        PLACE_WAIT
+                    } else {
+                        PLACE_ENTRY
+                    };
+                    let deleted = sqlx::query(DELETE_PLACE)
+                        .bind(course.as_str())
+                        .bind(student.as_str())
+                        .bind(kind)
+                        .execute(conn.get())
+                        .await
+                        .map_err(not_committed)?
+                        .rows_affected();
+                    if deleted == 1 {
+                        probe.get_or_insert_with(|| probe_of(op));
+                        events.extend(NewEvent::of_op(op));
+                    }
+                    SeatResult::Applied
+                }
+                SeatOp::DropPromote { next, at, .. } => {
+                    // The seat passes from one student to the next in this transaction: the
+                    // counter does not move, and no instant sees it free.
+                    let deleted = sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
+                        .bind(course.as_str())
+                        .bind(student.as_str())
+                        .execute(conn.get())
+                        .await
+                        .map_err(not_committed)?
+                        .rows_affected();
+                    let unplaced = sqlx::query(DELETE_PLACE)
+                        .bind(course.as_str())
+                        .bind(next.as_str())
+                        .bind(PLACE_WAIT)
+                        .execute(conn.get())
+                        .await
+                        .map_err(not_committed)?
+                        .rows_affected();
+                    if deleted != 1 || unplaced != 1 {
+                        return Err(CommitError::NotCommitted(anyhow::anyhow!(
+                            "{course}: drop of {student} promoting {next}: seat rows {deleted}, place rows {unplaced}; \
+                             the store and memory disagree"
+                        )));
+                    }
+                    sqlx::query(&insert)
+                        .bind(course.as_str())
+                        .bind(next.as_str())
+                        .bind(*at)
+                        .execute(conn.get())
+                        .await
+                        .map_err(not_committed)?;
+                    probe.get_or_insert_with(|| probe_of(op));
+                    events.extend(NewEvent::of_op(op));
+                    SeatResult::Applied
+                }
+                SeatOp::Promote { at, .. } => {
+                    let counted = sqlx::query(
+                        "UPDATE courses SET enrolled = enrolled + 1 WHERE id = ? AND enrolled + 1 <= capacity",
+                    )
+                    .bind(course.as_str())
+                    .execute(conn.get())
+                    .await
+                    .map_err(not_committed)?
+                    .rows_affected();
+                    if counted == 1 {
+                        let unplaced = sqlx::query(DELETE_PLACE)
+                            .bind(course.as_str())
+                            .bind(student.as_str())
+                            .bind(PLACE_WAIT)
+                            .execute(conn.get())
+                            .await
+                            .map_err(not_committed)?
+                            .rows_affected();
+                        if unplaced != 1 {
+                            return Err(CommitError::NotCommitted(anyhow::anyhow!(
+                                "{course}: promoting {student}, who is not on the stored waitlist"
+                            )));
+                        }
+                        sqlx::query(&insert)
+                            .bind(course.as_str())
+                            .bind(student.as_str())
+                            .bind(*at)
+                            .execute(conn.get())
+                            .await
+                            .map_err(not_committed)?;
+                        probe.get_or_insert_with(|| probe_of(op));
+                        events.extend(NewEvent::of_op(op));
+                        SeatResult::Applied
+                    } else {
+                        SeatResult::Full
+                    }
+                }
             };
             results.push(result);
         }
@@ -765,6 +1013,23 @@ impl Store {
                     None => false,
                 }
             }
+            Probe::Place {
+                course,
+                student,
+                present_if_committed,
+            } => {
+                let row = sqlx::query("SELECT 1 FROM places WHERE course_id = ? AND student_id = ?")
+                    .bind(course.as_str())
+                    .bind(student.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.is_some() == *present_if_committed
+            }
+            Probe::Draw { course } => sqlx::query("SELECT 1 FROM draws WHERE course_id = ?")
+                .bind(course.as_str())
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
         })
     }
 
@@ -783,6 +1048,7 @@ impl Store {
         &self,
         id: &CourseId,
         spec: &CourseSpec,
+        promote: &[(StudentId, UnixMs)],
         proof: &Proof,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
@@ -791,13 +1057,15 @@ impl Store {
         let tx = conn.get();
         let capacity = i64::from(spec.capacity);
         let updated = sqlx::query(
-            "UPDATE courses SET title = ?, capacity = ?, opens_at_ms = ?, closes_at_ms = ?, version = version + 1 \
-             WHERE id = ? AND enrolled <= ?",
+            "UPDATE courses SET title = ?, capacity = ?, opens_at_ms = ?, closes_at_ms = ?, draw_at_ms = ?, \
+             waitlist_max = ?, version = version + 1 WHERE id = ? AND enrolled <= ?",
         )
         .bind(spec.title.as_str())
         .bind(capacity)
         .bind(spec.opens_at)
         .bind(spec.closes_at)
+        .bind(spec.draw_at)
+        .bind(i64::from(spec.waitlist_max))
         .bind(id.as_str())
         .bind(capacity)
         .execute(&mut *tx)
@@ -825,14 +1093,16 @@ impl Store {
                 return Ok(PutResult::BelowEnrolled);
             }
             sqlx::query(
-                "INSERT INTO courses (id, title, capacity, enrolled, opens_at_ms, closes_at_ms, version) \
-                 VALUES (?, ?, ?, 0, ?, ?, 1)",
+                "INSERT INTO courses (id, title, capacity, enrolled, opens_at_ms, closes_at_ms, draw_at_ms, \
+                 waitlist_max, version) VALUES (?, ?, ?, 0, ?, ?, ?, ?, 1)",
             )
             .bind(id.as_str())
             .bind(spec.title.as_str())
             .bind(capacity)
             .bind(spec.opens_at)
             .bind(spec.closes_at)
+            .bind(spec.draw_at)
+            .bind(i64::from(spec.waitlist_max))
             .execute(&mut *tx)
             .await
             .map_err(not_committed)?;
@@ -849,7 +1119,50 @@ impl Store {
             version: Some(version),
             capacity: Some(u64::from(spec.capacity)),
         };
-        if let Some(rows) = self.event_rows(std::slice::from_ref(&changed)) {
+        let mut events = vec![changed];
+        // A capacity raise gives its seats to the heads of the waitlist in this commit.
+        for (student, at) in promote {
+            let unplaced = sqlx::query(DELETE_PLACE)
+                .bind(id.as_str())
+                .bind(student.as_str())
+                .bind(PLACE_WAIT)
+                .execute(&mut *tx)
+                .await
+                .map_err(not_committed)?
+                .rows_affected();
+            let inserted =
+                sqlx::query("INSERT INTO enrollments (course_id, student_id, enrolled_at_ms) VALUES (?, ?, ?)")
+                    .bind(id.as_str())
+                    .bind(student.as_str())
+                    .bind(*at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(not_committed)?
+                    .rows_affected();
+            if unplaced != 1 || inserted != 1 {
+                return Err(CommitError::NotCommitted(anyhow::anyhow!(
+                    "{id}: promoting {student}: place rows {unplaced}, seat rows {inserted}; the store and memory disagree"
+                )));
+            }
+            events.push(NewEvent::of_student(EventKind::Promoted, id, student));
+        }
+        if !promote.is_empty() {
+            let n = promote.len();
+            let counted = sqlx::query(&format!(
+                "UPDATE courses SET enrolled = enrolled + {n} WHERE id = ? AND enrolled + {n} <= capacity"
+            ))
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(not_committed)?
+            .rows_affected();
+            if counted != 1 {
+                return Err(CommitError::NotCommitted(anyhow::anyhow!(
+                    "{id}: {n} promotions do not fit the stored capacity"
+                )));
+            }
+        }
+        if let Some(rows) = self.event_rows(&events) {
             rows.write(&mut *tx).await.map_err(not_committed)?;
         }
         let probe = Probe::Course {
@@ -864,8 +1177,9 @@ impl Store {
     /// mode's catalog: every node's courses).
     pub async fn list_courses(&self, after: Option<&CourseId>, limit: u32) -> anyhow::Result<Vec<StoredCourse>> {
         let rows = sqlx::query(
-            "SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, enrolled FROM courses \
-             WHERE id > ? ORDER BY id LIMIT ?",
+            "SELECT id, title, capacity, opens_at_ms, closes_at_ms, version, enrolled, draw_at_ms, waitlist_max, \
+             (SELECT COUNT(*) FROM places p WHERE p.course_id = courses.id AND p.kind = 'wait') \
+             FROM courses WHERE id > ? ORDER BY id LIMIT ?",
         )
         .bind(after.map_or("", CourseId::as_str))
         .bind(i64::from(limit))
@@ -882,30 +1196,177 @@ impl Store {
                         capacity: u32::try_from(capacity).context("capacity out of range")?,
                         opens_at: row.try_get(3)?,
                         closes_at: row.try_get(4)?,
+                        draw_at: row.try_get(7)?,
+                        waitlist_max: u32::try_from(row.try_get::<i64, _>(8)?).context("waitlist_max out of range")?,
                     },
                     version: row.try_get::<i64, _>(5)? as u64,
                     enrolled: u32::try_from(row.try_get::<i64, _>(6)?).context("seat count out of range")?,
+                    waitlisted: u32::try_from(row.try_get::<i64, _>(9)?).context("waitlist length out of range")?,
                 })
             })
             .collect()
     }
 
-    /// A student's committed seats, in course order (cluster mode: every node's).
-    pub async fn enrollments_of(&self, student: &StudentId) -> anyhow::Result<Vec<(CourseId, UnixMs)>> {
-        let rows =
-            sqlx::query("SELECT course_id, enrolled_at_ms FROM enrollments WHERE student_id = ? ORDER BY course_id")
-                .bind(student.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get(0)?;
-                Ok((
-                    CourseId::parse(&id).with_context(|| format!("bad course id in store: {id:?}"))?,
-                    row.try_get(1)?,
-                ))
-            })
-            .collect()
+    /// A student's committed seats and places, in course order (cluster mode: every
+    /// node's).
+    pub async fn enrollments_of(&self, student: &StudentId) -> anyhow::Result<Vec<(CourseId, Standing)>> {
+        let parse = |id: String| CourseId::parse(&id).with_context(|| format!("bad course id in store: {id:?}"));
+        let rows = sqlx::query("SELECT course_id, enrolled_at_ms FROM enrollments WHERE student_id = ?")
+            .bind(student.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        let mut all = Vec::with_capacity(rows.len());
+        for row in &rows {
+            all.push((parse(row.try_get(0)?)?, Standing::Enrolled { at: row.try_get(1)? }));
+        }
+        let rows = sqlx::query(
+            "SELECT p.course_id, p.kind, c.draw_at_ms, \
+             (SELECT COUNT(*) FROM places q WHERE q.course_id = p.course_id AND q.kind = 'wait' AND q.ord <= p.ord) \
+             FROM places p JOIN courses c ON c.id = p.course_id WHERE p.student_id = ?",
+        )
+        .bind(student.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        for row in &rows {
+            let kind: String = row.try_get(1)?;
+            let standing = if kind == PLACE_ENTRY {
+                Standing::Entered {
+                    draw_at: row.try_get(2)?,
+                }
+            } else {
+                Standing::Waitlisted {
+                    position: row.try_get::<i64, _>(3)? as u32,
+                }
+            };
+            all.push((parse(row.try_get(0)?)?, standing));
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(all)
+    }
+
+    /// A course's draw record, if its draw ran.
+    pub async fn read_draw(&self, course: &CourseId) -> anyhow::Result<Option<DrawRecord>> {
+        let row = sqlx::query(
+            "SELECT drawn_at_ms, seed, seats, waitlisted, first_rank, order_list FROM draws WHERE course_id = ?",
+        )
+        .bind(course.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let order: String = row.try_get(5)?;
+        let order = order
+            .split('\n')
+            .filter(|s| !s.is_empty())
+            .map(|s| StudentId::parse(s).with_context(|| format!("bad student id in a draw: {s:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Some(DrawRecord {
+            drawn_at: row.try_get(0)?,
+            seed: row.try_get(1)?,
+            order,
+            seats: row.try_get::<i64, _>(2)? as u32,
+            waitlisted: row.try_get::<i64, _>(3)? as u32,
+            first_rank: row.try_get::<i64, _>(4)? as u64,
+        }))
+    }
+
+    /// Commits a draw in one transaction: its record first (the primary key refuses a
+    /// second draw of the course), then the entries removed, the winners' seats, the
+    /// waitlist places in drawn order, the seat counter (guarded by capacity) and the
+    /// events. All or nothing, so a crash before COMMIT leaves the entries as they were
+    /// and nothing of the draw anywhere: it runs again. Statements are multi-row, at most
+    /// [`DRAW_ROWS_PER_STATEMENT`] rows each.
+    pub async fn draw(
+        &self,
+        course: &CourseId,
+        record: &DrawRecord,
+        proof: &Proof,
+        session: &Session,
+    ) -> Result<(), CommitError> {
+        use std::fmt::Write;
+        let w = "writing to a String";
+        if !(inlinable(course.as_str()) && record.order.iter().all(|s| inlinable(s.as_str()))) {
+            return Err(CommitError::NotCommitted(anyhow::anyhow!("ids that cannot be inlined")));
+        }
+        let mut conn = self.begin(session).await?;
+        self.prove_leases(&mut conn, proof).await?;
+        let mut order_list = String::with_capacity(record.order.len() * 12);
+        for s in &record.order {
+            order_list.push_str(s.as_str());
+            order_list.push('\n');
+        }
+        sqlx::query(
+            "INSERT INTO draws (course_id, drawn_at_ms, seed, entries, seats, waitlisted, first_rank, order_list) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(course.as_str())
+        .bind(record.drawn_at)
+        .bind(record.seed.as_str())
+        .bind(record.order.len() as i64)
+        .bind(i64::from(record.seats))
+        .bind(i64::from(record.waitlisted))
+        .bind(record.first_rank as i64)
+        .bind(order_list)
+        .execute(conn.get())
+        .await
+        .map_err(not_committed)?;
+        let removed = sqlx::query("DELETE FROM places WHERE course_id = ? AND kind = 'entry'")
+            .bind(course.as_str())
+            .execute(conn.get())
+            .await
+            .map_err(not_committed)?
+            .rows_affected();
+        if removed != record.order.len() as u64 {
+            return Err(CommitError::NotCommitted(anyhow::anyhow!(
+                "draw of {course}: {removed} entries in the store, {} drawn",
+                record.order.len()
+            )));
+        }
+        let seats = &record.order[..record.seats as usize];
+        let waits = &record.order[record.seats as usize..(record.seats + record.waitlisted) as usize];
+        for chunk in seats.chunks(DRAW_ROWS_PER_STATEMENT) {
+            let mut sql = String::from("INSERT INTO enrollments (course_id, student_id, enrolled_at_ms) VALUES ");
+            for (i, s) in chunk.iter().enumerate() {
+                let sep = if i == 0 { "" } else { "," };
+                write!(sql, "{sep}('{course}','{s}',{})", record.drawn_at).expect(w);
+            }
+            changed_exactly(&mut conn, &sql, chunk.len()).await?;
+        }
+        if !seats.is_empty() {
+            let n = seats.len();
+            changed_exactly(
+                &mut conn,
+                &format!(
+                    "UPDATE courses SET enrolled = enrolled + {n} WHERE id = '{course}' AND enrolled + {n} <= capacity"
+                ),
+                1,
+            )
+            .await?;
+        }
+        for (c, chunk) in waits.chunks(DRAW_ROWS_PER_STATEMENT).enumerate() {
+            let mut sql = String::from("INSERT INTO places (course_id, student_id, kind, ord, at_ms) VALUES ");
+            for (i, s) in chunk.iter().enumerate() {
+                let rank = record.first_rank + (c * DRAW_ROWS_PER_STATEMENT + i) as u64;
+                let sep = if i == 0 { "" } else { "," };
+                write!(sql, "{sep}('{course}','{s}','wait',{rank},{})", record.drawn_at).expect(w);
+            }
+            changed_exactly(&mut conn, &sql, chunk.len()).await?;
+        }
+        let mut events = vec![NewEvent::of_course(EventKind::Drawn, course)];
+        for (i, s) in record.order.iter().enumerate() {
+            let kind = match i as u32 {
+                i if i < record.seats => EventKind::Enrolled,
+                i if i < record.seats + record.waitlisted => EventKind::Waitlisted,
+                _ => EventKind::NotSelected,
+            };
+            events.push(NewEvent::of_student(kind, course, s));
+        }
+        for chunk in events.chunks(DRAW_ROWS_PER_STATEMENT) {
+            if let Some(rows) = self.event_rows(chunk) {
+                rows.write(conn.get()).await.map_err(not_committed)?;
+            }
+        }
+        conn.commit(session, Some(Probe::Draw { course: course.clone() }), Settled::Draw)
+            .await
     }
 
     /// The committed roster of a course, from the store (tests and recovery checks).
@@ -925,12 +1386,31 @@ impl Store {
     }
 }
 
-fn probe_of(op: &SeatOp) -> Probe {
+/// What tells, after an unanswered COMMIT, whether an op that changed a row applied.
+pub fn probe_of(op: &SeatOp) -> Probe {
     let (course, student) = op.key();
-    Probe::Seat {
-        course: course.clone(),
-        student: student.clone(),
-        present_if_committed: matches!(op, SeatOp::Enroll { .. }),
+    let (course, student) = (course.clone(), student.clone());
+    match op {
+        SeatOp::Enroll { .. } | SeatOp::Promote { .. } => Probe::Seat {
+            course,
+            student,
+            present_if_committed: true,
+        },
+        SeatOp::Drop { .. } | SeatOp::DropPromote { .. } => Probe::Seat {
+            course,
+            student,
+            present_if_committed: false,
+        },
+        SeatOp::Enter { .. } | SeatOp::Join { .. } => Probe::Place {
+            course,
+            student,
+            present_if_committed: true,
+        },
+        SeatOp::Withdraw { .. } | SeatOp::Leave { .. } => Probe::Place {
+            course,
+            student,
+            present_if_committed: false,
+        },
     }
 }
 
@@ -971,7 +1451,11 @@ fn course_deltas(ops: &[SeatOp]) -> Vec<(&CourseId, i64)> {
     let mut index = std::collections::HashMap::new();
     for op in ops {
         let (course, _) = op.key();
-        let d = if matches!(op, SeatOp::Enroll { .. }) { 1 } else { -1 };
+        let d = match op {
+            SeatOp::Enroll { .. } | SeatOp::Promote { .. } => 1,
+            SeatOp::Drop { .. } => -1,
+            _ => 0,
+        };
         let i = *index.entry(course).or_insert_with(|| {
             deltas.push((course, 0));
             deltas.len() - 1
@@ -1055,10 +1539,13 @@ struct OneTrip {
 impl OneTrip {
     fn of(dialect: Dialect, ops: &[SeatOp], fence: Option<FenceCheck>) -> Option<OneTrip> {
         use std::fmt::Write;
-        let inlinable = |id: &str| id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
         if !ops.iter().all(|op| {
             let (c, s) = op.key();
-            inlinable(c.as_str()) && inlinable(s.as_str())
+            let fast = matches!(
+                op,
+                SeatOp::Enroll { .. } | SeatOp::Drop { .. } | SeatOp::Enter { .. } | SeatOp::Withdraw { .. }
+            );
+            fast && inlinable(c.as_str()) && inlinable(s.as_str())
         }) {
             return None;
         }
@@ -1112,6 +1599,40 @@ impl OneTrip {
         }
         if inserts > 0 {
             expects.push(Expect::Changed(inserts));
+            sql.push_str(";\n");
+        }
+        // A draw's entries: one multi-row statement each way, like the seats.
+        let mut withdrawn = 0;
+        for op in ops {
+            if let SeatOp::Withdraw { course, student } = op {
+                let head = if withdrawn == 0 {
+                    "DELETE FROM places WHERE kind = 'entry' AND ("
+                } else {
+                    " OR "
+                };
+                write!(sql, "{head}(course_id = '{course}' AND student_id = '{student}')").expect(w);
+                withdrawn += 1;
+            }
+        }
+        if withdrawn > 0 {
+            expects.push(Expect::Changed(withdrawn));
+            sql.push_str(");\n");
+        }
+        let mut entered = 0;
+        for op in ops {
+            if let SeatOp::Enter { course, student, at } = op {
+                if entered == 0 {
+                    let insert = dialect.insert_ignore();
+                    write!(sql, "{insert} places (course_id, student_id, kind, ord, at_ms) VALUES ").expect(w);
+                } else {
+                    sql.push(',');
+                }
+                write!(sql, "('{course}','{student}','entry',0,{at})").expect(w);
+                entered += 1;
+            }
+        }
+        if entered > 0 {
+            expects.push(Expect::Changed(entered));
             sql.push_str(";\n");
         }
         let deltas = course_deltas(ops);
@@ -1241,6 +1762,35 @@ impl Drop for OpenTransaction {
     }
 }
 
+/// Removes one place of a kind: (course, student, kind).
+const DELETE_PLACE: &str = "DELETE FROM places WHERE course_id = ? AND student_id = ? AND kind = ?";
+
+/// Rows one statement of a draw writes at most.
+pub const DRAW_ROWS_PER_STATEMENT: usize = 1_000;
+
+/// Whether an id may be inlined into SQL text: only `[A-Za-z0-9_.-]`, which every valid
+/// `CourseId` and `StudentId` is (checked again wherever SQL is written with it).
+fn inlinable(id: &str) -> bool {
+    id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+/// Runs one statement in the open transaction; anything but exactly `n` rows changed is
+/// a disagreement between memory and the store, and the transaction is not committed.
+async fn changed_exactly(conn: &mut OpenTransaction, sql: &str, n: usize) -> Result<(), CommitError> {
+    let changed = sqlx::query(sql)
+        .execute(conn.get())
+        .await
+        .map_err(not_committed)?
+        .rows_affected();
+    if changed != n as u64 {
+        return Err(CommitError::NotCommitted(anyhow::anyhow!(
+            "{changed} rows changed, {n} expected: {}",
+            sql.chars().take(120).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 fn not_committed(e: impl Into<anyhow::Error>) -> CommitError {
     CommitError::NotCommitted(e.into())
 }
@@ -1280,14 +1830,9 @@ mod tests {
         };
         let store = Store::open(url, &opts).await.unwrap();
         let (c, s) = ids("F-1", "s1");
-        let spec = CourseSpec {
-            title: "fast".into(),
-            capacity: 5,
-            opens_at: None,
-            closes_at: None,
-        };
+        let spec = CourseSpec::plain("fast", 5, None, None);
         store
-            .put_course(&c, &spec, &Proof::default(), &Session::default())
+            .put_course(&c, &spec, &[], &Proof::default(), &Session::default())
             .await
             .unwrap();
         (store, c, s)
@@ -1497,12 +2042,8 @@ mod tests {
         let fenced = store
             .put_course(
                 &c,
-                &CourseSpec {
-                    title: "changed".into(),
-                    capacity: 9,
-                    opens_at: None,
-                    closes_at: None,
-                },
+                &CourseSpec::plain("changed", 9, None, None),
+                &[],
                 &proof,
                 &Session::default(),
             )

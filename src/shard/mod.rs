@@ -23,15 +23,21 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::ids::{CourseId, ShardClock, ShardId, StudentId, UnixMs};
 use crate::limit::{Admission, Dimension, ShardLimiter};
 use crate::metrics::{Attempt, ShardMetrics, HOT_COURSES_MAX, HOT_WINDOW_MS};
+use crate::model::DrawRecord;
 use crate::persist::store::{PutResult, SeatOp};
 use crate::persist::{Change, Outcome, PersistHandle};
 use course::{CourseSpec, DropDecision, EnrollDecision, SpecDecision};
-use table::{CourseTable, CourseView, EnrollmentView};
+use table::{CourseTable, CourseView, EnrollmentView, Status};
 
 /// Messages queued to one shard from the others, at most.
 pub const INBOX_MESSAGES_MAX: usize = 8_192;
 /// Requests waiting at most on one seat's in-flight change before they are told to retry.
 pub const SEAT_WAITERS_MAX: usize = 16;
+/// Requests waiting at most on one course's lane (a waitlist change or the draw in
+/// flight) before they are told to retry.
+pub const LANE_WAITERS_MAX: usize = 64;
+/// How often a shard looks for draws that are due and seats to promote.
+pub const ROUNDS_TICK_MS: u64 = 100;
 /// How often an adoption looks whether a course's old copy has settled.
 const ADOPT_SETTLE_POLL_MS: u64 = 5;
 /// Times a request decides again (after waiting on an in-flight change or on admission).
@@ -100,10 +106,15 @@ pub enum Reply {
         enrollment: EnrollmentView,
         created: bool,
     },
+    /// Entered in the draw or placed on the waitlist (202), now or before.
+    Placed(EnrollmentView),
     Full,
     Closed,
     NotEnrolled,
-    Dropped,
+    /// The DELETE's change: `dropped`, `withdrawn` or `left_waitlist`.
+    Dropped(&'static str),
+    /// An admin change that breaks a rule of the rounds (400, with the reason).
+    Refused(&'static str),
     /// The store is unreachable, a queue is full, or the seat is busy: retry shortly.
     /// Nothing was recorded for this request.
     Unavailable,
@@ -118,7 +129,10 @@ pub enum Reply {
         course: CourseView,
         created: bool,
     },
-    Roster(Vec<StudentId>),
+    Roster {
+        students: Vec<StudentId>,
+        waitlist: Vec<StudentId>,
+    },
     Courses(Vec<CourseView>),
     Enrollments(Vec<EnrollmentView>),
     /// The courses adopted, but for these, whose old copies still had changes in flight.
@@ -156,6 +170,11 @@ pub struct Shard {
     /// Cluster mode: courses changed since [`Shard::take_changed`] last ran (the other
     /// nodes' catalog caches follow them); None on a single node.
     changed: Option<RefCell<HashSet<CourseId>>>,
+    /// Courses whose lane requests wait on, and how many wait on each.
+    lanes: RefCell<HashMap<CourseId, (Rc<Notify>, usize)>>,
+    /// Where draws get their seeds: the operating system's random source (the
+    /// simulation hands in its seeded one).
+    draw_seeds: Rc<dyn Fn() -> [u8; 32]>,
 }
 
 /// How net/ renders a course; the shard caches the bytes until the course changes.
@@ -184,7 +203,19 @@ impl Shard {
             limiter,
             render_course,
             changed: None,
+            lanes: RefCell::default(),
+            draw_seeds: Rc::new(|| {
+                let mut seed = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+                seed
+            }),
         }
+    }
+
+    /// Draws take their seeds from `seeds` instead of the OS (the simulation's replay).
+    pub fn with_draw_seeds(mut self, seeds: Rc<dyn Fn() -> [u8; 32]>) -> Self {
+        self.draw_seeds = seeds;
+        self
     }
 
     /// Records the courses that change from now on, for [`Shard::take_changed`].
@@ -265,7 +296,10 @@ impl Shard {
                 Reply::CourseBody(bytes)
             }
             Command::Roster(id) => match self.table.borrow().get(&id) {
-                Some(c) => Reply::Roster(c.roster()),
+                Some(c) => Reply::Roster {
+                    students: c.roster(),
+                    waitlist: c.waitlist(),
+                },
                 None => Reply::NotFound,
             },
             Command::List { after, limit } => Reply::Courses(self.table.borrow().list(after.as_ref(), limit)),
@@ -291,7 +325,20 @@ impl Shard {
             EnrollDecision::Already { at } => enrolled(course.clone(), student.clone(), at, false),
             EnrollDecision::Closed => Reply::Closed,
             EnrollDecision::Full => Reply::Full,
-            EnrollDecision::InFlight | EnrollDecision::Reserved { .. } => return None,
+            EnrollDecision::Entered { .. } => placed(
+                course,
+                student,
+                Status::Entered {
+                    draw_at: c.spec.draw_at,
+                },
+            ),
+            EnrollDecision::Waiting { position } => placed(course, student, Status::Waitlisted { position }),
+            EnrollDecision::InFlight
+            | EnrollDecision::Reserved { .. }
+            | EnrollDecision::Enter { .. }
+            | EnrollDecision::Join { .. }
+            | EnrollDecision::LaneBusy
+            | EnrollDecision::DrawPending => return None,
         };
         if let Some(a) = attempt_of(&reply) {
             c.note_outcome(a);
@@ -335,11 +382,11 @@ impl Shard {
         }
     }
 
-    /// Memory decides first; only a request that could take a seat is checked against the
-    /// course's (and the cross-node) limits, and the decision is made again after that
-    /// await, since the course may have changed meanwhile. The clock is read once per
-    /// decision, and no decision is asserted on: a clock step between two decisions only
-    /// changes the answer.
+    /// Memory decides first; only a request that could take a seat (or a place in a draw
+    /// or on a waitlist) is checked against the course's (and the cross-node) limits, and
+    /// the decision is made again after that await, since the course may have changed
+    /// meanwhile. The clock is read once per decision, and no decision is asserted on: a
+    /// clock step between two decisions only changes the answer.
     async fn enroll(&self, course: CourseId, student: StudentId, admission: Admission) -> Reply {
         let mut admitted = false;
         for _ in 0..IN_FLIGHT_RETRIES_MAX {
@@ -349,51 +396,135 @@ impl Shard {
                 Some(c) if admitted => c.enroll(&student, now),
                 Some(c) => c.peek_enroll(&student, now),
             };
-            let at = match decision {
+            let op = match decision {
                 EnrollDecision::Already { at } => return enrolled(course, student, at, false),
                 EnrollDecision::Closed => return Reply::Closed,
                 EnrollDecision::Full => return Reply::Full,
+                EnrollDecision::Entered { .. } | EnrollDecision::Waiting { .. } => {
+                    return self.standing(&course, &student).unwrap_or(Reply::Unavailable)
+                }
                 EnrollDecision::InFlight => {
                     if !self.wait_settled(&course, &student).await {
                         break;
                     }
                     continue;
                 }
-                EnrollDecision::Reserved { .. } if !admitted => {
+                EnrollDecision::LaneBusy | EnrollDecision::DrawPending => {
+                    if !self.wait_lane(&course).await {
+                        break;
+                    }
+                    continue;
+                }
+                EnrollDecision::Reserved { .. } | EnrollDecision::Enter { .. } | EnrollDecision::Join { .. }
+                    if !admitted =>
+                {
                     if let Err(dim) = self.limiter.admit_seat(&course, &student, &admission).await {
                         return Reply::RateLimited(dim.0, dim.1);
                     }
                     admitted = true;
                     continue;
                 }
-                EnrollDecision::Reserved { at } => at,
+                EnrollDecision::Reserved { at } => SeatOp::Enroll {
+                    course: course.clone(),
+                    student: student.clone(),
+                    at,
+                },
+                EnrollDecision::Enter { at } => SeatOp::Enter {
+                    course: course.clone(),
+                    student: student.clone(),
+                    at,
+                },
+                EnrollDecision::Join { rank, at } => SeatOp::Join {
+                    course: course.clone(),
+                    student: student.clone(),
+                    rank,
+                    at,
+                },
             };
-            let op = SeatOp::Enroll {
-                course: course.clone(),
-                student: student.clone(),
-                at,
+            let outcome = self.commit(&course, &student, None, op.clone()).await;
+            let reply = {
+                let mut table = self.table.borrow_mut();
+                let c = table.get_mut(&course).expect("courses are never removed");
+                match (op, outcome) {
+                    (SeatOp::Enroll { at, .. }, Outcome::Committed) => {
+                        c.confirm_enroll(&student);
+                        table.reindex(&course, &student);
+                        self.note_changed(&course);
+                        enrolled(course.clone(), student.clone(), at, true)
+                    }
+                    (SeatOp::Enroll { .. }, Outcome::Full) => {
+                        c.release_enroll(&student);
+                        Reply::Full
+                    }
+                    (SeatOp::Enroll { .. }, _) => {
+                        c.release_enroll(&student);
+                        Reply::Unavailable
+                    }
+                    (_, Outcome::Committed) => {
+                        c.confirm_place(&student);
+                        table.reindex(&course, &student);
+                        table.note_rounds(&course);
+                        self.note_changed(&course);
+                        drop(table);
+                        self.standing(&course, &student).expect("just placed")
+                    }
+                    (_, _) => {
+                        c.release_place(&student);
+                        Reply::Unavailable
+                    }
+                }
             };
-            let outcome = self.commit(&course, &student, op).await;
-            let mut table = self.table.borrow_mut();
-            let c = table.get_mut(&course).expect("courses are never removed");
-            return match outcome {
-                Outcome::Committed => {
-                    c.confirm_enroll(&student);
-                    table.index_enrolled(&course, &student);
-                    self.note_changed(&course);
-                    enrolled(course, student, at, true)
-                }
-                Outcome::Full => {
-                    c.release_enroll(&student);
-                    Reply::Full
-                }
-                Outcome::Failed | Outcome::CoursePut(_) => {
-                    c.release_enroll(&student);
-                    Reply::Unavailable
-                }
-            };
+            self.after_change(&course);
+            return reply;
         }
         self.enroll_settled_elsewhere(&course, &student)
+    }
+
+    /// A student's 202 answer from memory: entered in the draw, or waitlisted at their
+    /// position. None if they have no committed place.
+    fn standing(&self, course: &CourseId, student: &StudentId) -> Option<Reply> {
+        let table = self.table.borrow();
+        let c = table.get(course)?;
+        let status = match c.place(student)? {
+            course::Place::Entry { .. } => Status::Entered {
+                draw_at: c.spec.draw_at,
+            },
+            course::Place::Wait { rank, .. } => Status::Waitlisted {
+                position: c.position(rank),
+            },
+        };
+        Some(placed(course, student, status))
+    }
+
+    /// After any change to a course settles: wakes the requests waiting on its lane. (A
+    /// seat left free while someone waits, by a failed enrollment commit, is given to the
+    /// head by [`run_rounds`].)
+    fn after_change(&self, course: &CourseId) {
+        let waiting = self.lanes.borrow_mut().remove(course);
+        if let Some((notify, _)) = waiting {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Waits until the course's lane (a waitlist change or the draw) is handed back.
+    /// False when too many already wait.
+    async fn wait_lane(&self, course: &CourseId) -> bool {
+        let notify = {
+            let mut lanes = self.lanes.borrow_mut();
+            let (notify, waiters) = lanes
+                .entry(course.clone())
+                .or_insert_with(|| (Rc::new(Notify::new()), 0));
+            if *waiters >= LANE_WAITERS_MAX {
+                return false;
+            }
+            *waiters += 1;
+            notify.clone()
+        };
+        // Bounded like a request's wait on its own change: a draw that outlives it leaves
+        // the request to retry.
+        tokio::time::timeout(self.answer_wait / 2, notify.notified())
+            .await
+            .is_ok()
     }
 
     /// The answer to a POST that stopped waiting on another request's change to the same
@@ -405,10 +536,15 @@ impl Shard {
         let Some(c) = table.get(course) else {
             return Reply::NotFound;
         };
-        match c.seat(student) {
-            Some(course::Seat::Enrolled { at }) => enrolled(course.clone(), student.clone(), at, false),
-            Some(_) => Reply::OutcomeUnknown,
-            None => Reply::Unavailable,
+        match (c.seat(student), c.place(student)) {
+            (Some(course::Seat::Enrolled { at }), _) => enrolled(course.clone(), student.clone(), at, false),
+            (Some(_), _) => Reply::OutcomeUnknown,
+            (None, Some(p)) if p.state() == course::Pending::Settled => {
+                drop(table);
+                self.standing(course, student).unwrap_or(Reply::Unavailable)
+            }
+            (None, Some(_)) => Reply::OutcomeUnknown,
+            (None, None) => Reply::Unavailable,
         }
     }
 
@@ -418,7 +554,7 @@ impl Shard {
                 None => return Reply::NotFound,
                 Some(c) => c.drop_seat(&student),
             };
-            match decision {
+            let (op, promote, lane) = match decision {
                 DropDecision::NotEnrolled => return Reply::NotEnrolled,
                 DropDecision::InFlight => {
                     if !self.wait_settled(&course, &student).await {
@@ -426,53 +562,134 @@ impl Shard {
                     }
                     continue;
                 }
-                DropDecision::Dropping => {}
-            }
-            let op = SeatOp::Drop {
-                course: course.clone(),
-                student: student.clone(),
+                DropDecision::LaneBusy | DropDecision::DrawPending => {
+                    if !self.wait_lane(&course).await {
+                        break;
+                    }
+                    continue;
+                }
+                DropDecision::Dropping { promote: None, lane } => (
+                    SeatOp::Drop {
+                        course: course.clone(),
+                        student: student.clone(),
+                    },
+                    None,
+                    lane,
+                ),
+                DropDecision::Dropping {
+                    promote: Some((next, at)),
+                    lane,
+                } => (
+                    SeatOp::DropPromote {
+                        course: course.clone(),
+                        student: student.clone(),
+                        next: next.clone(),
+                        at,
+                    },
+                    Some(next),
+                    lane,
+                ),
+                DropDecision::Withdrawing => (
+                    SeatOp::Withdraw {
+                        course: course.clone(),
+                        student: student.clone(),
+                    },
+                    None,
+                    false,
+                ),
+                DropDecision::Leaving => (
+                    SeatOp::Leave {
+                        course: course.clone(),
+                        student: student.clone(),
+                    },
+                    None,
+                    true,
+                ),
             };
-            let outcome = self.commit(&course, &student, op).await;
-            let mut table = self.table.borrow_mut();
-            let c = table.get_mut(&course).expect("courses are never removed");
-            return if outcome == Outcome::Committed {
-                c.confirm_drop(&student);
-                table.index_dropped(&course, &student);
-                self.note_changed(&course);
-                Reply::Dropped
-            } else {
-                c.cancel_drop(&student);
-                Reply::Unavailable
+            let outcome = self.commit(&course, &student, promote.as_ref(), op.clone()).await;
+            let committed = outcome == Outcome::Committed;
+            let reply = {
+                let mut table = self.table.borrow_mut();
+                let c = table.get_mut(&course).expect("courses are never removed");
+                let word = match op {
+                    SeatOp::Drop { .. } | SeatOp::DropPromote { .. } => {
+                        if committed {
+                            c.confirm_drop(&student, promote.as_ref(), lane);
+                        } else {
+                            c.cancel_drop(&student, promote.as_ref(), lane);
+                        }
+                        "dropped"
+                    }
+                    SeatOp::Withdraw { .. } | SeatOp::Leave { .. } => {
+                        if committed {
+                            c.confirm_unplace(&student);
+                        } else {
+                            c.cancel_unplace(&student);
+                        }
+                        if matches!(op, SeatOp::Leave { .. }) {
+                            "left_waitlist"
+                        } else {
+                            "withdrawn"
+                        }
+                    }
+                    _ => unreachable!("a DELETE makes only these"),
+                };
+                if committed {
+                    table.reindex(&course, &student);
+                    if let Some(next) = &promote {
+                        table.reindex(&course, next);
+                    }
+                    table.note_rounds(&course);
+                    self.note_changed(&course);
+                    Reply::Dropped(word)
+                } else {
+                    Reply::Unavailable
+                }
             };
+            self.after_change(&course);
+            return reply;
         }
         // Stopped waiting on another request's change to this seat: what memory holds now.
-        match self.table.borrow().get(&course).and_then(|c| c.seat(&student)) {
-            None => Reply::NotEnrolled,
-            Some(course::Seat::Enrolled { .. }) => Reply::Unavailable,
-            Some(_) => Reply::OutcomeUnknown,
+        let table = self.table.borrow();
+        let Some(c) = table.get(&course) else {
+            return Reply::NotFound;
+        };
+        match (c.seat(&student), c.place(&student)) {
+            (None, None) => Reply::NotEnrolled,
+            (Some(course::Seat::Enrolled { .. }), _) => Reply::Unavailable,
+            (None, Some(p)) if p.state() == course::Pending::Settled => Reply::Unavailable,
+            _ => Reply::OutcomeUnknown,
         }
     }
 
-    /// Sends a seat op to the store and waits for its outcome, marking the seat in flight
-    /// meanwhile so other requests for it wait instead of racing.
-    async fn commit(&self, course: &CourseId, student: &StudentId, op: SeatOp) -> Outcome {
+    /// Sends a seat op to the store and waits for its outcome, marking the seat (and the
+    /// seat of `also`, a student promoted by the same op) in flight meanwhile so other
+    /// requests for it wait instead of racing.
+    async fn commit(&self, course: &CourseId, student: &StudentId, also: Option<&StudentId>, op: SeatOp) -> Outcome {
         let rx = match self.persist.submit(Change::Seat(op)) {
             Ok(rx) => rx,
             Err(_) => return Outcome::Failed,
         };
-        let key = (course.clone(), student.clone());
+        let keys: Vec<SeatKey> = std::iter::once(student)
+            .chain(also)
+            .map(|s| (course.clone(), s.clone()))
+            .collect();
         // At most one change per seat is in flight: the persist thread relies on it to run
         // batches concurrently without reordering a seat's changes.
-        let earlier = self
-            .in_flight
-            .borrow_mut()
-            .insert(key.clone(), (Rc::new(Notify::new()), 0));
-        assert!(earlier.is_none(), "two changes in flight for {course:?} {student:?}");
+        for key in &keys {
+            let earlier = self
+                .in_flight
+                .borrow_mut()
+                .insert(key.clone(), (Rc::new(Notify::new()), 0));
+            assert!(earlier.is_none(), "two changes in flight for {key:?}");
+        }
         // A dropped sender means the persist thread died; nothing it had not answered was
         // committed after that, and the process is going down.
         let outcome = rx.await.unwrap_or(Outcome::Failed);
-        if let Some((notify, _)) = self.in_flight.borrow_mut().remove(&key) {
-            notify.notify_waiters();
+        for key in &keys {
+            if let Some((notify, _)) = self.in_flight.borrow_mut().remove(key) {
+                notify.notify_waiters();
+            }
         }
         outcome
     }
@@ -521,22 +738,35 @@ impl Shard {
     }
 
     async fn put(&self, course: CourseId, spec: CourseSpec) -> Reply {
-        let existed = match self.table.borrow_mut().get_mut(&course) {
-            None => {
-                if !self.creating.borrow_mut().insert(course.clone()) {
-                    return Reply::Unavailable;
+        let mut tries = 0;
+        let (existed, promote, lane) = loop {
+            let now = self.clock.now_ms();
+            let decision = match self.table.borrow_mut().get_mut(&course) {
+                None => {
+                    if !self.creating.borrow_mut().insert(course.clone()) {
+                        return Reply::Unavailable;
+                    }
+                    break (false, Vec::new(), false);
                 }
-                false
-            }
-            Some(c) => match c.begin_spec(&spec) {
+                Some(c) => c.begin_spec(&spec, now),
+            };
+            match decision {
                 SpecDecision::BelowHeld => return Reply::BelowEnrolled,
                 SpecDecision::InFlight => return Reply::Unavailable,
-                SpecDecision::Begun => true,
-            },
+                SpecDecision::Refused(why) => return Reply::Refused(why),
+                SpecDecision::LaneBusy => {
+                    tries += 1;
+                    if tries > IN_FLIGHT_RETRIES_MAX || !self.wait_lane(&course).await {
+                        return Reply::Unavailable;
+                    }
+                }
+                SpecDecision::Begun { promote, lane } => break (true, promote, lane),
+            }
         };
         let outcome = match self.persist.submit(Change::PutCourse {
             course: course.clone(),
             spec: spec.clone(),
+            promote: promote.clone(),
         }) {
             Ok(rx) => rx.await.unwrap_or(Outcome::Failed),
             Err(_) => Outcome::Failed,
@@ -544,26 +774,135 @@ impl Shard {
         if !existed {
             self.creating.borrow_mut().remove(&course);
         }
-        let mut table = self.table.borrow_mut();
-        let version = match outcome {
-            Outcome::CoursePut(PutResult::Created { version } | PutResult::Updated { version }) => version,
-            other => {
-                if existed {
-                    table.get_mut(&course).expect("courses are never removed").abort_spec();
+        let reply = {
+            let mut table = self.table.borrow_mut();
+            match outcome {
+                Outcome::CoursePut(PutResult::Created { version } | PutResult::Updated { version }) => {
+                    let created = matches!(outcome, Outcome::CoursePut(PutResult::Created { .. }));
+                    match table.get_mut(&course) {
+                        Some(c) => c.apply_spec(spec, version, &promote, lane),
+                        None => table.insert(&course, spec, version),
+                    }
+                    for (s, _) in &promote {
+                        table.reindex(&course, s);
+                    }
+                    table.note_rounds(&course);
+                    self.note_changed(&course);
+                    Reply::Put {
+                        course: table.view(&course).expect("just put"),
+                        created,
+                    }
                 }
-                return if other == Outcome::CoursePut(PutResult::BelowEnrolled) {
-                    Reply::BelowEnrolled
-                } else {
-                    Reply::Unavailable
-                };
+                other => {
+                    if existed {
+                        table
+                            .get_mut(&course)
+                            .expect("courses are never removed")
+                            .abort_spec(&promote, lane);
+                    }
+                    if other == Outcome::CoursePut(PutResult::BelowEnrolled) {
+                        Reply::BelowEnrolled
+                    } else {
+                        Reply::Unavailable
+                    }
+                }
             }
         };
-        let created = matches!(outcome, Outcome::CoursePut(PutResult::Created { .. }));
-        table.upsert(&course, spec, version);
-        self.note_changed(&course);
-        Reply::Put {
-            course: table.view(&course).expect("just upserted"),
-            created,
+        self.after_change(&course);
+        reply
+    }
+
+    /// Runs a course's draw if it is due and may begin: the entrants in id order are
+    /// shuffled by ChaCha20 seeded from `draw_seeds` (the OS), cut into seats, waitlist
+    /// places and the rest, and committed whole with the record. Until it commits, the
+    /// entrants' POSTs answer `202 entered` and everyone else's wait on the course's lane.
+    /// Not committed: the entries stand and the next round draws again (no result of the
+    /// failed draw was recorded or told to anyone).
+    async fn draw(&self, course: CourseId) {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let now = self.clock.now_ms();
+        let started = std::time::Instant::now();
+        let record = {
+            let mut table = self.table.borrow_mut();
+            let Some(c) = table.get_mut(&course) else { return };
+            let Some(mut order) = c.begin_draw(now) else { return };
+            let seed = (self.draw_seeds)();
+            order.shuffle(&mut rand_chacha::ChaCha20Rng::from_seed(seed));
+            let (seats, waitlisted, first_rank) = c.draw_cut(order.len() as u32);
+            DrawRecord {
+                drawn_at: now,
+                seed: seed.iter().map(|b| format!("{b:02x}")).collect(),
+                order,
+                seats,
+                waitlisted,
+                first_rank,
+            }
+        };
+        let shuffled_us = started.elapsed().as_micros() as u64;
+        let outcome = match self.persist.submit(Change::Draw {
+            course: course.clone(),
+            record: record.clone(),
+        }) {
+            Ok(rx) => rx.await.unwrap_or(Outcome::Failed),
+            Err(_) => Outcome::Failed,
+        };
+        {
+            let mut table = self.table.borrow_mut();
+            let c = table.get_mut(&course).expect("courses are never removed");
+            if outcome == Outcome::Committed {
+                c.apply_draw(&record);
+                for s in &record.order {
+                    table.reindex(&course, s);
+                }
+                table.note_rounds(&course);
+                self.note_changed(&course);
+                tracing::info!(
+                    course = %course,
+                    entries = record.order.len(),
+                    seats = record.seats,
+                    waitlisted = record.waitlisted,
+                    shuffled_us,
+                    "draw committed"
+                );
+            } else {
+                c.abort_draw();
+                tracing::warn!(course = %course, entries = record.order.len(), "draw not committed; it runs again");
+            }
+        }
+        self.after_change(&course);
+    }
+
+    /// Gives a seat that is free while someone waits to the head of the waitlist (after a
+    /// failed enrollment commit, or a state loaded so), one head at a time.
+    async fn promote(&self, course: CourseId) {
+        loop {
+            let head = match self.table.borrow_mut().get_mut(&course) {
+                Some(c) => c.begin_promote(),
+                None => None,
+            };
+            let Some((student, at)) = head else { return };
+            let op = SeatOp::Promote {
+                course: course.clone(),
+                student: student.clone(),
+                at,
+            };
+            let outcome = self.commit(&course, &student, None, op).await;
+            let applied = outcome == Outcome::Committed;
+            {
+                let mut table = self.table.borrow_mut();
+                let c = table.get_mut(&course).expect("courses are never removed");
+                c.end_promote(&student, applied);
+                if applied {
+                    table.reindex(&course, &student);
+                    table.note_rounds(&course);
+                    self.note_changed(&course);
+                }
+            }
+            self.after_change(&course);
+            if !applied {
+                return; // the next round tries again
+            }
         }
     }
 }
@@ -578,6 +917,7 @@ fn attempt_of(r: &Reply) -> Option<Attempt> {
         Reply::NotFound => Attempt::NotFound,
         Reply::RateLimited(..) => Attempt::RateLimited,
         Reply::Unavailable => Attempt::Unavailable,
+        Reply::Placed(_) => Attempt::Placed,
         _ => return None,
     })
 }
@@ -587,10 +927,18 @@ fn enrolled(course: CourseId, student: StudentId, at: UnixMs, created: bool) -> 
         enrollment: EnrollmentView {
             course,
             student,
-            enrolled_at: at,
+            status: Status::Enrolled { at },
         },
         created,
     }
+}
+
+fn placed(course: &CourseId, student: &StudentId, status: Status) -> Reply {
+    Reply::Placed(EnrollmentView {
+        course: course.clone(),
+        student: student.clone(),
+        status,
+    })
 }
 
 /// A shard's way to every course: its own shard directly, the others over their inboxes.
@@ -663,6 +1011,39 @@ pub async fn publish_heat(shard: Rc<Shard>) {
         tick.tick().await;
         let hot = shard.table.borrow().take_hottest(HOT_COURSES_MAX, window.as_secs_f64());
         shard.metrics.publish_hot(hot);
+    }
+}
+
+/// Every [`ROUNDS_TICK_MS`], forever (the shard's runtime ends it): starts the draws that
+/// are due and gives free seats to waiting students, each in a task of its own.
+pub async fn run_rounds(shard: Rc<Shard>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(ROUNDS_TICK_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = shard.clock.now_ms();
+        let (draws, promotions): (Vec<CourseId>, Vec<CourseId>) = {
+            let table = shard.table.borrow();
+            let rounds = table.rounds();
+            let draws = rounds
+                .iter()
+                .filter(|id| table.get(id).is_some_and(|c| c.draw_due(now)))
+                .cloned()
+                .collect();
+            let promotions = rounds
+                .into_iter()
+                .filter(|id| table.get(id).is_some_and(course::Course::needs_promotion))
+                .collect();
+            (draws, promotions)
+        };
+        for course in draws {
+            let shard = shard.clone();
+            tokio::task::spawn_local(async move { shard.draw(course).await });
+        }
+        for course in promotions {
+            let shard = shard.clone();
+            tokio::task::spawn_local(async move { shard.promote(course).await });
+        }
     }
 }
 

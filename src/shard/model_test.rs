@@ -139,7 +139,10 @@ impl Model {
             None => DropDecision::NotEnrolled,
             Some(ModelSeat::Enrolled(at)) => {
                 self.seats.insert(s, ModelSeat::DropPending(at));
-                DropDecision::Dropping
+                DropDecision::Dropping {
+                    promote: None,
+                    lane: false,
+                }
             }
             Some(_) => DropDecision::InFlight,
         }
@@ -153,7 +156,10 @@ impl Model {
             return SpecDecision::BelowHeld;
         }
         self.spec_in_flight = Some(spec.clone());
-        SpecDecision::Begun
+        SpecDecision::Begun {
+            promote: Vec::new(),
+            lane: false,
+        }
     }
 
     fn load_enrolled(&mut self, s: usize, at: UnixMs) -> bool {
@@ -365,6 +371,7 @@ impl Sim {
             EnrollDecision::Full if self.model.held() < self.model.spec.capacity => "enroll Full by in-flight min",
             EnrollDecision::Full => "enroll Full",
             EnrollDecision::Reserved { .. } => "enroll Reserved",
+            other => unreachable!("a course without rounds decided {other:?}"),
         });
     }
 
@@ -416,7 +423,8 @@ impl Sim {
         self.coverage.hit(match want {
             DropDecision::NotEnrolled => "drop NotEnrolled",
             DropDecision::InFlight => "drop InFlight",
-            DropDecision::Dropping => "drop Dropping",
+            DropDecision::Dropping { .. } => "drop Dropping",
+            other => unreachable!("a course without rounds decided {other:?}"),
         });
     }
 
@@ -425,7 +433,7 @@ impl Sim {
             return;
         };
         self.model.seats.remove(&s);
-        self.course.confirm_drop(&self.students[s]);
+        self.course.confirm_drop(&self.students[s], None, false);
         self.coverage.hit("confirm_drop");
     }
 
@@ -437,7 +445,7 @@ impl Sim {
             unreachable!()
         };
         self.model.seats.insert(s, ModelSeat::Enrolled(at));
-        self.course.cancel_drop(&self.students[s]);
+        self.course.cancel_drop(&self.students[s], None, false);
         self.coverage.hit("cancel_drop");
     }
 
@@ -462,15 +470,17 @@ impl Sim {
             self.model.spec.capacity, spec.opens_at, spec.closes_at
         ));
         let want = self.model.begin_spec(&spec);
-        let got = self.course.begin_spec(&spec);
+        let got = self.course.begin_spec(&spec, OPENS_AT);
         assert_eq!(got, want, "begin_spec decision differs from the model; {}", self.ctx());
+        let begun = matches!(want, SpecDecision::Begun { .. });
         self.coverage.hit(match want {
             SpecDecision::BelowHeld => "begin_spec BelowHeld",
             SpecDecision::InFlight => "begin_spec InFlight",
-            SpecDecision::Begun if capacity < self.model.spec.capacity => "begin_spec Begun lower",
-            SpecDecision::Begun => "begin_spec Begun",
+            SpecDecision::Begun { .. } if capacity < self.model.spec.capacity => "begin_spec Begun lower",
+            SpecDecision::Begun { .. } => "begin_spec Begun",
+            other => unreachable!("a course without rounds decided {other:?}"),
         });
-        if want == SpecDecision::Begun && capacity == 0 {
+        if begun && capacity == 0 {
             self.coverage.hit("begin_spec Begun zero");
         }
     }
@@ -499,7 +509,7 @@ impl Sim {
         } else {
             self.coverage.hit("apply_spec stale");
         }
-        self.course.apply_spec(spec, version);
+        self.course.apply_spec(spec, version, &[], false);
     }
 
     fn abort_spec(&mut self) {
@@ -508,7 +518,7 @@ impl Sim {
             return;
         }
         self.note("abort_spec".to_string());
-        self.course.abort_spec();
+        self.course.abort_spec(&[], false);
         self.coverage.hit("abort_spec");
     }
 
@@ -580,12 +590,7 @@ fn random_spec(rng: &mut StdRng, title: &str, capacity: u32) -> CourseSpec {
             closes[rng.gen_range(0..closes.len())],
         )
     };
-    CourseSpec {
-        title: title.to_string(),
-        capacity,
-        opens_at,
-        closes_at,
-    }
+    CourseSpec::plain(title, capacity, opens_at, closes_at)
 }
 
 /// Runs one seed; on any panic (a model mismatch or an assert inside `Course`) panics again

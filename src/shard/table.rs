@@ -5,10 +5,11 @@
 //! into its shard thread, so it is plain `Send` data with no `Rc` inside.
 //! Must never: be shared between threads once its shard runs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::course::{Course, CourseSpec};
+use super::course::{Course, CourseSpec, Pending, Place, Seat};
 use crate::ids::{CourseId, StudentId, UnixMs};
+use crate::persist::store::LoadRow;
 
 /// A course as readers see it, copied out of the shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,13 +19,17 @@ pub struct CourseView {
     pub enrolled: u32,
     pub seats_left: u32,
     pub version: u64,
+    /// Students on the waitlist.
+    pub waitlisted: u32,
 }
+
+pub use crate::model::Standing as Status;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EnrollmentView {
     pub course: CourseId,
     pub student: StudentId,
-    pub enrolled_at: UnixMs,
+    pub status: Status,
 }
 
 /// A course as the store holds it, for a shard that takes its partition over.
@@ -34,15 +39,62 @@ pub struct Adopted {
     pub spec: CourseSpec,
     pub version: u64,
     pub seats: Vec<(StudentId, UnixMs)>,
+    /// Entries (rank None) and waitlist places.
+    pub places: Vec<(StudentId, Option<u64>, UnixMs)>,
+    pub drawn_at: Option<UnixMs>,
 }
 
 #[derive(Default)]
 pub struct CourseTable {
     courses: BTreeMap<CourseId, Course>,
+    /// The courses a student has a committed seat or place in.
     by_student: HashMap<StudentId, Vec<CourseId>>,
+    /// Courses with a draw or a waitlist: the shard's rounds task looks at these for a
+    /// draw that is due or seats to promote.
+    rounds: BTreeSet<CourseId>,
+}
+
+impl Adopted {
+    /// Adds a row of this course streamed from the store.
+    pub fn absorb(&mut self, row: LoadRow) {
+        match row {
+            LoadRow::Course { spec, version, .. } => {
+                self.spec = spec;
+                self.version = version;
+            }
+            LoadRow::Enrollment { student, at, .. } => self.seats.push((student, at)),
+            LoadRow::Place { student, rank, at, .. } => self.places.push((student, rank, at)),
+            LoadRow::Drawn { at, .. } => self.drawn_at = Some(at),
+        }
+    }
 }
 
 impl CourseTable {
+    /// Applies one row streamed from the store at start. Err names a seat or place that
+    /// was not loaded (the student already had one in the course).
+    pub fn load_row(&mut self, row: LoadRow) -> Result<(), String> {
+        match row {
+            LoadRow::Course { id, spec, version } => self.insert(&id, spec, version),
+            LoadRow::Enrollment { course, student, at } => {
+                if !self.load_enrollment(&course, student.clone(), at) {
+                    return Err(format!("seat of {student} in {course}"));
+                }
+            }
+            LoadRow::Place {
+                course,
+                student,
+                rank,
+                at,
+            } => {
+                if !self.load_place(&course, student.clone(), rank, at) {
+                    return Err(format!("place of {student} in {course}"));
+                }
+            }
+            LoadRow::Drawn { course, at } => self.load_drawn(&course, at),
+        }
+        Ok(())
+    }
+
     pub fn get(&self, id: &CourseId) -> Option<&Course> {
         self.courses.get(id)
     }
@@ -68,14 +120,26 @@ impl CourseTable {
         self.courses.get(id).map(view_of)
     }
 
-    /// Inserts a course or applies a newer committed spec to it.
-    pub fn upsert(&mut self, id: &CourseId, spec: CourseSpec, version: u64) {
-        match self.courses.get_mut(id) {
-            Some(c) => c.apply_spec(spec, version),
-            None => {
-                self.courses.insert(id.clone(), Course::new(id.clone(), spec, version));
-            }
+    /// Inserts a new course (as loaded, or created by an admin).
+    pub fn insert(&mut self, id: &CourseId, spec: CourseSpec, version: u64) {
+        let course = Course::new(id.clone(), spec, version);
+        self.courses.insert(id.clone(), course);
+        self.note_rounds(id);
+    }
+
+    /// Records whether a course takes part in the rounds (after any change to its spec).
+    pub fn note_rounds(&mut self, id: &CourseId) {
+        let Some(c) = self.courses.get(id) else { return };
+        if c.spec.draw_at.is_some() || c.spec.waitlist_max > 0 || c.waitlisted() > 0 {
+            self.rounds.insert(id.clone());
+        } else {
+            self.rounds.remove(id);
         }
+    }
+
+    /// Courses with a draw or a waitlist.
+    pub fn rounds(&self) -> Vec<CourseId> {
+        self.rounds.iter().cloned().collect()
     }
 
     /// Adds a committed seat read from the store at start.
@@ -86,8 +150,28 @@ impl CourseTable {
         if !c.load_enrolled(student.clone(), at) {
             return false;
         }
-        self.by_student.entry(student).or_default().push(course.clone());
+        self.reindex(course, &student);
         true
+    }
+
+    /// Adds a committed entry (rank None) or waitlist place read from the store at start.
+    pub fn load_place(&mut self, course: &CourseId, student: StudentId, rank: Option<u64>, at: UnixMs) -> bool {
+        let Some(c) = self.courses.get_mut(course) else {
+            return false;
+        };
+        if !c.load_place(student.clone(), rank, at) {
+            return false;
+        }
+        self.reindex(course, &student);
+        self.note_rounds(course);
+        true
+    }
+
+    /// Marks a course's draw as run (read from the store at start).
+    pub fn load_drawn(&mut self, course: &CourseId, at: UnixMs) {
+        if let Some(c) = self.courses.get_mut(course) {
+            c.load_drawn(at);
+        }
     }
 
     /// Puts a course in as the store holds it, replacing this shard's copy (a partition
@@ -96,8 +180,8 @@ impl CourseTable {
     pub fn replace(&mut self, adopted: Adopted) {
         if let Some(old) = self.courses.remove(&adopted.id) {
             assert!(old.settled(), "{:?} replaced with changes in flight", adopted.id);
-            for student in old.roster() {
-                self.index_dropped(&adopted.id, &student);
+            for student in old.roster().into_iter().chain(old.waitlist()).chain(old.entrants()) {
+                self.reindex(&adopted.id, &student);
             }
         }
         let Adopted {
@@ -105,27 +189,43 @@ impl CourseTable {
             spec,
             version,
             seats,
+            places,
+            drawn_at,
         } = adopted;
-        self.courses.insert(id.clone(), Course::new(id.clone(), spec, version));
+        self.insert(&id, spec, version);
         for (student, at) in seats {
             if !self.load_enrollment(&id, student.clone(), at) {
                 tracing::error!(course = %id, student = %student, "stored seat not loaded (already on the roster)");
             }
         }
-    }
-
-    /// Records a committed seat in the student index.
-    pub fn index_enrolled(&mut self, course: &CourseId, student: &StudentId) {
-        self.by_student.entry(student.clone()).or_default().push(course.clone());
-    }
-
-    /// Removes a dropped seat from the student index.
-    pub fn index_dropped(&mut self, course: &CourseId, student: &StudentId) {
-        if let Some(list) = self.by_student.get_mut(student) {
-            list.retain(|c| c != course);
-            if list.is_empty() {
-                self.by_student.remove(student);
+        for (student, rank, at) in places {
+            if !self.load_place(&id, student.clone(), rank, at) {
+                tracing::error!(course = %id, student = %student, "stored place not loaded (already there)");
             }
+        }
+        if let Some(at) = drawn_at {
+            self.load_drawn(&id, at);
+        }
+    }
+
+    /// Brings the student index in step with a course after a change to the student's
+    /// seat or place there: listed while the student has a committed seat or place.
+    pub fn reindex(&mut self, course: &CourseId, student: &StudentId) {
+        let present = self.courses.get(course).is_some_and(|c| {
+            matches!(c.seat(student), Some(Seat::Enrolled { .. } | Seat::DropPending { .. }))
+                || c.place(student).is_some_and(|p| p.state() != Pending::Adding)
+        });
+        let list = self.by_student.entry(student.clone()).or_default();
+        let at = list.iter().position(|c| c == course);
+        match (present, at) {
+            (true, None) => list.push(course.clone()),
+            (false, Some(i)) => {
+                list.swap_remove(i);
+            }
+            _ => {}
+        }
+        if list.is_empty() {
+            self.by_student.remove(student);
         }
     }
 
@@ -144,19 +244,29 @@ impl CourseTable {
         let Some(list) = self.by_student.get(student) else {
             return Vec::new();
         };
-        list.iter()
+        let mut all: Vec<EnrollmentView> = list
+            .iter()
             .filter_map(|cid| {
-                let at = match self.courses.get(cid)?.seat(student)? {
-                    super::course::Seat::Enrolled { at } | super::course::Seat::DropPending { at } => at,
-                    super::course::Seat::EnrollPending { .. } => return None,
+                let c = self.courses.get(cid)?;
+                let status = match (c.seat(student), c.place(student)) {
+                    (Some(Seat::Enrolled { at } | Seat::DropPending { at }), _) => Status::Enrolled { at },
+                    (_, Some(Place::Wait { rank, state, .. })) if state != Pending::Adding => Status::Waitlisted {
+                        position: c.position(rank),
+                    },
+                    (_, Some(Place::Entry { state, .. })) if state != Pending::Adding => Status::Entered {
+                        draw_at: c.spec.draw_at,
+                    },
+                    _ => return None,
                 };
                 Some(EnrollmentView {
                     course: cid.clone(),
                     student: student.clone(),
-                    enrolled_at: at,
+                    status,
                 })
             })
-            .collect()
+            .collect();
+        all.sort_by(|a, b| a.course.cmp(&b.course));
+        all
     }
 
     /// The `limit` courses with the most requests since the last call, as requests per
@@ -186,6 +296,20 @@ impl CourseTable {
     }
 }
 
+impl From<crate::persist::store::StoredCourse> for CourseView {
+    /// A course as committed in the store (cluster mode's catalog).
+    fn from(c: crate::persist::store::StoredCourse) -> Self {
+        CourseView {
+            seats_left: c.spec.capacity.saturating_sub(c.enrolled),
+            id: c.id,
+            spec: c.spec,
+            enrolled: c.enrolled,
+            version: c.version,
+            waitlisted: c.waitlisted,
+        }
+    }
+}
+
 fn view_of(c: &Course) -> CourseView {
     CourseView {
         id: c.id.clone(),
@@ -193,5 +317,6 @@ fn view_of(c: &Course) -> CourseView {
         enrolled: c.enrolled(),
         seats_left: c.seats_left(),
         version: c.version,
+        waitlisted: c.waitlisted(),
     }
 }

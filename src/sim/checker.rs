@@ -16,7 +16,13 @@
 //!   without proving its lease (the store records both, [`SimStore::violations`]); a node
 //!   deposed by a takeover answers what it had in flight without a seat promise it cannot
 //!   keep: every 201 it gives was committed before the takeover (the fence refuses the
-//!   rest), and the successor's memory equals the store.
+//!   rest), and the successor's memory equals the store;
+//! - registration rounds: an acknowledged entry or waitlist place (a 202) is in the store
+//!   when answered and stays there (or became what the draw or a promotion made of it);
+//!   a student is in at most one of seat, entry and waitlist per course; at most
+//!   `waitlist_max` wait; no entry outlives its course's draw; once settled no seat is
+//!   free while anyone waits; memory's waitlists (in order) and entries equal the store's;
+//!   and the feed, replayed, rebuilds the store's seats, entries and waitlists in order.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -44,7 +50,23 @@ pub const COVERED: &[&str] = &[
     "put: 409",
     "put: 503",
     "deposed node answered",
+    "enroll: 202 entered",
+    "enroll: 202 waitlisted",
+    "drop: withdrawn",
+    "drop: left_waitlist",
 ];
+
+/// What the store must hold for a (course, student) after an acknowledged answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Durable {
+    /// A seat (a 201/200 to a POST).
+    Seat,
+    /// Nothing (a 200 to a DELETE).
+    Nothing,
+    /// A place (a 202): still the place, or what a draw or a promotion made of it (a
+    /// seat, a waitlist place, or a draw that did not select the student).
+    Placed,
+}
 
 #[derive(Clone, Debug)]
 pub enum Request {
@@ -85,7 +107,7 @@ pub struct Checker {
     in_flight: BTreeMap<SeatKey, u32>,
     /// What the store must say of a seat: `Some(true)` held, `Some(false)` not held, no
     /// entry when not known (never acknowledged, or a request for it was sent since).
-    durable: BTreeMap<SeatKey, bool>,
+    durable: BTreeMap<SeatKey, Durable>,
     /// Courses a hand edit left overfull, and how many seats they may still hold.
     overfull: BTreeMap<CourseId, u32>,
     /// Requests a node had in flight when a successor took its leases over.
@@ -162,8 +184,27 @@ impl Checker {
         self.shard_of(&key.0).table().get(&key.0)?.seat(&key.1)
     }
 
+    fn memory_place(&self, key: &SeatKey) -> Option<crate::shard::course::Place> {
+        self.shard_of(&key.0).table().get(&key.0)?.place(&key.1)
+    }
+
     fn store_has(&self, key: &SeatKey) -> bool {
         self.store.rows().seats.contains_key(key)
+    }
+
+    fn store_places(&self, key: &SeatKey) -> bool {
+        self.store.rows().places.contains_key(key)
+    }
+
+    /// Whether the store holds what an acknowledged answer promised of a seat.
+    fn holds(rows: &super::store::Rows, key: &SeatKey, durable: Durable) -> bool {
+        let seat = rows.seats.contains_key(key);
+        let place = rows.places.contains_key(key);
+        match durable {
+            Durable::Seat => seat,
+            Durable::Nothing => !seat && !place,
+            Durable::Placed => seat || place || rows.draws.get(&key.0).is_some_and(|d| d.order.contains(&key.1)),
+        }
     }
 
     fn count(&mut self, what: &'static str) {
@@ -208,18 +249,35 @@ impl Checker {
                     self.store_has(&key),
                     "{key:?} answered enrolled but the store does not hold it"
                 );
-                Some(true)
+                Some(Durable::Seat)
+            }
+            (Request::Enroll { .. }, Reply::Placed(view)) => {
+                self.count(match view.status {
+                    crate::shard::table::Status::Entered { .. } => "enroll: 202 entered",
+                    _ => "enroll: 202 waitlisted",
+                });
+                let key = request.seat().expect("a seat request");
+                assert!(
+                    self.store_places(&key),
+                    "{key:?} answered {:?} but the store holds no place",
+                    view.status
+                );
+                Some(Durable::Placed)
             }
             (Request::Enroll { .. }, Reply::Unavailable) => {
                 self.count("enroll: 503");
                 let key = request.seat().expect("a seat request");
+                let place = self.memory_place(&key);
                 match self.memory_seat(&key) {
                     Some(Seat::Enrolled { .. }) => panic!("{key:?}: a POST answered 503 while the seat is held"),
-                    None => assert!(
-                        !self.store_has(&key),
-                        "{key:?}: a POST answered 503; the store holds the seat"
+                    None if place.is_none() => assert!(
+                        !self.store_has(&key) && !self.store_places(&key),
+                        "{key:?}: a POST answered 503; the store holds the seat or a place"
                     ),
-                    Some(_) => {}
+                    _ => {}
+                }
+                if place.is_some_and(|p| p.state() == crate::shard::course::Pending::Settled) {
+                    panic!("{key:?}: a POST answered 503 while the student has a place");
                 }
                 None
             }
@@ -233,11 +291,18 @@ impl Checker {
                 });
                 None
             }
-            (Request::Drop { .. }, Reply::Dropped) => {
-                self.count("drop: 200");
+            (Request::Drop { .. }, Reply::Dropped(word)) => {
+                self.count(match *word {
+                    "withdrawn" => "drop: withdrawn",
+                    "left_waitlist" => "drop: left_waitlist",
+                    _ => "drop: 200",
+                });
                 let key = request.seat().expect("a seat request");
-                assert!(!self.store_has(&key), "{key:?} answered dropped but the store holds it");
-                Some(false)
+                assert!(
+                    !self.store_has(&key) && !self.store_places(&key),
+                    "{key:?} answered {word} but the store holds a seat or place"
+                );
+                Some(Durable::Nothing)
             }
             (Request::Drop { .. }, r) => {
                 self.count(match r {
@@ -267,6 +332,7 @@ impl Checker {
             (Request::Put { course, .. }, r) => {
                 self.count(match r {
                     Reply::BelowEnrolled => "put: 409",
+                    Reply::Refused(_) => "put: 400",
                     Reply::Unavailable => "put: 503",
                     Reply::OutcomeUnknown => "put: unknown",
                     other => panic!("a PUT answered {other:?}"),
@@ -314,9 +380,26 @@ impl Checker {
                 ));
             }
         }
-        for (key, held) in &self.durable {
-            if rows.seats.contains_key(key) != *held {
-                return Err(format!("acknowledged {key:?} (held: {held}) but the store disagrees"));
+        for (key, durable) in &self.durable {
+            if !Self::holds(&rows, key, *durable) {
+                return Err(format!("acknowledged {key:?} ({durable:?}) but the store disagrees"));
+            }
+        }
+        for key in rows.places.keys() {
+            if rows.seats.contains_key(key) {
+                return Err(format!("{key:?} holds both a seat and a place in the store"));
+            }
+        }
+        for (id, c) in &rows.courses {
+            let waiting = rows.waitlist_of(id).len() as u32;
+            if waiting > c.spec.waitlist_max {
+                return Err(format!(
+                    "{id:?}: {waiting} waiting, waitlist_max {}",
+                    c.spec.waitlist_max
+                ));
+            }
+            if rows.draws.contains_key(id) && !rows.entries_of(id).is_empty() {
+                return Err(format!("{id:?}: entries outlived the draw"));
             }
         }
         Ok(())
@@ -351,6 +434,19 @@ impl Checker {
             }
         }
         self.check_memory_equals_store()?;
+        // No seat free while anyone waits (a failed enrollment's seat is promoted by the
+        // rounds task, which had time to run).
+        let rows = self.store.rows();
+        for (id, c) in &rows.courses {
+            let waiting = rows.waitlist_of(id);
+            if !waiting.is_empty() && (rows.seats_of(id).len() as u32) < c.spec.capacity {
+                return Err(format!(
+                    "{id:?}: {} seats of {} taken while {waiting:?} wait",
+                    rows.seats_of(id).len(),
+                    c.spec.capacity
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -359,20 +455,50 @@ impl Checker {
     /// commit order per course), every course's versions rising, and the replay ending
     /// with exactly the store's rosters (no change without its event).
     pub fn check_feed(&self, feed: &[Event]) -> Result<(), String> {
-        let mut rosters: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        use std::collections::BTreeSet;
+        #[derive(Default)]
+        struct Replayed {
+            seats: BTreeSet<String>,
+            entries: BTreeSet<String>,
+            waitlist: Vec<String>,
+        }
+        let mut courses: BTreeMap<String, Replayed> = BTreeMap::new();
         let mut versions: BTreeMap<String, u64> = BTreeMap::new();
         for (i, e) in feed.iter().enumerate() {
             if e.seq != i as u64 + 1 {
                 return Err(format!("feed: event {} numbered {}", i + 1, e.seq));
             }
-            let roster = rosters.entry(e.course.clone()).or_default();
+            let c = courses.entry(e.course.clone()).or_default();
             let student = || e.student.clone().ok_or_else(|| format!("feed: {e:?} names no student"));
+            let wrong = || Err(format!("feed: {e:?} does not follow from the events before it"));
             match e.kind {
-                EventKind::Enrolled if !roster.insert(student()?) => {
-                    return Err(format!("feed: {e:?} enrolls a student already enrolled"));
+                EventKind::Enrolled => {
+                    let s = student()?;
+                    c.entries.remove(&s); // a draw's winner leaves the entries
+                    if !c.seats.insert(s) {
+                        return wrong();
+                    }
                 }
-                EventKind::Dropped if !roster.remove(&student()?) => {
-                    return Err(format!("feed: {e:?} drops a student not enrolled"));
+                EventKind::Dropped if !c.seats.remove(&student()?) => return wrong(),
+                EventKind::Entered if !c.entries.insert(student()?) => return wrong(),
+                EventKind::Withdrawn | EventKind::NotSelected if !c.entries.remove(&student()?) => return wrong(),
+                EventKind::Waitlisted => {
+                    let s = student()?;
+                    c.entries.remove(&s);
+                    if c.waitlist.contains(&s) || c.seats.contains(&s) {
+                        return wrong();
+                    }
+                    c.waitlist.push(s);
+                }
+                EventKind::LeftWaitlist | EventKind::Promoted => {
+                    let s = student()?;
+                    let Some(at) = c.waitlist.iter().position(|w| *w == s) else {
+                        return wrong();
+                    };
+                    c.waitlist.remove(at);
+                    if e.kind == EventKind::Promoted && !c.seats.insert(s) {
+                        return wrong();
+                    }
                 }
                 EventKind::CourseChanged => {
                     let v = e.version.ok_or("feed: course_changed without a version")?;
@@ -386,12 +512,18 @@ impl Checker {
         }
         let rows = self.store.rows();
         for id in rows.courses.keys() {
-            let stored: std::collections::BTreeSet<String> =
-                rows.seats_of(id).iter().map(ToString::to_string).collect();
-            let replayed = rosters.remove(id.as_str()).unwrap_or_default();
-            if stored != replayed {
+            let names = |v: Vec<crate::ids::StudentId>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+            let replayed = courses.remove(id.as_str()).unwrap_or_default();
+            let stored_seats: BTreeSet<String> = names(rows.seats_of(id)).into_iter().collect();
+            let stored_entries: BTreeSet<String> = names(rows.entries_of(id)).into_iter().collect();
+            let stored_waitlist = names(rows.waitlist_of(id));
+            if stored_seats != replayed.seats
+                || stored_entries != replayed.entries
+                || stored_waitlist != replayed.waitlist
+            {
                 return Err(format!(
-                    "feed: replaying {id:?} gives {replayed:?}, the store holds {stored:?}"
+                    "feed: replaying {id:?} gives seats {:?} entries {:?} waitlist {:?}; the store holds {stored_seats:?} {stored_entries:?} {stored_waitlist:?}",
+                    replayed.seats, replayed.entries, replayed.waitlist
                 ));
             }
         }
@@ -413,6 +545,23 @@ impl Checker {
                     memory.roster(),
                     in_store
                 ));
+            }
+            if memory.waitlist() != rows.waitlist_of(id) {
+                return Err(format!(
+                    "{id:?}: memory waitlist {:?} != store {:?}",
+                    memory.waitlist(),
+                    rows.waitlist_of(id)
+                ));
+            }
+            if memory.entrants() != rows.entries_of(id) {
+                return Err(format!(
+                    "{id:?}: memory entries {:?} != store {:?}",
+                    memory.entrants(),
+                    rows.entries_of(id)
+                ));
+            }
+            if memory.drawn_at() != rows.draws.get(id).map(|d| d.drawn_at) {
+                return Err(format!("{id:?}: memory and store disagree on the draw"));
             }
             if memory.spec != stored.spec || memory.version != stored.version {
                 return Err(format!("{id:?}: memory spec/version differ from the store"));

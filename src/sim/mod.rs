@@ -34,11 +34,12 @@ use crate::limit::breaker::{Breaker, BreakerConfig};
 use crate::limit::{Admission, Limiter, LimitsConfig, ShardLimiter};
 use crate::model::CourseSpec;
 use crate::persist::feed::Event;
-use crate::persist::store::LoadRow;
 use crate::persist::store::StoreOptions;
 use crate::persist::{self, PersistConfig};
 use crate::shard::table::CourseTable;
-use crate::shard::{owner_of, serve_inbox, Command, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS};
+use crate::shard::{
+    owner_of, run_rounds, serve_inbox, Command, Envelope, Router, Shard, ANSWER_WAIT_STATEMENT_TIMEOUTS,
+};
 use checker::{Checker, Request};
 use store::{SimStore, Weather};
 
@@ -50,6 +51,7 @@ const SHARDS: usize = 2;
 const COURSES: usize = 5;
 const STUDENTS: usize = 14;
 const CAPACITY_MAX: u32 = 5;
+const WAITLIST_MAX: u32 = 4;
 /// Largest page the simulation reads the change feed in.
 const FEED_PAGE_MAX: u32 = 9;
 /// Identical requests a hammering script sends at once: more than may wait on one seat.
@@ -215,11 +217,22 @@ fn random_spec(rng: &mut StdRng) -> CourseSpec {
     let closes_at = rng
         .gen_bool(0.4)
         .then(|| opens_at.unwrap_or(T0_MS) + rng.gen_range(1_000..12_000));
+    // Now and then a draw (within the first seconds, so lives reach it) and a waitlist.
+    let draw_at = rng
+        .gen_bool(0.3)
+        .then(|| opens_at.unwrap_or(T0_MS - 10_000) + rng.gen_range(1..6_000))
+        .filter(|d| closes_at.is_none_or(|c| *d < c));
     CourseSpec {
         title: "simulated".into(),
         capacity: rng.gen_range(0..=CAPACITY_MAX),
         opens_at,
         closes_at,
+        draw_at,
+        waitlist_max: if rng.gen_bool(0.5) {
+            rng.gen_range(1..=WAITLIST_MAX)
+        } else {
+            0
+        },
     }
 }
 
@@ -364,12 +377,10 @@ impl World {
         let mut tables: Vec<CourseTable> = (0..SHARDS).map(|_| CourseTable::default()).collect();
         // The store has no duplicate seats: every stored seat is loaded, even past capacity.
         let mut refused = Vec::new();
-        self.store.load(|row| match row {
-            LoadRow::Course { id, spec, version } => tables[owner_of(&id, SHARDS).0].upsert(&id, spec, version),
-            LoadRow::Enrollment { course, student, at } => {
-                if !tables[owner_of(&course, SHARDS).0].load_enrollment(&course, student.clone(), at) {
-                    refused.push((course, student));
-                }
+        self.store.load(|row| {
+            let owner = owner_of(row.course(), SHARDS).0;
+            if let Err(what) = tables[owner].load_row(row) {
+                refused.push(what);
             }
         });
         if !refused.is_empty() {
@@ -384,19 +395,26 @@ impl World {
         let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..SHARDS).map(|_| mpsc::channel::<Envelope>(64)).unzip();
         let answer_wait = Duration::from_millis(STATEMENT_TIMEOUT_MS) * ANSWER_WAIT_STATEMENT_TIMEOUTS;
         let mut routers = Vec::new();
+        // Draw seeds from the simulation's own seed, so a run replays.
+        let seeds = std::cell::RefCell::new(StdRng::seed_from_u64(u64::from(self.node)));
+        let draw_seeds: Rc<dyn Fn() -> [u8; 32]> = Rc::new(move || seeds.borrow_mut().gen());
         for (i, (table, inbox)) in tables.into_iter().zip(inbox_rx).enumerate() {
             let clock: Arc<dyn Clock> = self.clock.clone();
-            let shard = Rc::new(Shard::new(
-                ShardId(i),
-                table,
-                persist.clone(),
-                Arc::default(),
-                Rc::new(ShardLimiter::new(limiter.clone(), SHARDS)),
-                |_| bytes::Bytes::new(),
-                ShardClock::new(clock),
-                answer_wait,
-            ));
+            let shard = Rc::new(
+                Shard::new(
+                    ShardId(i),
+                    table,
+                    persist.clone(),
+                    Arc::default(),
+                    Rc::new(ShardLimiter::new(limiter.clone(), SHARDS)),
+                    |_| bytes::Bytes::new(),
+                    ShardClock::new(clock),
+                    answer_wait,
+                )
+                .with_draw_seeds(draw_seeds.clone()),
+            );
             tokio::task::spawn_local(serve_inbox(shard.clone(), inbox));
+            tokio::task::spawn_local(run_rounds(shard.clone()));
             routers.push(Router {
                 me: shard,
                 peers: inbox_tx.clone(),

@@ -23,9 +23,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, CLOSED};
-use crate::model::CourseSpec;
+use crate::model::{CourseSpec, DrawRecord};
 use crate::persist::feed::{Event, EventKind, FeedError, NewEvent, Page};
-use crate::persist::store::{CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
+use crate::persist::store::{probe_of, CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
 use crate::persist::Backend;
 
 /// Store faults the coverage check needs every test run to reach.
@@ -68,6 +68,10 @@ pub struct StoredCourse {
 pub struct Rows {
     pub courses: BTreeMap<CourseId, StoredCourse>,
     pub seats: BTreeMap<(CourseId, StudentId), UnixMs>,
+    /// Entries (rank None) and waitlist places, as the `places` table.
+    pub places: BTreeMap<(CourseId, StudentId), (Option<u64>, UnixMs)>,
+    /// Draw records, one per course at most (the `draws` table's key).
+    pub draws: BTreeMap<CourseId, DrawRecord>,
     /// The change feed, numbered from 1 in commit order.
     pub events: Vec<Event>,
 }
@@ -80,6 +84,24 @@ impl Rows {
             .map(|(_, s)| s.clone())
             .collect()
     }
+    /// A course's waitlist in rank order.
+    pub fn waitlist_of(&self, course: &CourseId) -> Vec<StudentId> {
+        let mut waits: Vec<(u64, StudentId)> = self
+            .places
+            .iter()
+            .filter_map(|((c, s), (rank, _))| (c == course).then_some((*rank)?).map(|r| (r, s.clone())))
+            .collect();
+        waits.sort();
+        waits.into_iter().map(|(_, s)| s).collect()
+    }
+    /// A course's entries, sorted.
+    pub fn entries_of(&self, course: &CourseId) -> Vec<StudentId> {
+        self.places
+            .iter()
+            .filter(|((c, _), (rank, _))| c == course && rank.is_none())
+            .map(|((_, s), _)| s.clone())
+            .collect()
+    }
 }
 
 /// One change a transaction makes, applied at its COMMIT.
@@ -89,6 +111,10 @@ enum Effect {
     Delete(CourseId, StudentId),
     Counter(CourseId, i64),
     Course(CourseId, StoredCourse),
+    /// A place row (an entry when the rank is None) inserted, or deleted.
+    Place(CourseId, StudentId, Option<u64>, UnixMs),
+    Unplace(CourseId, StudentId),
+    Draw(CourseId, DrawRecord),
     /// The change's event, numbered when the transaction commits.
     Event(NewEvent),
 }
@@ -282,6 +308,23 @@ impl SimStore {
                 at: *at,
             });
         }
+        // Waitlist places in rank order, as the SQL store streams them.
+        let mut places: Vec<_> = rows.places.iter().collect();
+        places.sort_by_key(|(_, (rank, _))| *rank);
+        for ((course, student), (rank, at)) in places {
+            sink(LoadRow::Place {
+                course: course.clone(),
+                student: student.clone(),
+                rank: *rank,
+                at: *at,
+            });
+        }
+        for (course, record) in &rows.draws {
+            sink(LoadRow::Drawn {
+                course: course.clone(),
+                at: record.drawn_at,
+            });
+        }
     }
 
     /// The process died: every session it had ends, its COMMIT landing or not.
@@ -460,6 +503,15 @@ impl SimStore {
                 Effect::Course(c, course) => {
                     rows.courses.insert(c.clone(), course.clone());
                 }
+                Effect::Place(c, s, rank, at) => {
+                    rows.places.insert((c.clone(), s.clone()), (*rank, *at));
+                }
+                Effect::Unplace(c, s) => {
+                    rows.places.remove(&(c.clone(), s.clone()));
+                }
+                Effect::Draw(c, record) => {
+                    rows.draws.insert(c.clone(), record.clone());
+                }
                 Effect::Event(e) => {
                     let seq = rows.events.len() as u64 + 1;
                     rows.events.push(Event {
@@ -477,12 +529,15 @@ impl SimStore {
     }
 
     /// The row-by-row rules of the SQL store, against the committed state: an insert of a
-    /// held seat is a no-op, a new seat needs `enrolled + 1 <= capacity`, a drop frees it.
-    fn plan_seats(&self, ops: &[SeatOp]) -> (Vec<SeatResult>, Vec<Effect>, Option<Probe>) {
+    /// held seat or place is a no-op, a new seat needs `enrolled + 1 <= capacity`, a drop
+    /// frees it, a drop that promotes passes it to the head (both rows must be there, or
+    /// the store refuses the batch, as the SQL store does when memory and store disagree).
+    fn plan_seats(&self, ops: &[SeatOp]) -> Result<(Vec<SeatResult>, Vec<Effect>, Option<Probe>), CommitError> {
         let mut rows = self.rows.borrow().clone();
         let mut results = Vec::with_capacity(ops.len());
         let mut effects = Vec::new();
         let mut probe = None;
+        let disagree = |what: String| CommitError::NotCommitted(anyhow::anyhow!("simulated store refused: {what}"));
         for op in ops {
             let (course, student) = op.key();
             let key = (course.clone(), student.clone());
@@ -490,47 +545,95 @@ impl SimStore {
                 results.push(SeatResult::Full);
                 continue;
             };
-            let changed = match op {
+            let events = |effects: &mut Vec<Effect>| effects.extend(NewEvent::of_op(op).into_iter().map(Effect::Event));
+            let (result, changed) = match op {
                 SeatOp::Enroll { at, .. } if !rows.seats.contains_key(&key) => {
                     if c.enrolled < c.spec.capacity {
                         c.enrolled += 1;
                         rows.seats.insert(key.clone(), *at);
                         effects.push(Effect::Insert(course.clone(), student.clone(), *at));
                         effects.push(Effect::Counter(course.clone(), 1));
-                        effects.push(Effect::Event(NewEvent::of_seat(op)));
-                        results.push(SeatResult::Applied);
-                        true
+                        events(&mut effects);
+                        (SeatResult::Applied, true)
                     } else {
-                        results.push(SeatResult::Full);
-                        false
+                        (SeatResult::Full, false)
                     }
                 }
-                SeatOp::Enroll { .. } => {
-                    results.push(SeatResult::Applied);
-                    false
-                }
+                SeatOp::Enroll { .. } => (SeatResult::Applied, false),
                 SeatOp::Drop { .. } => {
-                    results.push(SeatResult::Applied);
                     if rows.seats.remove(&key).is_some() {
                         c.enrolled = c.enrolled.saturating_sub(1);
                         effects.push(Effect::Delete(course.clone(), student.clone()));
                         effects.push(Effect::Counter(course.clone(), -1));
-                        effects.push(Effect::Event(NewEvent::of_seat(op)));
-                        true
+                        events(&mut effects);
+                        (SeatResult::Applied, true)
                     } else {
-                        false
+                        (SeatResult::Applied, false)
+                    }
+                }
+                SeatOp::Enter { at, .. } | SeatOp::Join { at, .. } => {
+                    let rank = match op {
+                        SeatOp::Join { rank, .. } => Some(*rank),
+                        _ => None,
+                    };
+                    if rows.places.contains_key(&key) {
+                        (SeatResult::Applied, false)
+                    } else {
+                        rows.places.insert(key.clone(), (rank, *at));
+                        effects.push(Effect::Place(course.clone(), student.clone(), rank, *at));
+                        events(&mut effects);
+                        (SeatResult::Applied, true)
+                    }
+                }
+                SeatOp::Withdraw { .. } | SeatOp::Leave { .. } => {
+                    let wait = matches!(op, SeatOp::Leave { .. });
+                    if rows.places.get(&key).is_some_and(|(rank, _)| rank.is_some() == wait) {
+                        rows.places.remove(&key);
+                        effects.push(Effect::Unplace(course.clone(), student.clone()));
+                        events(&mut effects);
+                        (SeatResult::Applied, true)
+                    } else {
+                        (SeatResult::Applied, false)
+                    }
+                }
+                SeatOp::DropPromote { next, at, .. } => {
+                    let next_key = (course.clone(), next.clone());
+                    let waiting = rows.places.get(&next_key).is_some_and(|(rank, _)| rank.is_some());
+                    if !rows.seats.contains_key(&key) || !waiting {
+                        return Err(disagree(format!("{op:?}")));
+                    }
+                    rows.seats.remove(&key);
+                    rows.places.remove(&next_key);
+                    rows.seats.insert(next_key, *at);
+                    effects.push(Effect::Delete(course.clone(), student.clone()));
+                    effects.push(Effect::Unplace(course.clone(), next.clone()));
+                    effects.push(Effect::Insert(course.clone(), next.clone(), *at));
+                    events(&mut effects);
+                    (SeatResult::Applied, true)
+                }
+                SeatOp::Promote { at, .. } => {
+                    if c.enrolled >= c.spec.capacity {
+                        (SeatResult::Full, false)
+                    } else if !rows.places.get(&key).is_some_and(|(rank, _)| rank.is_some()) {
+                        return Err(disagree(format!("{op:?}")));
+                    } else {
+                        c.enrolled += 1;
+                        rows.places.remove(&key);
+                        rows.seats.insert(key.clone(), *at);
+                        effects.push(Effect::Unplace(course.clone(), student.clone()));
+                        effects.push(Effect::Insert(course.clone(), student.clone(), *at));
+                        effects.push(Effect::Counter(course.clone(), 1));
+                        events(&mut effects);
+                        (SeatResult::Applied, true)
                     }
                 }
             };
+            results.push(result);
             if changed && probe.is_none() {
-                probe = Some(Probe::Seat {
-                    course: course.clone(),
-                    student: student.clone(),
-                    present_if_committed: matches!(op, SeatOp::Enroll { .. }),
-                });
+                probe = Some(probe_of(op));
             }
         }
-        (results, effects, probe)
+        Ok((results, effects, probe))
     }
 
     /// Runs a transaction's ending under the weather: `Ok` when it committed and the
@@ -619,10 +722,22 @@ impl Backend for SimNode {
         &self,
         id: &CourseId,
         spec: &CourseSpec,
+        promote: &[(StudentId, UnixMs)],
         proof: &LeaseProof,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
-        self.store.put_course(self.node, id, spec, proof, session).await
+        self.store
+            .put_course(self.node, id, spec, promote, proof, session)
+            .await
+    }
+    async fn draw(
+        &self,
+        course: &CourseId,
+        record: &DrawRecord,
+        proof: &LeaseProof,
+        session: &Session,
+    ) -> Result<(), CommitError> {
+        self.store.draw(self.node, course, record, proof, session).await
     }
     async fn fence(&self, session: &Session) -> anyhow::Result<()> {
         self.store.fence(self.node, session).await
@@ -663,7 +778,7 @@ impl SimStore {
         self.latency().await;
         let fault = self.roll();
         self.before_commit(node, fault).await?;
-        let (results, effects, probe) = self.plan_seats(ops);
+        let (results, effects, probe) = self.plan_seats(ops)?;
         let proof = Proof {
             node,
             gen: lease_proof.gen,
@@ -681,6 +796,7 @@ impl SimStore {
         node: NodeTag,
         id: &CourseId,
         spec: &CourseSpec,
+        promote: &[(StudentId, UnixMs)],
         lease_proof: &LeaseProof,
         session: &Session,
     ) -> Result<PutResult, CommitError> {
@@ -695,13 +811,19 @@ impl SimStore {
         let fault = self.roll();
         self.before_commit(node, fault).await?;
         let existing = self.rows.borrow().courses.get(id).cloned();
+        let promoted = promote.len() as u32;
         let (result, course) = match existing {
             Some(c) if c.enrolled > spec.capacity => return Ok(PutResult::BelowEnrolled),
+            Some(c) if c.enrolled + promoted > spec.capacity => {
+                return Err(CommitError::NotCommitted(anyhow::anyhow!(
+                    "simulated store refused: promotions beyond capacity"
+                )))
+            }
             Some(c) => (
                 PutResult::Updated { version: c.version + 1 },
                 StoredCourse {
                     spec: spec.clone(),
-                    enrolled: c.enrolled,
+                    enrolled: c.enrolled + promoted,
                     version: c.version + 1,
                 },
             ),
@@ -727,14 +849,87 @@ impl SimStore {
             version: Some(course.version),
             capacity: Some(u64::from(spec.capacity)),
         };
-        self.finish(
-            sid,
-            fault,
-            proof,
-            vec![Effect::Course(id.clone(), course), Effect::Event(event)],
-        )
-        .await?;
+        let mut effects = vec![Effect::Course(id.clone(), course), Effect::Event(event)];
+        {
+            let rows = self.rows.borrow();
+            for (student, at) in promote {
+                let key = (id.clone(), student.clone());
+                if !rows.places.get(&key).is_some_and(|(rank, _)| rank.is_some()) || rows.seats.contains_key(&key) {
+                    return Err(CommitError::NotCommitted(anyhow::anyhow!(
+                        "simulated store refused: promoting {student}, who is not waiting"
+                    )));
+                }
+                effects.push(Effect::Unplace(id.clone(), student.clone()));
+                effects.push(Effect::Insert(id.clone(), student.clone(), *at));
+                effects.push(Effect::Event(NewEvent::of_student(EventKind::Promoted, id, student)));
+            }
+        }
+        self.finish(sid, fault, proof, effects).await?;
         Ok(result)
+    }
+
+    /// A draw, under the SQL store's rules: a second record for a course is refused, the
+    /// entries removed must be exactly those drawn, and the seats must fit capacity.
+    async fn draw(
+        &self,
+        node: NodeTag,
+        course: &CourseId,
+        record: &DrawRecord,
+        lease_proof: &LeaseProof,
+        session: &Session,
+    ) -> Result<(), CommitError> {
+        let proof = Proof {
+            node,
+            gen: lease_proof.gen,
+            leases: lease_proof.leases.clone(),
+            writes: vec![partition_of(course.as_str())],
+        };
+        let sid = self.session(session);
+        self.latency().await;
+        let fault = self.roll();
+        self.before_commit(node, fault).await?;
+        let refuse = |why: &str| {
+            Err(CommitError::NotCommitted(anyhow::anyhow!(
+                "simulated store refused the draw: {why}"
+            )))
+        };
+        let mut effects = Vec::new();
+        {
+            let rows = self.rows.borrow();
+            if rows.draws.contains_key(course) {
+                return refuse("drawn already");
+            }
+            let mut drawn = record.order.clone();
+            drawn.sort();
+            if rows.entries_of(course) != drawn {
+                return refuse("entries differ");
+            }
+            let c = rows.courses.get(course).expect("drawn courses exist");
+            if c.enrolled + record.seats > c.spec.capacity {
+                return refuse("seats beyond capacity");
+            }
+            effects.push(Effect::Draw(course.clone(), record.clone()));
+            effects.push(Effect::Event(NewEvent::of_course(EventKind::Drawn, course)));
+            for (i, s) in record.order.iter().enumerate() {
+                let i = i as u32;
+                effects.push(Effect::Unplace(course.clone(), s.clone()));
+                let kind = if i < record.seats {
+                    effects.push(Effect::Insert(course.clone(), s.clone(), record.drawn_at));
+                    EventKind::Enrolled
+                } else if i < record.seats + record.waitlisted {
+                    let rank = record.first_rank + u64::from(i - record.seats);
+                    effects.push(Effect::Place(course.clone(), s.clone(), Some(rank), record.drawn_at));
+                    EventKind::Waitlisted
+                } else {
+                    EventKind::NotSelected
+                };
+                effects.push(Effect::Event(NewEvent::of_student(kind, course, s)));
+            }
+            effects.push(Effect::Counter(course.clone(), i64::from(record.seats)));
+        }
+        session.commit_sent(Some(Probe::Draw { course: course.clone() }), Settled::Draw);
+        self.latency().await;
+        self.finish(sid, fault, proof, effects).await
     }
 
     async fn fence(&self, node: NodeTag, session: &Session) -> anyhow::Result<()> {
@@ -779,6 +974,12 @@ impl SimStore {
                 .courses
                 .get(course)
                 .is_some_and(|c| c.version == *version_if_committed),
+            Probe::Place {
+                course,
+                student,
+                present_if_committed,
+            } => rows.places.contains_key(&(course.clone(), student.clone())) == *present_if_committed,
+            Probe::Draw { course } => rows.draws.contains_key(course),
         })
     }
 
