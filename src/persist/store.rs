@@ -697,7 +697,7 @@ impl Store {
                 Ran::Refused => return Ok(false), // dropping `tx` rolls back
                 Ran::Fenced => return Err(CommitError::Fenced),
             }
-            session.commit_sent(ops.first().map(probe_of), if_committed());
+            session.commit_sent(ops.iter().fold(None, better_probe), if_committed());
             tx.commit().await.map_err(|e| CommitError::Unknown(e.into()))?;
             return Ok(true);
         };
@@ -716,7 +716,8 @@ impl Store {
                 _ => Ok(false),
             };
         }
-        conn.commit(session, ops.first().map(probe_of), if_committed()).await?;
+        conn.commit(session, ops.iter().fold(None, better_probe), if_committed())
+            .await?;
         Ok(true)
     }
 
@@ -807,7 +808,7 @@ impl Store {
                         .map_err(not_committed)?
                         .rows_affected();
                         if counted == 1 {
-                            probe.get_or_insert_with(|| probe_of(op));
+                            probe = better_probe(probe, op);
                             events.push(NewEvent::of_seat(op));
                             SeatResult::Applied
                         } else {
@@ -841,7 +842,7 @@ impl Store {
                             .execute(conn.get())
                             .await
                             .map_err(not_committed)?;
-                        probe.get_or_insert_with(|| probe_of(op));
+                        probe = better_probe(probe, op);
                         events.push(NewEvent::of_seat(op));
                     }
                     SeatResult::Applied
@@ -862,7 +863,7 @@ impl Store {
                         .map_err(not_committed)?
                         .rows_affected();
                     if inserted == 1 {
-                        probe.get_or_insert_with(|| probe_of(op));
+                        probe = better_probe(probe, op);
                         events.extend(NewEvent::of_op(op));
                     }
                     SeatResult::Applied
@@ -882,7 +883,7 @@ impl Store {
                         .map_err(not_committed)?
                         .rows_affected();
                     if deleted == 1 {
-                        probe.get_or_insert_with(|| probe_of(op));
+                        probe = better_probe(probe, op);
                         events.extend(NewEvent::of_op(op));
                     }
                     SeatResult::Applied
@@ -918,7 +919,7 @@ impl Store {
                         .execute(conn.get())
                         .await
                         .map_err(not_committed)?;
-                    probe.get_or_insert_with(|| probe_of(op));
+                    probe = better_probe(probe, op);
                     events.extend(NewEvent::of_op(op));
                     SeatResult::Applied
                 }
@@ -952,7 +953,7 @@ impl Store {
                             .execute(conn.get())
                             .await
                             .map_err(not_committed)?;
-                        probe.get_or_insert_with(|| probe_of(op));
+                        probe = better_probe(probe, op);
                         events.extend(NewEvent::of_op(op));
                         SeatResult::Applied
                     } else {
@@ -1383,6 +1384,33 @@ impl Store {
             p.close().await;
         }
         self.pool.close().await;
+    }
+}
+
+/// The probe of a batch, given the next op that changed a row: the first row the batch
+/// *inserts* if there is one. A row the batch deletes is a weaker witness: after a
+/// takeover the successor may delete the same row, and a read-back would then take a
+/// fenced batch for applied.
+pub fn better_probe(current: Option<Probe>, op: &SeatOp) -> Option<Probe> {
+    let inserts = |p: &Probe| {
+        matches!(
+            p,
+            Probe::Seat {
+                present_if_committed: true,
+                ..
+            } | Probe::Place {
+                present_if_committed: true,
+                ..
+            }
+        )
+    };
+    match current {
+        Some(p) if inserts(&p) => Some(p),
+        Some(p) => {
+            let next = probe_of(op);
+            Some(if inserts(&next) { next } else { p })
+        }
+        None => Some(probe_of(op)),
     }
 }
 

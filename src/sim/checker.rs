@@ -257,8 +257,10 @@ impl Checker {
                     _ => "enroll: 202 waitlisted",
                 });
                 let key = request.seat().expect("a seat request");
+                // The place, or (an entry whose draw committed while its outcome was on its
+                // way to the shard) what the draw made of it.
                 assert!(
-                    self.store_places(&key),
+                    Self::holds(&self.store.rows(), &key, Durable::Placed),
                     "{key:?} answered {:?} but the store holds no place",
                     view.status
                 );
@@ -479,7 +481,22 @@ impl Checker {
                         return wrong();
                     }
                 }
-                EventKind::Dropped if !c.seats.remove(&student()?) => return wrong(),
+                EventKind::Dropped => {
+                    if !c.seats.remove(&student()?) {
+                        return wrong();
+                    }
+                    // The seat went to the head of the waitlist in the same commit: the
+                    // next event promotes exactly the head.
+                    if let Some(head) = c.waitlist.first() {
+                        let next = feed.get(i + 1);
+                        if !next.is_some_and(|n| n.kind == EventKind::Promoted && n.student.as_ref() == Some(head)) {
+                            return Err(format!(
+                                "feed: {e:?} freed a seat while {:?} waited, and the next event is {next:?}",
+                                c.waitlist
+                            ));
+                        }
+                    }
+                }
                 EventKind::Entered if !c.entries.insert(student()?) => return wrong(),
                 EventKind::Withdrawn | EventKind::NotSelected if !c.entries.remove(&student()?) => return wrong(),
                 EventKind::Waitlisted => {
@@ -495,6 +512,9 @@ impl Checker {
                     let Some(at) = c.waitlist.iter().position(|w| *w == s) else {
                         return wrong();
                     };
+                    if e.kind == EventKind::Promoted && at != 0 {
+                        return Err(format!("feed: {e:?} skipped {:?}", &c.waitlist[..at]));
+                    }
                     c.waitlist.remove(at);
                     if e.kind == EventKind::Promoted && !c.seats.insert(s) {
                         return wrong();

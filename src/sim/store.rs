@@ -25,7 +25,9 @@ use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::limit::breaker::{Breaker, CLOSED};
 use crate::model::{CourseSpec, DrawRecord};
 use crate::persist::feed::{Event, EventKind, FeedError, NewEvent, Page};
-use crate::persist::store::{probe_of, CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled};
+use crate::persist::store::{
+    better_probe, CommitError, LoadRow, Probe, PutResult, SeatOp, SeatResult, Session, Settled,
+};
 use crate::persist::Backend;
 
 /// Store faults the coverage check needs every test run to reach.
@@ -629,8 +631,8 @@ impl SimStore {
                 }
             };
             results.push(result);
-            if changed && probe.is_none() {
-                probe = Some(probe_of(op));
+            if changed {
+                probe = better_probe(probe, op);
             }
         }
         Ok((results, effects, probe))
