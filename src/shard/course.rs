@@ -251,11 +251,11 @@ impl Course {
     }
 
     /// Adds a committed seat read back from the store at start. Returns false (and adds
-    /// nothing) when the student is already on the roster. A seat beyond capacity is still
+    /// nothing) when the student is already on the roster or has a place. A seat beyond capacity is still
     /// loaded (an acknowledged enrollment is never dropped or hidden): the course is then
     /// [`Course::overfull`] and sells nothing until drops bring it under capacity.
     pub fn load_enrolled(&mut self, student: StudentId, at: UnixMs) -> bool {
-        if self.seats.contains_key(&student) {
+        if self.seats.contains_key(&student) || self.places.contains_key(&student) {
             return false;
         }
         self.seats.insert(student, Seat::Enrolled { at });
@@ -819,6 +819,11 @@ impl Course {
         }
         let lane = self.uses_lane() || spec.waitlist_max > 0;
         if lane && self.lane {
+            return SpecDecision::LaneBusy;
+        }
+        // A waitlist switched on while a drop that took no lane is in flight: that drop
+        // would free its seat with nobody promoted, after a student joined behind it.
+        if lane && !self.uses_lane() && self.seats.values().any(|s| matches!(s, Seat::DropPending { .. })) {
             return SpecDecision::LaneBusy;
         }
         let promote = if spec.capacity > self.held {
