@@ -211,11 +211,19 @@ const EXPOSED: &[&str] = &[
     "enrolld_cluster_hops_failed_total",
     "enrolld_cluster_fenced_batches_total",
     "enrolld_cluster_catalog_age_seconds",
+    "enrolld_rounds_entries_total",
+    "enrolld_rounds_draws_total",
+    "enrolld_rounds_draw_entries",
+    "enrolld_rounds_draw_seconds",
+    "enrolld_rounds_waitlisted",
+    "enrolld_rounds_promotions_total",
 ];
 const HISTOGRAMS: &[&str] = &[
     "enrolld_http_request_duration_seconds",
     "enrolld_persist_batch_rows",
     "enrolld_persist_commit_seconds",
+    "enrolld_rounds_draw_entries",
+    "enrolld_rounds_draw_seconds",
 ];
 
 /// The family a sample name belongs to (`x_bucket` of histogram `x` is `x`).
