@@ -4,8 +4,9 @@
 //! bounds a shard's seat throughput. These cases watch the hot paths for regressions:
 //! (a) the 409 answer on a full course (what a registration rush mostly hits), (b) a full
 //! enroll -> confirm -> drop -> confirm round trip on a course with free seats, and (c) the
-//! idempotent answer to a student who already holds a seat. Student ids are built before
-//! timing starts, so only the decision itself is measured.
+//! idempotent answer to a student who already holds a seat, and (d) the owner shard's part
+//! of a draw over 50,000 entries. Student ids are built before timing starts, so only the
+//! decision itself is measured.
 //!
 //! Run: `cargo bench --bench seat` (add `-- --warm-up-time 1 --measurement-time 2` for a
 //! quick look).
@@ -14,7 +15,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use enrolld::ids::{CourseId, StudentId};
-use enrolld::shard::course::{Course, CourseSpec, DropDecision, EnrollDecision};
+use enrolld::shard::course::{Course, CourseSpec, DrawRecord, DropDecision, EnrollDecision};
 
 /// Seats in the benchmarked course: a large lecture, so the seat map has realistic size.
 const CAPACITY: u32 = 500;
@@ -103,5 +104,52 @@ fn enroll_already(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, enroll_full, round_trip, enroll_already);
+/// Entries in the benchmarked draw (the bound: well under a second of the shard's
+/// time for 50,000).
+const DRAW_ENTRIES: usize = 50_000;
+
+/// The owner shard's part of a draw over 50,000 entries: collect and sort the entrants,
+/// shuffle them with the seed, cut the order, and apply the committed result (seats,
+/// waitlist places, entries removed). The commit itself is the store's time, not measured
+/// here.
+fn draw_50k(c: &mut Criterion) {
+    let entrants = students("entrant", DRAW_ENTRIES);
+    let make = || {
+        let id = CourseId::parse("DRAW-101").expect("valid course id");
+        let mut spec = CourseSpec::plain("Drawn", 300, Some(NOW - 86_400_000), None);
+        spec.draw_at = Some(NOW - 1);
+        spec.waitlist_max = 1_000;
+        let mut course = Course::new(id, spec, 1);
+        for s in &entrants {
+            assert!(course.load_place(s.clone(), None, NOW - 10));
+        }
+        course
+    };
+    let mut group = c.benchmark_group("draw");
+    group.sample_size(10);
+    group.bench_function("draw_50000_entries_shard_time", |b| {
+        b.iter_batched(
+            make,
+            |mut course| {
+                let mut order = course.begin_draw(NOW).expect("due");
+                enrolld::shard::course::shuffle_entries(&mut order, [7; 32]);
+                let (seats, waitlisted, first_rank) = course.draw_cut(order.len() as u32);
+                let record = DrawRecord {
+                    drawn_at: NOW,
+                    seed: String::new(),
+                    order,
+                    seats,
+                    waitlisted,
+                    first_rank,
+                };
+                course.apply_draw(&record);
+                black_box(course)
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, enroll_full, round_trip, enroll_already, draw_50k);
 criterion_main!(benches);

@@ -1245,7 +1245,9 @@ impl Store {
         Ok(all)
     }
 
-    /// A course's draw record, if its draw ran.
+    /// A course's draw record, if its draw ran. (sqlx's `Any` driver reports a MySQL
+    /// LONGTEXT as a BLOB, which does not decode as a String: `order_list` is read as bytes
+    /// there.)
     pub async fn read_draw(&self, course: &CourseId) -> anyhow::Result<Option<DrawRecord>> {
         let row = sqlx::query(
             "SELECT drawn_at_ms, seed, seats, waitlisted, first_rank, order_list FROM draws WHERE course_id = ?",
@@ -1254,7 +1256,10 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let order: String = row.try_get(5)?;
+        let order: String = match row.try_get::<String, _>(5) {
+            Ok(text) => text,
+            Err(_) => String::from_utf8(row.try_get::<Vec<u8>, _>(5)?).context("a draw's order is not UTF-8")?,
+        };
         let order = order
             .split('\n')
             .filter(|s| !s.is_empty())

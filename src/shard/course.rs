@@ -36,6 +36,16 @@ pub enum Seat {
     DropPending { at: UnixMs },
 }
 
+/// Puts a draw's entrants (sorted by id, as [`Course::begin_draw`] gives them) in drawn
+/// order: a Fisher-Yates shuffle (rand 0.8's `SliceRandom::shuffle`) driven by ChaCha20
+/// seeded with the draw's 32-byte seed. Anyone with the record's seed and entries can
+/// compute the same order again (the draw's audit).
+pub fn shuffle_entries(entrants: &mut [StudentId], seed: [u8; 32]) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    entrants.shuffle(&mut rand_chacha::ChaCha20Rng::from_seed(seed));
+}
+
 /// Where a place's change stands (a seat's three states, for places).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pending {

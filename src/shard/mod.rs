@@ -819,8 +819,6 @@ impl Shard {
     /// Not committed: the entries stand and the next round draws again (no result of the
     /// failed draw was recorded or told to anyone).
     async fn draw(&self, course: CourseId) {
-        use rand::seq::SliceRandom;
-        use rand::SeedableRng;
         let now = self.clock.now_ms();
         let started = std::time::Instant::now();
         let record = {
@@ -828,7 +826,7 @@ impl Shard {
             let Some(c) = table.get_mut(&course) else { return };
             let Some(mut order) = c.begin_draw(now) else { return };
             let seed = (self.draw_seeds)();
-            order.shuffle(&mut rand_chacha::ChaCha20Rng::from_seed(seed));
+            course::shuffle_entries(&mut order, seed);
             let (seats, waitlisted, first_rank) = c.draw_cut(order.len() as u32);
             DrawRecord {
                 drawn_at: now,
