@@ -1504,3 +1504,150 @@ async fn contract_smoke() {
     );
     assert!(text.contains("contract checks hold"), "{text}");
 }
+
+/// Registration rounds in cluster mode: students enter a draw through every node, the
+/// owner draws once, every node serves the same record, and after `kill -9` of the owner
+/// the node that takes the course over holds the same seats and the waitlist in the same
+/// order, and gives a dropped seat to its head in the drop's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draw_entered_through_every_node_and_its_waitlist_survive_the_owners_kill_9() {
+    const VICTIM: usize = 0;
+    let mut cluster = Cluster::start(Some(SHORT_LEASE_MS)).await;
+    let course = cluster.courses_owned_by(VICTIM, "ROUND", 1, 2).await.remove(0);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as i64;
+    let draw_at = enrolld::ids::rfc3339((now_ms / 1000 + 5) * 1000);
+    let body = format!(r#"{{"title":"Round","capacity":2,"draw_at":"{draw_at}","waitlist_max":3}}"#);
+    let mut conn = Conn::open(cluster.addr(1)).await;
+    let r = conn
+        .request(
+            "PUT",
+            &format!("/v1/admin/courses/{course}"),
+            Some(&admin_token()),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let entrants: Vec<String> = (0..8).map(|i| format!("e{i}")).collect();
+    for (i, s) in entrants.iter().enumerate() {
+        let mut c = Conn::open(cluster.addr(i % NODE_IDS.len())).await;
+        let r = c
+            .request(
+                "POST",
+                &format!("/v1/courses/{course}/enrollment"),
+                Some(&token(s)),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.json()["status"].as_str()),
+            (202, Some("entered")),
+            "{s} entering through {}: {}",
+            NODE_IDS[i % NODE_IDS.len()],
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    let draw_path = format!("/v1/admin/courses/{course}/draw");
+    let record = poll_get(cluster.addr(2), &draw_path, "the draw's record", |r| r.status == 200)
+        .await
+        .json();
+    let order: Vec<String> = record["order"]
+        .as_array()
+        .expect("order")
+        .iter()
+        .map(|s| s.as_str().expect("student").to_string())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(sorted, entrants, "the draw holds every entrant once");
+    assert_eq!(
+        (record["seats"].as_u64(), record["waitlisted"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let roster = poll_roster(cluster.addr(1), &course, "the drawn roster", |r| r.status == 200).await;
+    let waitlist_of = |r: &Resp| -> Vec<String> {
+        r.json()["waitlist"]
+            .as_array()
+            .expect("waitlist")
+            .iter()
+            .map(|s| s.as_str().expect("student").to_string())
+            .collect()
+    };
+    assert_eq!(
+        students_of(&roster),
+        order[..2].iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert_eq!(waitlist_of(&roster), order[2..5].to_vec());
+    // Not selected, and the waitlist is full: a first-come 409, through any node.
+    let mut c = Conn::open(cluster.addr(2)).await;
+    let r = c
+        .request(
+            "POST",
+            &format!("/v1/courses/{course}/enrollment"),
+            Some(&token(&order[5])),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+
+    cluster.nodes[VICTIM].take().expect("running").kill9();
+    let taken = poll_roster(cluster.addr(1), &course, "the course taken over", |r| {
+        r.status == 200 && decided_by(r) != NODE_IDS[VICTIM]
+    })
+    .await;
+    eprintln!("{course} taken over by {}", decided_by(&taken));
+    assert_eq!(students_of(&taken), students_of(&roster), "seats after the takeover");
+    assert_eq!(
+        waitlist_of(&taken),
+        order[2..5].to_vec(),
+        "waitlist order after the takeover"
+    );
+    let again = poll_get(cluster.addr(2), &draw_path, "the record after the takeover", |r| {
+        r.status == 200
+    })
+    .await
+    .json();
+    assert_eq!(again["seed"], record["seed"], "one draw, one seed");
+
+    // A drop on the taker gives the seat to the head in the same commit.
+    let mut c = Conn::open(cluster.addr(2)).await;
+    let r = c
+        .request(
+            "DELETE",
+            &format!("/v1/courses/{course}/enrollment"),
+            Some(&token(&order[0])),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (200, Some("dropped")),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let after = c
+        .request("GET", &roster_path(&course), Some(&admin_token()), None)
+        .await;
+    let expected: BTreeSet<String> = [order[1].clone(), order[2].clone()].into();
+    assert_eq!(students_of(&after), expected, "the head has the dropped seat");
+    assert_eq!(waitlist_of(&after), order[3..5].to_vec());
+    let r = c
+        .request(
+            "POST",
+            &format!("/v1/courses/{course}/enrollment"),
+            Some(&token(&order[3])),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json()["position"].as_u64()),
+        (202, Some(1)),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let (stored, (_, enrolled)) = cluster.store_course(&course);
+    assert_eq!(stored, expected, "the store holds what the taker answered");
+    assert_eq!(enrolled, 2);
+}
