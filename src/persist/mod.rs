@@ -312,6 +312,14 @@ impl PersistHandle {
         }
     }
 
+    /// Whether this node may change `course` (it holds its partition's lease, or the store
+    /// has no leases).
+    pub fn holds(&self, course: &CourseId) -> bool {
+        self.held
+            .as_ref()
+            .is_none_or(|held| held.lease_of(course.as_str()).is_some())
+    }
+
     /// False while the store breaker is open.
     pub fn store_ok(&self) -> bool {
         !self.breaker.is_open()

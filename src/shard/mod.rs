@@ -1013,7 +1013,8 @@ pub async fn publish_heat(shard: Rc<Shard>) {
 }
 
 /// Every [`ROUNDS_TICK_MS`], forever (the shard's runtime ends it): starts the draws that
-/// are due and gives free seats to waiting students, each in a task of its own.
+/// are due and gives free seats to waiting students, each in a task of its own. (It scans
+/// the shard's courses with a draw or a waitlist: bounded by the catalog.)
 pub async fn run_rounds(shard: Rc<Shard>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(ROUNDS_TICK_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1022,7 +1023,13 @@ pub async fn run_rounds(shard: Rc<Shard>) {
         let now = shard.clock.now_ms();
         let (draws, promotions): (Vec<CourseId>, Vec<CourseId>) = {
             let table = shard.table.borrow();
-            let rounds = table.rounds();
+            // Only courses whose partition this node holds (in cluster mode a shard keeps
+            // the memory of partitions it lost; the new owner draws and promotes).
+            let rounds: Vec<CourseId> = table
+                .rounds()
+                .into_iter()
+                .filter(|id| shard.persist.holds(id))
+                .collect();
             let draws = rounds
                 .iter()
                 .filter(|id| table.get(id).is_some_and(|c| c.draw_due(now)))
