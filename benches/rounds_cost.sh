@@ -5,7 +5,9 @@
 # 50 courses whose draw is a day away (the 202 path: every request a new entry, group-
 # committed the same way), and wrk drives each path for the same time, alternating which
 # goes first. Rates are rows in the store per second; CPU is enrolld's plus mariadbd's,
-# per row. The issue's bound: entries cost no more than enrollments.
+# per row. The issue's bound: entries cost no more than enrollments. Last, one course takes
+# 50,000 entries and draws: the owner shard's time (the log's `shuffled_us`) and the
+# draw's commit (`enrolld_rounds_draw_seconds`).
 # Usage: [ROUNDS=n] benches/rounds_cost.sh [seconds=10] [connections=64]
 # Writes target/bench/rounds_cost.md and prints it. Load goes to loopback only.
 set -euo pipefail
@@ -26,7 +28,7 @@ secret="bench-secret-$RANDOM$RANDOM"
 db=enrolld_bench_rounds
 sql() { mariadb -h127.0.0.1 -uenrolld -penrolld -N -B "$@"; }
 courses=50
-students=40000
+students=50000
 "$bin" token --sub bench --count $students --ttl 7200 --jwt-secret "$secret" > "$out/tokens.txt"
 admin=$("$bin" token --sub bench-admin --role admin --jwt-secret "$secret")
 mariadb_pid=$(pidof mariadbd || pidof mysqld)
@@ -74,6 +76,26 @@ for r in $(seq 1 "$rounds"); do
   else
     run_path entry places DRAW; run_path enroll enrollments BIG
   fi
+  if [ "$r" = "$rounds" ]; then
+    # One draw over 50,000 entries.
+    curl -sf -X PUT -H "Authorization: Bearer $admin" "http://127.0.0.1:$port/v1/admin/courses/DRAW-BIG" \
+      -d "{\"title\":\"bench\",\"capacity\":300,\"draw_at\":\"$draw_at\",\"waitlist_max\":1000}" >/dev/null
+    for _ in 1 2 3 4 5 6; do
+      n=$(sql $db -e "SELECT COUNT(*) FROM places WHERE course_id = 'DRAW-BIG'")
+      [ "$n" -ge $students ] && break
+      wrk -t$threads -c$conns -d${secs}s -s benches/wrk/enroll.lua "http://127.0.0.1:$port" \
+        -- $threads "$out/tokens.txt" DRAW-BIG > /dev/null
+    done
+    soon=$(date -u -d '+2 seconds' +%Y-%m-%dT%H:%M:%SZ)
+    curl -sf -X PUT -H "Authorization: Bearer $admin" "http://127.0.0.1:$port/v1/admin/courses/DRAW-BIG" \
+      -d "{\"title\":\"bench\",\"capacity\":300,\"draw_at\":\"$soon\",\"waitlist_max\":1000}" >/dev/null
+    for _ in $(seq 1 300); do
+      curl -sf -H "Authorization: Bearer $admin" "http://127.0.0.1:$port/v1/admin/courses/DRAW-BIG/draw" >/dev/null && break
+      sleep 0.1
+    done
+    draw_line=$(grep 'draw committed' "$out/enrolld-rounds.log" | grep DRAW-BIG | tail -1)
+    draw_commit=$(curl -s "http://127.0.0.1:$port/metrics" | awk '/^enrolld_rounds_draw_seconds_sum/ {print $2}')
+  fi
   kill "$pid"; wait "$pid" || true; pid=""
 done
 
@@ -89,6 +111,7 @@ done
   echo
   printf '%s\n' "${rows[@]}" | awk -F'|' '{ r[$1] += $2; c[$1] += $3; k[$1]++ }
     END { printf "entry ÷ enrollment over %d rounds: rows/s %.2f, CPU per row %.2f\n", k["entry"], (r["entry"]/k["entry"]) / (r["enroll"]/k["enroll"]), (c["entry"]/k["entry"]) / (c["enroll"]/k["enroll"]) }'
+  echo "One draw: $(echo "$draw_line" | grep -o 'entries=[0-9]*') $(echo "$draw_line" | grep -o 'shuffled_us=[0-9]*') (the owner shard's time), commit ${draw_commit:-?} s."
   echo "$(date -u +%F) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), wrk -t$threads -c$conns -d${secs}s, enrolld --shards $shards, MariaDB $(sql -e 'SELECT VERSION()'), load generator on the same cores."
 } | tee "$out/rounds_cost.md"
 sql -e "DROP DATABASE IF EXISTS $db"
