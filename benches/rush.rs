@@ -15,6 +15,9 @@
 //! omission). An optional drop wave frees seats while refused students try again. It writes
 //! `target/rush/report.md` and `target/rush/throughput.svg`.
 //!
+//! `--scenario registration-day` runs another day instead: a draw round, then a first-come
+//! round with waitlists, people against scripts (benches/rush_rounds.rs, its own report).
+//!
 //! `--owner-ports` measures what routing by owner saves: the started server also listens on
 //! one port per shard (`--shard-listen`), and connection c talks only to the port of shard
 //! c % shards and claims only the requests for courses that shard owns (what nginx's `hash`
@@ -50,6 +53,14 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Yields the registration-day scenario's items (benches/rush_rounds.rs, where a no-op of
+/// the same name makes its own auto-discovered bench target empty).
+macro_rules! rush_only {
+    ($($item:item)*) => { $($item)* };
+}
+#[path = "rush_rounds.rs"]
+mod rounds;
 
 /// Lifetime of the tokens minted for the run.
 const TOKEN_TTL_SECS: u64 = 4 * 3600;
@@ -114,6 +125,10 @@ fn outcome_index(status: u16) -> usize {
     about = "Registration-day load generator and invariant checker for enrolld"
 )]
 struct Args {
+    /// Which day to replay: `rush` (the default: the load and invariant run below) or
+    /// `registration-day` (a draw round, then a first-come round; people against scripts).
+    #[arg(long, value_enum, default_value_t = Scenario::Rush)]
+    scenario: Scenario,
     /// Students in the rush [default: 50000; 300 for the smoke run under `cargo test`].
     #[arg(long)]
     students: Option<u32>,
@@ -202,6 +217,15 @@ struct Args {
     /// --all-targets` runs benches as tests) the sizes default to a smoke run.
     #[arg(long, hide = true)]
     bench: bool,
+    /// Last: its help heading would also head the flags after it.
+    #[command(flatten)]
+    rounds: rounds::RoundsArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Rush,
+    RegistrationDay,
 }
 
 /// Full size under `cargo bench`; a smoke run (a few seconds) under `cargo test`.
@@ -223,6 +247,9 @@ impl Args {
                 Args::parse_from(["rush"])
             }
         };
+        if args.scenario == Scenario::RegistrationDay {
+            return Ok(args); // it resolves its own sizes
+        }
         let (students, courses) = if args.bench {
             (STUDENTS_DEFAULT, COURSES_DEFAULT)
         } else {
@@ -311,6 +338,9 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
+    if args.scenario == Scenario::RegistrationDay {
+        return rounds::run(args);
+    }
     if let Err(e) = args.validate() {
         eprintln!("rush: {e}");
         return ExitCode::from(2);

@@ -592,6 +592,7 @@ fn count_attempt(m: &ShardMetrics, store_ok: bool, r: &Reply) {
         }
         Reply::Closed => Attempt::Closed,
         Reply::NotFound => Attempt::NotFound,
+        Reply::Placed(_) => Attempt::Placed,
         _ => Attempt::Unavailable,
     };
     m.attempt(a);
