@@ -605,6 +605,21 @@ async fn draw_round(kind: Kind) {
         after_draw,
         "the draw's events, in drawn order"
     );
+
+    // The metrics count what happened: 8 entries committed (the repeat is not one), one
+    // draw of 7 entries, 2 waiting, and every 202 as outcome `placed`.
+    let m = |sample: &'static str| {
+        let addr = server.addr;
+        async move {
+            let mut c = Conn::open(addr).await;
+            metric(&mut c, sample).await.unwrap_or(-1.0)
+        }
+    };
+    assert_eq!(m("enrolld_rounds_entries_total").await, 8.0);
+    assert_eq!(m("enrolld_rounds_draws_total").await, 1.0);
+    assert_eq!(m("enrolld_rounds_draw_entries_sum").await, 7.0);
+    assert_eq!(m("enrolld_rounds_waitlisted").await, 2.0);
+    assert!(m(r#"enrolld_enroll_attempts_total{outcome="placed"}"#).await >= 9.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
