@@ -97,27 +97,29 @@ impl NewEvent {
     /// The event of a plain seat op (an enrollment or a drop).
     pub fn of_seat(op: &SeatOp) -> NewEvent {
         let mut events = Self::of_op(op);
-        assert_eq!(events.len(), 1, "{op:?} is not a plain seat op");
-        events.remove(0)
+        let first = events.next().expect("every op has an event");
+        assert!(events.next().is_none(), "{op:?} is not a plain seat op");
+        first
     }
 
-    /// The events of a committed op, in the order they happened.
-    pub fn of_op(op: &SeatOp) -> Vec<NewEvent> {
+    /// The events of a committed op, in the order they happened (no allocation: the
+    /// group commit's hot path builds one per row).
+    pub fn of_op(op: &SeatOp) -> impl Iterator<Item = NewEvent> {
         let (course, student) = op.key();
-        let one = |kind| vec![NewEvent::of_student(kind, course, student)];
-        match op {
-            SeatOp::Enroll { .. } => one(EventKind::Enrolled),
-            SeatOp::Drop { .. } => one(EventKind::Dropped),
-            SeatOp::Enter { .. } => one(EventKind::Entered),
-            SeatOp::Withdraw { .. } => one(EventKind::Withdrawn),
-            SeatOp::Join { .. } => one(EventKind::Waitlisted),
-            SeatOp::Leave { .. } => one(EventKind::LeftWaitlist),
-            SeatOp::Promote { .. } => one(EventKind::Promoted),
-            SeatOp::DropPromote { next, .. } => vec![
-                NewEvent::of_student(EventKind::Dropped, course, student),
-                NewEvent::of_student(EventKind::Promoted, course, next),
-            ],
-        }
+        let kind = match op {
+            SeatOp::Enroll { .. } => EventKind::Enrolled,
+            SeatOp::Drop { .. } | SeatOp::DropPromote { .. } => EventKind::Dropped,
+            SeatOp::Enter { .. } => EventKind::Entered,
+            SeatOp::Withdraw { .. } => EventKind::Withdrawn,
+            SeatOp::Join { .. } => EventKind::Waitlisted,
+            SeatOp::Leave { .. } => EventKind::LeftWaitlist,
+            SeatOp::Promote { .. } => EventKind::Promoted,
+        };
+        let then = match op {
+            SeatOp::DropPromote { next, .. } => Some(NewEvent::of_student(EventKind::Promoted, course, next)),
+            _ => None,
+        };
+        std::iter::once(NewEvent::of_student(kind, course, student)).chain(then)
     }
 
     /// An event about one student.
@@ -212,20 +214,22 @@ impl EventRows {
         sql.push_str("INSERT INTO events (seq, type, course_id, student_id, at_ms, version, capacity) VALUES ");
         for (i, e) in events.iter().enumerate() {
             let offset = n - 1 - i;
-            let student = e.student.as_ref().map_or("NULL".to_string(), |s| format!("'{s}'"));
-            let num = |v: Option<u64>| v.map_or("NULL".to_string(), |v| v.to_string());
             if i > 0 {
                 sql.push(',');
             }
-            write!(
-                sql,
-                "({head} - {offset}, '{}', '{}', {student}, {at}, {}, {})",
-                e.kind.as_str(),
-                e.course,
-                num(e.version),
-                num(e.capacity)
-            )
-            .expect(w);
+            write!(sql, "({head} - {offset}, '{}', '{}', ", e.kind.as_str(), e.course).expect(w);
+            match &e.student {
+                Some(s) => write!(sql, "'{s}', ").expect(w),
+                None => sql.push_str("NULL, "),
+            }
+            write!(sql, "{at}, ").expect(w);
+            for (j, v) in [e.version, e.capacity].into_iter().enumerate() {
+                match v {
+                    Some(v) => write!(sql, "{v}").expect(w),
+                    None => sql.push_str("NULL"),
+                }
+                sql.push_str(if j == 0 { ", " } else { ")" });
+            }
         }
         Some(EventRows {
             sql,

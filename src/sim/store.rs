@@ -547,7 +547,7 @@ impl SimStore {
                 results.push(SeatResult::Full);
                 continue;
             };
-            let events = |effects: &mut Vec<Effect>| effects.extend(NewEvent::of_op(op).into_iter().map(Effect::Event));
+            let events = |effects: &mut Vec<Effect>| effects.extend(NewEvent::of_op(op).map(Effect::Event));
             let (result, changed) = match op {
                 SeatOp::Enroll { at, .. } if !rows.seats.contains_key(&key) => {
                     if c.enrolled < c.spec.capacity {
