@@ -54,12 +54,9 @@ use rand_distr::{Distribution, Zipf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Yields the registration-day scenario's items (benches/rush_rounds.rs, where a no-op of
-/// the same name makes its own auto-discovered bench target empty).
-macro_rules! rush_only {
-    ($($item:item)*) => { $($item)* };
-}
-#[path = "rush_rounds.rs"]
+/// The registration-day scenario (`--scenario registration-day`). In a directory of its own
+/// so that Cargo does not take it for a bench target.
+#[path = "rush/rounds.rs"]
 mod rounds;
 
 /// Lifetime of the tokens minted for the run.

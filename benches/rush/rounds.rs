@@ -21,15 +21,7 @@
 //! Must never: count a seat from an answer instead of the roster, report shares from a run
 //! whose checks failed without saying so (exit 1, every violation printed), or leave its
 //! server or database behind (kept only after a violation, as in the default rush).
-//!
-//! Cargo also finds this file as a bench target of its own (`rush_rounds`, every top-level
-//! file in benches/ is one), where `super::` means nothing. So the items sit inside
-//! `rush_only!`: in `rush` that is rush.rs's macro, defined before `mod rounds` and seen
-//! first, which yields them; alone, it is the no-op exported at the bottom of this file, and
-//! that target is an empty libtest harness (0 tests). No cfg tells the two builds apart:
-//! both are compiled with cfg(test).
 
-rush_only! {
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -1196,12 +1188,4 @@ fn per_course(s: &mut String, rounds: &[&RoundResult], t: &[Tally]) {
         );
     }
     let _ = writeln!(s);
-}
-}
-
-/// Only in this file's own bench target: yields nothing (see the top of the file).
-#[doc(hidden)]
-#[macro_export]
-macro_rules! rush_only {
-    ($($tokens:tt)*) => {};
 }
