@@ -57,7 +57,9 @@ run() { # events: one round with the feed on (true) or off (false)
   n=$(sql $db -e "SELECT COUNT(*) FROM enrollments")
   events_n=$(sql $db -e "SELECT COUNT(*) FROM events")
   kill "$pid"; wait "$pid" || true; pid=""
-  rows+=("$events|$(awk -v n=$n -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')|$(awk -v t=$(( (e1 - e0) + (m1 - m0) )) -v hz="$(getconf CLK_TCK)" -v n=$n 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')|$(awk '/ 99%/ {print $2}' "$out/feed-$events.txt")|$events_n")
+  local per='BEGIN {printf "%.1f", t / hz * 1e6 / n}' hz
+  hz=$(getconf CLK_TCK)
+  rows+=("$events|$(awk -v n=$n -v a="$start" -v b="$end" 'BEGIN {print int(n / (b - a))}')|$(awk -v t=$(( (e1 - e0) + (m1 - m0) )) -v hz="$hz" -v n=$n "$per")|$(awk -v t=$((e1 - e0)) -v hz="$hz" -v n=$n "$per")|$(awk -v t=$((m1 - m0)) -v hz="$hz" -v n=$n "$per")|$(awk '/ 99%/ {print $2}' "$out/feed-$events.txt")|$events_n")
 }
 
 rounds=${ROUNDS:-2}
@@ -65,11 +67,11 @@ for r in $(seq 1 "$rounds"); do
   if [ $((r % 2)) = 1 ]; then run false; run true; else run true; run false; fi
 done
 {
-  echo "| feed | durable rows/s | CPU µs/row (enrolld + mariadbd) | p99 | events written |"
-  echo "|---|---|---|---|---|"
+  echo "| feed | durable rows/s | CPU µs/row (enrolld + mariadbd) | enrolld | mariadbd | p99 | events written |"
+  echo "|---|---|---|---|---|---|---|"
   for row in "${rows[@]}"; do
-    IFS='|' read -r ev rate cpu p99 n <<< "$row"
-    echo "| $([ "$ev" = true ] && echo on || echo off) | $rate | $cpu | $p99 | $n |"
+    IFS='|' read -r ev rate cpu ecpu mcpu p99 n <<< "$row"
+    echo "| $([ "$ev" = true ] && echo on || echo off) | $rate | $cpu | $ecpu | $mcpu | $p99 | $n |"
   done
   echo
   printf '%s\n' "${rows[@]}" | awk -F'|' '{ r[$1] += $2; c[$1] += $3; k[$1]++ }
