@@ -492,6 +492,9 @@ print(json.dumps(sorted(p["title"] for p in d["panels"])))
         "Store up",
         "Resident memory",
         "Open file descriptors",
+        "Draw entries and placements /s",
+        "Students on waitlists",
+        "Waitlist promotions /s",
     ] {
         assert!(titles.iter().any(|t| t == want), "no panel {want:?} in {titles:?}");
     }

@@ -25,33 +25,7 @@ use common::*;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-/// The stores the feed is written to.
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Sqlite,
-    Mariadb,
-}
-
-/// A fresh store, removed when dropped.
-enum Db {
-    Sqlite(TempDir),
-    Mariadb(TestDb),
-}
-
-impl Db {
-    fn new(kind: Kind) -> Db {
-        match kind {
-            Kind::Sqlite => Db::Sqlite(TempDir::new("enrolld-feed")),
-            Kind::Mariadb => Db::Mariadb(TestDb::new()),
-        }
-    }
-    fn url(&self) -> String {
-        match self {
-            Db::Sqlite(dir) => format!("sqlite://{}", dir.path("feed.db")),
-            Db::Mariadb(db) => db.url.clone(),
-        }
-    }
-}
+use common::{StoreKind as Kind, TestStore as Db};
 
 /// enrolld on `db` with two shards and no rate limits, plus `extra`.
 fn start(db: &Db, extra: &[&str]) -> Server {

@@ -30,32 +30,7 @@ use serde_json::{json, Value};
 
 // ---- stores and servers ----
 
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Sqlite,
-    Mariadb,
-}
-
-/// A fresh store, removed when dropped.
-enum Db {
-    Sqlite(TempDir),
-    Mariadb(TestDb),
-}
-
-impl Db {
-    fn new(kind: Kind) -> Db {
-        match kind {
-            Kind::Sqlite => Db::Sqlite(TempDir::new("enrolld-rounds")),
-            Kind::Mariadb => Db::Mariadb(TestDb::new()),
-        }
-    }
-    fn url(&self) -> String {
-        match self {
-            Db::Sqlite(dir) => format!("sqlite://{}", dir.path("rounds.db")),
-            Db::Mariadb(db) => db.url.clone(),
-        }
-    }
-}
+use common::{StoreKind as Kind, TestStore as Db};
 
 /// enrolld on `db` with two shards and no rate limits (the tests poll and repeat POSTs as
 /// one student from one address).

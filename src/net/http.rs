@@ -840,21 +840,13 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
         cluster.catalog.list(after.as_ref(), limit + 1)
     } else if ctx.cluster.is_some() {
         // Cluster mode before the cache is whole: every node's courses, as committed.
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let read = crate::persist::CatalogRead::Courses {
-            after: after.clone(),
+        let from = after.clone();
+        let stored = read_store(ctx, "the catalog", |reply| crate::persist::CatalogRead::Courses {
+            after: from,
             limit: (limit + 1) as u32,
             reply,
-        };
-        ctx.router
-            .me
-            .persist()
-            .read_catalog(read)
-            .map_err(|_| ApiError::Unavailable)?;
-        let stored = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
-            tracing::warn!(error = %format!("{e:#}"), "reading the catalog failed");
-            ApiError::Unavailable
-        })?;
+        })
+        .await?;
         stored.into_iter().map(CourseView::from).collect()
     } else {
         // Each shard gives one more than a page, so we know whether another page follows.
@@ -887,20 +879,11 @@ async fn list_courses(ctx: &Ctx, query: Option<&str>) -> Result<Response<Full<By
 async fn my_enrollments(ctx: &Ctx, caller: &Caller) -> Result<Response<Full<Bytes>>, ApiError> {
     if ctx.cluster.is_some() {
         // Cluster mode: the seats on every node, as committed (every answered change is).
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let read = crate::persist::CatalogRead::Enrollments {
-            student: caller.id.clone(),
-            reply,
-        };
-        ctx.router
-            .me
-            .persist()
-            .read_catalog(read)
-            .map_err(|_| ApiError::Unavailable)?;
-        let seats = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
-            tracing::warn!(error = %format!("{e:#}"), "reading a student's seats failed");
-            ApiError::Unavailable
-        })?;
+        let student = caller.id.clone();
+        let seats = read_store(ctx, "a student's seats", |reply| {
+            crate::persist::CatalogRead::Enrollments { student, reply }
+        })
+        .await?;
         let list: Vec<EnrollmentJson> = seats
             .iter()
             .map(|(course, standing)| EnrollmentJson::of(course, &caller.id, *standing))
@@ -1049,23 +1032,34 @@ impl<'a> From<&'a EnrollmentView> for EnrollmentJson<'a> {
     }
 }
 
-/// `GET /v1/admin/courses/{id}/draw`: the draw's record, read from the store (where the
-/// draw's own transaction wrote it).
-async fn draw_record(ctx: &Ctx, course: CourseId) -> Result<Response<Full<Bytes>>, ApiError> {
+/// One read of the committed store, served beside the committers (`CatalogRead`); any
+/// failure (queue full, store error or timeout) is a 503.
+async fn read_store<T>(
+    ctx: &Ctx,
+    what: &str,
+    read: impl FnOnce(tokio::sync::oneshot::Sender<anyhow::Result<T>>) -> crate::persist::CatalogRead,
+) -> Result<T, ApiError> {
     let (reply, rx) = tokio::sync::oneshot::channel();
-    let read = crate::persist::CatalogRead::Draw {
-        course: course.clone(),
-        reply,
-    };
     ctx.router
         .me
         .persist()
-        .read_catalog(read)
+        .read_catalog(read(reply))
         .map_err(|_| ApiError::Unavailable)?;
-    let record = rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
-        tracing::warn!(error = %format!("{e:#}"), "reading a draw failed");
+    rx.await.map_err(|_| ApiError::Unavailable)?.map_err(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "reading {what} failed");
         ApiError::Unavailable
-    })?;
+    })
+}
+
+/// `GET /v1/admin/courses/{id}/draw`: the draw's record, read from the store (where the
+/// draw's own transaction wrote it).
+async fn draw_record(ctx: &Ctx, course: CourseId) -> Result<Response<Full<Bytes>>, ApiError> {
+    let id = course.clone();
+    let record = read_store(ctx, "a draw", |reply| crate::persist::CatalogRead::Draw {
+        course: id,
+        reply,
+    })
+    .await?;
     let Some(r) = record else {
         return Err(ApiError::NotFound("no draw has run for this course"));
     };

@@ -1597,77 +1597,56 @@ impl OneTrip {
             expects.push(Expect::Fence(fence.expected));
         }
         let w = "writing to a String";
-        let mut deletes = 0;
-        for op in ops {
-            if let SeatOp::Drop { course, student } = op {
-                let head = if deletes == 0 {
-                    "DELETE FROM enrollments WHERE "
-                } else {
-                    " OR "
-                };
-                write!(sql, "{head}(course_id = '{course}' AND student_id = '{student}')").expect(w);
-                deletes += 1;
-            }
-        }
-        if deletes > 0 {
-            expects.push(Expect::Changed(deletes));
-            sql.push_str(";\n");
-        }
-        let mut inserts = 0;
-        for op in ops {
-            if let SeatOp::Enroll { course, student, at } = op {
-                if inserts == 0 {
-                    let insert = dialect.insert_ignore();
-                    write!(
-                        sql,
-                        "{insert} enrollments (course_id, student_id, enrolled_at_ms) VALUES "
-                    )
-                    .expect(w);
-                } else {
-                    sql.push(',');
-                }
-                write!(sql, "('{course}','{student}',{at})").expect(w);
-                inserts += 1;
-            }
-        }
-        if inserts > 0 {
-            expects.push(Expect::Changed(inserts));
-            sql.push_str(";\n");
-        }
+        let insert = dialect.insert_ignore();
+        let key = |sql: &mut String, (course, student): (&CourseId, &StudentId)| {
+            write!(sql, "(course_id = '{course}' AND student_id = '{student}')").expect(w);
+        };
+        let drops = ops
+            .iter()
+            .filter(|op| matches!(op, SeatOp::Drop { .. }))
+            .map(SeatOp::key);
+        push_statement(
+            &mut sql,
+            &mut expects,
+            "DELETE FROM enrollments WHERE ",
+            " OR ",
+            ";\n",
+            drops,
+            key,
+        );
+        let enrolls = ops.iter().filter_map(|op| match op {
+            SeatOp::Enroll { course, student, at } => Some((course, student, *at)),
+            _ => None,
+        });
+        push_statement(
+            &mut sql,
+            &mut expects,
+            &format!("{insert} enrollments (course_id, student_id, enrolled_at_ms) VALUES "),
+            ",",
+            ";\n",
+            enrolls,
+            |sql, (course, student, at)| write!(sql, "('{course}','{student}',{at})").expect(w),
+        );
         // A draw's entries: one multi-row statement each way, like the seats.
-        let mut withdrawn = 0;
-        for op in ops {
-            if let SeatOp::Withdraw { course, student } = op {
-                let head = if withdrawn == 0 {
-                    "DELETE FROM places WHERE kind = 'entry' AND ("
-                } else {
-                    " OR "
-                };
-                write!(sql, "{head}(course_id = '{course}' AND student_id = '{student}')").expect(w);
-                withdrawn += 1;
-            }
-        }
-        if withdrawn > 0 {
-            expects.push(Expect::Changed(withdrawn));
-            sql.push_str(");\n");
-        }
-        let mut entered = 0;
-        for op in ops {
-            if let SeatOp::Enter { course, student, at } = op {
-                if entered == 0 {
-                    let insert = dialect.insert_ignore();
-                    write!(sql, "{insert} places (course_id, student_id, kind, ord, at_ms) VALUES ").expect(w);
-                } else {
-                    sql.push(',');
-                }
-                write!(sql, "('{course}','{student}','entry',0,{at})").expect(w);
-                entered += 1;
-            }
-        }
-        if entered > 0 {
-            expects.push(Expect::Changed(entered));
-            sql.push_str(";\n");
-        }
+        let withdrawals = ops
+            .iter()
+            .filter(|op| matches!(op, SeatOp::Withdraw { .. }))
+            .map(SeatOp::key);
+        let head = "DELETE FROM places WHERE kind = 'entry' AND (";
+        push_statement(&mut sql, &mut expects, head, " OR ", ");\n", withdrawals, key);
+        let entries = ops.iter().filter_map(|op| match op {
+            SeatOp::Enter { course, student, at } => Some((course, student, *at)),
+            _ => None,
+        });
+        push_statement(
+            &mut sql,
+            &mut expects,
+            &format!("{insert} places (course_id, student_id, kind, ord, at_ms) VALUES "),
+            ",",
+            ";\n",
+            entries,
+            |sql, (course, student, at)| write!(sql, "('{course}','{student}','entry',0,{at})").expect(w),
+        );
         let deltas = course_deltas(ops);
         if !deltas.is_empty() {
             sql.push_str("UPDATE courses SET enrolled = enrolled + CASE id");
@@ -1792,6 +1771,30 @@ impl Drop for OpenTransaction {
                 drop(conn.detach());
             }
         }
+    }
+}
+
+/// Appends one multi-row statement to a one-trip script: `head`, each item as `write`
+/// puts it, joined by `sep`, then `tail`; the statement must change one row per item.
+/// Nothing when there are no items.
+fn push_statement<T>(
+    sql: &mut String,
+    expects: &mut Vec<Expect>,
+    head: &str,
+    sep: &str,
+    tail: &str,
+    items: impl Iterator<Item = T>,
+    mut write: impl FnMut(&mut String, T),
+) {
+    let mut n = 0;
+    for item in items {
+        sql.push_str(if n == 0 { head } else { sep });
+        write(sql, item);
+        n += 1;
+    }
+    if n > 0 {
+        sql.push_str(tail);
+        expects.push(Expect::Changed(n));
     }
 }
 

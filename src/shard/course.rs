@@ -507,35 +507,28 @@ impl Course {
 
     /// The pending place (an entry or a waitlist place) was committed.
     pub fn confirm_place(&mut self, student: &StudentId) {
-        let place = self.places.get_mut(student).expect("confirm_place without a place");
-        assert_eq!(
-            place.state(),
-            Pending::Adding,
-            "confirm_place of {:?} {student:?}",
-            self.id
-        );
-        place.set_state(Pending::Settled);
-        match place {
-            Place::Entry { .. } => self.entries_in_flight -= 1,
-            Place::Wait { .. } => self.lane = false,
-        }
-        self.check();
+        self.end_place_change(student, Pending::Adding, Some(Pending::Settled), "confirm_place");
     }
 
     /// The pending place was not committed: it goes.
     pub fn release_place(&mut self, student: &StudentId) {
-        let place = self
-            .places
-            .get(student)
-            .copied()
-            .expect("release_place without a place");
-        assert_eq!(
-            place.state(),
-            Pending::Adding,
-            "release_place of {:?} {student:?}",
-            self.id
-        );
-        self.remove_place(student);
+        self.end_place_change(student, Pending::Adding, None, "release_place");
+    }
+
+    /// A change to a place settled: the place was `from` while in flight and is now `to`
+    /// (None: gone). An entry's change leaves the entries in flight; a waitlist place's
+    /// hands the lane back.
+    fn end_place_change(&mut self, student: &StudentId, from: Pending, to: Option<Pending>, what: &str) {
+        let place = self.places.get(student).copied();
+        let Some(place) = place.filter(|p| p.state() == from) else {
+            panic!("{what} of {:?} {student:?}: the place is {place:?}", self.id);
+        };
+        match to {
+            None => {
+                self.remove_place(student);
+            }
+            Some(state) => self.places.get_mut(student).expect("found above").set_state(state),
+        }
         match place {
             Place::Entry { .. } => self.entries_in_flight -= 1,
             Place::Wait { .. } => self.lane = false,
@@ -655,40 +648,12 @@ impl Course {
 
     /// The withdrawal or leave was committed.
     pub fn confirm_unplace(&mut self, student: &StudentId) {
-        let place = self
-            .places
-            .get(student)
-            .copied()
-            .expect("confirm_unplace without a place");
-        assert_eq!(
-            place.state(),
-            Pending::Removing,
-            "confirm_unplace of {:?} {student:?}",
-            self.id
-        );
-        self.remove_place(student);
-        match place {
-            Place::Entry { .. } => self.entries_in_flight -= 1,
-            Place::Wait { .. } => self.lane = false,
-        }
-        self.check();
+        self.end_place_change(student, Pending::Removing, None, "confirm_unplace");
     }
 
     /// The withdrawal or leave was not committed: the place stays.
     pub fn cancel_unplace(&mut self, student: &StudentId) {
-        let place = self.places.get_mut(student).expect("cancel_unplace without a place");
-        assert_eq!(
-            place.state(),
-            Pending::Removing,
-            "cancel_unplace of {:?} {student:?}",
-            self.id
-        );
-        place.set_state(Pending::Settled);
-        match place {
-            Place::Entry { .. } => self.entries_in_flight -= 1,
-            Place::Wait { .. } => self.lane = false,
-        }
-        self.check();
+        self.end_place_change(student, Pending::Removing, Some(Pending::Settled), "cancel_unplace");
     }
 
     /// The drop was committed: the seat is free for the next student at once, or was

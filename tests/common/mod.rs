@@ -757,3 +757,32 @@ pub async fn enroll_once_the_store_is_back(c: &mut Conn, course: &str, student: 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The two stores a suite runs against.
+#[derive(Clone, Copy, Debug)]
+pub enum StoreKind {
+    Sqlite,
+    Mariadb,
+}
+
+/// A fresh store of either kind, removed when dropped.
+pub enum TestStore {
+    Sqlite(TempDir),
+    Mariadb(TestDb),
+}
+
+impl TestStore {
+    pub fn new(kind: StoreKind) -> TestStore {
+        match kind {
+            StoreKind::Sqlite => TestStore::Sqlite(TempDir::new("enrolld-store")),
+            StoreKind::Mariadb => TestStore::Mariadb(TestDb::new()),
+        }
+    }
+    /// The `--store` URL.
+    pub fn url(&self) -> String {
+        match self {
+            TestStore::Sqlite(dir) => format!("sqlite://{}", dir.path("store.db")),
+            TestStore::Mariadb(db) => db.url.clone(),
+        }
+    }
+}
