@@ -389,7 +389,12 @@ impl Shard {
     /// clock step between two decisions only changes the answer.
     async fn enroll(&self, course: CourseId, student: StudentId, admission: Admission) -> Reply {
         let mut admitted = false;
-        for _ in 0..IN_FLIGHT_RETRIES_MAX {
+        // Waits on the course's lane are bounded by time, not rounds: in a burst of
+        // students joining a waitlist each waits for the joins ahead of it.
+        let lane_deadline = tokio::time::Instant::now() + self.answer_wait / 2;
+        let mut rounds = 0;
+        while rounds < IN_FLIGHT_RETRIES_MAX {
+            rounds += 1;
             let now = self.clock.now_ms();
             let decision = match self.table.borrow_mut().get_mut(&course) {
                 None => return Reply::NotFound,
@@ -410,9 +415,10 @@ impl Shard {
                     continue;
                 }
                 EnrollDecision::LaneBusy | EnrollDecision::DrawPending => {
-                    if !self.wait_lane(&course).await {
+                    if !self.wait_lane(&course, lane_deadline).await {
                         break;
                     }
+                    rounds -= 1;
                     continue;
                 }
                 EnrollDecision::Reserved { .. } | EnrollDecision::Enter { .. } | EnrollDecision::Join { .. }
@@ -506,9 +512,10 @@ impl Shard {
         }
     }
 
-    /// Waits until the course's lane (a waitlist change or the draw) is handed back.
-    /// False when too many already wait.
-    async fn wait_lane(&self, course: &CourseId) -> bool {
+    /// Waits until the course's lane (a waitlist change or the draw) is handed back. False
+    /// when too many already wait, or `deadline` passed (the request's bound on its lane
+    /// waits: half the answer wait).
+    async fn wait_lane(&self, course: &CourseId, deadline: tokio::time::Instant) -> bool {
         let notify = {
             let mut lanes = self.lanes.borrow_mut();
             let (notify, waiters) = lanes
@@ -520,11 +527,8 @@ impl Shard {
             *waiters += 1;
             notify.clone()
         };
-        // Bounded like a request's wait on its own change: a draw that outlives it leaves
-        // the request to retry.
-        tokio::time::timeout(self.answer_wait / 2, notify.notified())
-            .await
-            .is_ok()
+        // A draw or a queue of joins that outlives the bound leaves the request to retry.
+        tokio::time::timeout_at(deadline, notify.notified()).await.is_ok()
     }
 
     /// The answer to a POST that stopped waiting on another request's change to the same
@@ -549,7 +553,10 @@ impl Shard {
     }
 
     async fn drop_seat(&self, course: CourseId, student: StudentId) -> Reply {
-        for _ in 0..IN_FLIGHT_RETRIES_MAX {
+        let lane_deadline = tokio::time::Instant::now() + self.answer_wait / 2;
+        let mut rounds = 0;
+        while rounds < IN_FLIGHT_RETRIES_MAX {
+            rounds += 1;
             let decision = match self.table.borrow_mut().get_mut(&course) {
                 None => return Reply::NotFound,
                 Some(c) => c.drop_seat(&student),
@@ -563,9 +570,10 @@ impl Shard {
                     continue;
                 }
                 DropDecision::LaneBusy | DropDecision::DrawPending => {
-                    if !self.wait_lane(&course).await {
+                    if !self.wait_lane(&course, lane_deadline).await {
                         break;
                     }
+                    rounds -= 1;
                     continue;
                 }
                 DropDecision::Dropping { promote: None, lane } => (
@@ -738,7 +746,7 @@ impl Shard {
     }
 
     async fn put(&self, course: CourseId, spec: CourseSpec) -> Reply {
-        let mut tries = 0;
+        let lane_deadline = tokio::time::Instant::now() + self.answer_wait / 2;
         let (existed, promote, lane) = loop {
             let now = self.clock.now_ms();
             let decision = match self.table.borrow_mut().get_mut(&course) {
@@ -755,8 +763,7 @@ impl Shard {
                 SpecDecision::InFlight => return Reply::Unavailable,
                 SpecDecision::Refused(why) => return Reply::Refused(why),
                 SpecDecision::LaneBusy => {
-                    tries += 1;
-                    if tries > IN_FLIGHT_RETRIES_MAX || !self.wait_lane(&course).await {
+                    if !self.wait_lane(&course, lane_deadline).await {
                         return Reply::Unavailable;
                     }
                 }
@@ -1025,20 +1032,9 @@ pub async fn run_rounds(shard: Rc<Shard>) {
             let table = shard.table.borrow();
             // Only courses whose partition this node holds (in cluster mode a shard keeps
             // the memory of partitions it lost; the new owner draws and promotes).
-            let rounds: Vec<CourseId> = table
-                .rounds()
-                .into_iter()
-                .filter(|id| shard.persist.holds(id))
-                .collect();
-            let draws = rounds
-                .iter()
-                .filter(|id| table.get(id).is_some_and(|c| c.draw_due(now)))
-                .cloned()
-                .collect();
-            let promotions = rounds
-                .into_iter()
-                .filter(|id| table.get(id).is_some_and(course::Course::needs_promotion))
-                .collect();
+            let mine = || table.rounds().filter(|c| shard.persist.holds(&c.id));
+            let draws = mine().filter(|c| c.draw_due(now)).map(|c| c.id.clone()).collect();
+            let promotions = mine().filter(|c| c.needs_promotion()).map(|c| c.id.clone()).collect();
             (draws, promotions)
         };
         for course in draws {

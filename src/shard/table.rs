@@ -138,8 +138,8 @@ impl CourseTable {
     }
 
     /// Courses with a draw or a waitlist.
-    pub fn rounds(&self) -> Vec<CourseId> {
-        self.rounds.iter().cloned().collect()
+    pub fn rounds(&self) -> impl Iterator<Item = &Course> {
+        self.rounds.iter().filter_map(|id| self.courses.get(id))
     }
 
     /// Adds a committed seat read from the store at start.
