@@ -1337,3 +1337,54 @@ async fn feed_of_a_round_on_sqlite() {
 async fn feed_of_a_round_on_mariadb() {
     feed_of_a_round(Kind::Mariadb).await;
 }
+
+/// A burst of students joining one waitlist at once: the joins take the course's lane one
+/// after another, so each waits for those ahead of it and none is refused; the waitlist
+/// holds each of them once, with distinct positions 1..n matching the order it shows.
+async fn burst_joining_a_waitlist(kind: Kind) {
+    const JOINERS: usize = 48;
+    let db = Db::new(kind);
+    let server = start(&db);
+    let mut c = server.conn().await;
+    let id = "BURST-1";
+    create(&mut c, id, 1, JOINERS as u32 + 2, None).await;
+    expect(&post(&mut c, id, "holder").await, 201, "the one seat");
+    let joins = (0..JOINERS).map(|i| {
+        let addr = server.addr;
+        tokio::spawn(async move {
+            let student = format!("b{i:02}");
+            let mut c = Conn::open(addr).await;
+            let r = post(&mut c, id, &student).await;
+            (student, r.status, r.json())
+        })
+    });
+    let mut positions = BTreeMap::new();
+    for join in futures_util::future::join_all(joins).await {
+        let (student, status, body) = join.expect("the join task");
+        assert_eq!(status, 202, "{student}: {body}");
+        assert_eq!(body["status"], "waitlisted", "{student}: {body}");
+        let position = body["position"].as_u64().expect("position") as usize;
+        assert!(
+            positions.insert(position, student.clone()).is_none(),
+            "{student} told position {position}, which another was told"
+        );
+    }
+    let expected: Vec<usize> = (1..=JOINERS).collect();
+    assert_eq!(positions.keys().copied().collect::<Vec<_>>(), expected);
+    let (_, waitlist) = full_roster(&mut c, id).await;
+    assert_eq!(
+        waitlist,
+        positions.values().cloned().collect::<Vec<_>>(),
+        "the waitlist is in the order of the positions told"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_joining_a_waitlist_on_sqlite_is_queued_not_refused() {
+    burst_joining_a_waitlist(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_joining_a_waitlist_on_mariadb_is_queued_not_refused() {
+    burst_joining_a_waitlist(Kind::Mariadb).await;
+}
