@@ -1121,6 +1121,11 @@ async fn time_tickets() {
         .await;
     assert_eq!(r.status, 200, "{}", text(&r));
 
+    // A ticket beyond any clock keeps the student out, naming year 9999 (not 1970).
+    let never = ticket("t-never", u64::MAX as i64);
+    let j = expect(&post_tok(&mut c, plain, &never).await, 403, "a ticket at u64::MAX");
+    assert!(j["message"].as_str().unwrap_or("").contains("9999-12-31"), "{j}");
+
     // A ticket in the past: as a token without one.
     let past = ticket("t-past", now_ms() / 1000 - 10);
     let j = expect(&post_tok(&mut c, plain, &past).await, 201, "a ticket in the past");

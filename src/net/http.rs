@@ -403,10 +403,15 @@ async fn route(
         .ok_or(ApiError::Unauthorized)?;
     // A time ticket: no enrollment POST before it, on any course (API.md).
     if let (Some(from), &Method::POST, ["v1", "courses", _, "enrollment"]) = (caller.enroll_from, &method, segments) {
-        if crate::ids::now_ms() < (from as i64).saturating_mul(1000) {
+        // Seconds beyond any clock (year 9999) keep the student out for good.
+        let from_ms = i64::try_from(from)
+            .ok()
+            .and_then(|s| s.checked_mul(1000))
+            .unwrap_or(i64::MAX);
+        if crate::ids::now_ms() < from_ms {
             return Err(ApiError::TicketNotYet(format!(
                 "your registration opens at {} (time ticket)",
-                rfc3339((from as i64).saturating_mul(1000))
+                rfc3339(from_ms.min(INSTANT_MS_MAX))
             )));
         }
     }
