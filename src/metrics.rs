@@ -17,7 +17,7 @@ use prometheus::core::{Collector as PromCollector, Desc};
 use prometheus::proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType};
 
 /// Routes as labelled in `enrolld_http_request_duration_seconds{route}`.
-pub const ROUTES: [&str; 11] = [
+pub const ROUTES: [&str; 13] = [
     "enroll",
     "drop",
     "course",
@@ -28,6 +28,8 @@ pub const ROUTES: [&str; 11] = [
     "health",
     "metrics",
     "other",
+    "draw",
+    "events",
     "unauthorized",
 ];
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];

@@ -1083,9 +1083,8 @@ fn ticket(student: &str, enroll_from: i64) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn time_tickets() {
-    let db = Db::new(Kind::Sqlite);
+async fn time_tickets(kind: Kind) {
+    let db = Db::new(kind);
     let server = start(&db);
     let mut c = server.conn().await;
     let (plain, drawn) = ("TT-PLAIN", "TT-DRAW");
@@ -1144,6 +1143,16 @@ async fn time_tickets() {
     );
     assert_eq!(j["status"], "entered");
     assert_eq!(counts(&mut c, plain).await, (2, 3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_tickets_on_sqlite() {
+    time_tickets(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_tickets_on_mariadb() {
+    time_tickets(Kind::Mariadb).await;
 }
 
 // ---- 6. fairness ----

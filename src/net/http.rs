@@ -266,7 +266,7 @@ fn split_path(path: &str) -> ([&str; PATH_SEGMENTS_MAX + 1], usize) {
 }
 
 /// Index into [`crate::metrics::ROUTES`] of `unauthorized`.
-const ROUTE_UNAUTHORIZED: usize = 10;
+const ROUTE_UNAUTHORIZED: usize = 12;
 const _: () = assert!(ROUTE_UNAUTHORIZED == crate::metrics::ROUTES.len() - 1);
 
 /// The metrics label of a request: an index into [`crate::metrics::ROUTES`].
@@ -281,6 +281,8 @@ fn route_label(method: &Method, segments: &[&str]) -> usize {
         (&Method::GET, ["v1", "admin", "courses", _, "roster"]) => 6,
         (_, ["healthz" | "readyz"]) => 7,
         (_, ["metrics"]) => 8,
+        (&Method::GET, ["v1", "admin", "courses", _, "draw"]) => 10,
+        (&Method::GET, ["v1", "admin", "events"]) => 11,
         _ => 9,
     }
 }
