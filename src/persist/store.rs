@@ -784,66 +784,35 @@ impl Store {
             "{} places (course_id, student_id, kind, ord, at_ms) VALUES (?, ?, ?, ?, ?)",
             self.dialect.insert_ignore()
         );
+        use Bind::{Int, Text};
+        const DELETE_SEAT: &str = "DELETE FROM enrollments WHERE course_id = ? AND student_id = ?";
+        const COUNT_SEAT: &str = "UPDATE courses SET enrolled = enrolled + 1 WHERE id = ? AND enrolled + 1 <= capacity";
         for op in ops {
             let (course, student) = op.key();
+            let (c, s) = (Text(course.as_str()), Text(student.as_str()));
+            let mut changed = true;
             let result = match op {
                 SeatOp::Enroll { at, .. } => {
-                    let inserted = sqlx::query(&insert)
-                        .bind(course.as_str())
-                        .bind(student.as_str())
-                        .bind(*at)
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?
-                        .rows_affected();
-                    if inserted == 0 {
-                        SeatResult::Applied // already held in the store: idempotent
+                    if run(&mut conn, &insert, &[c, s, Int(*at)]).await? == 0 {
+                        changed = false; // already held in the store: idempotent
+                        SeatResult::Applied
+                    } else if run(&mut conn, COUNT_SEAT, &[c]).await? == 1 {
+                        SeatResult::Applied
                     } else {
-                        let counted = sqlx::query(
-                            "UPDATE courses SET enrolled = enrolled + 1 WHERE id = ? AND enrolled + 1 <= capacity",
-                        )
-                        .bind(course.as_str())
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?
-                        .rows_affected();
-                        if counted == 1 {
-                            probe = better_probe(probe, op);
-                            events.push(NewEvent::of_seat(op));
-                            SeatResult::Applied
-                        } else {
-                            sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
-                                .bind(course.as_str())
-                                .bind(student.as_str())
-                                .execute(conn.get())
-                                .await
-                                .map_err(not_committed)?;
-                            SeatResult::Full
-                        }
+                        run(&mut conn, DELETE_SEAT, &[c, s]).await?;
+                        changed = false;
+                        SeatResult::Full
                     }
                 }
                 SeatOp::Drop { .. } => {
-                    let deleted = sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
-                        .bind(course.as_str())
-                        .bind(student.as_str())
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?
-                        .rows_affected();
-                    if deleted == 1 {
+                    changed = run(&mut conn, DELETE_SEAT, &[c, s]).await? == 1;
+                    if changed {
                         // The rows left, capped at capacity, as the load sets it: a course
                         // loaded with more rows than capacity keeps a counter of capacity,
                         // and a decrement would break the CHECK (`enrolled >= 0`) before
                         // drops bring it under capacity. This also heals a counter the
                         // fast path's decrements left below its rows on such a course.
-                        sqlx::query(&recount)
-                            .bind(course.as_str())
-                            .bind(course.as_str())
-                            .execute(conn.get())
-                            .await
-                            .map_err(not_committed)?;
-                        probe = better_probe(probe, op);
-                        events.push(NewEvent::of_seat(op));
+                        run(&mut conn, &recount, &[c, c]).await?;
                     }
                     SeatResult::Applied
                 }
@@ -852,20 +821,7 @@ impl Store {
                         SeatOp::Join { rank, .. } => (PLACE_WAIT, *rank as i64),
                         _ => (PLACE_ENTRY, 0),
                     };
-                    let inserted = sqlx::query(&insert_place)
-                        .bind(course.as_str())
-                        .bind(student.as_str())
-                        .bind(kind)
-                        .bind(rank)
-                        .bind(*at)
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?
-                        .rows_affected();
-                    if inserted == 1 {
-                        probe = better_probe(probe, op);
-                        events.extend(NewEvent::of_op(op));
-                    }
+                    changed = run(&mut conn, &insert_place, &[c, s, Text(kind), Int(rank), Int(*at)]).await? == 1;
                     SeatResult::Applied
                 }
                 SeatOp::Withdraw { .. } | SeatOp::Leave { .. } => {
@@ -874,93 +830,43 @@ impl Store {
                     } else {
                         PLACE_ENTRY
                     };
-                    let deleted = sqlx::query(DELETE_PLACE)
-                        .bind(course.as_str())
-                        .bind(student.as_str())
-                        .bind(kind)
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?
-                        .rows_affected();
-                    if deleted == 1 {
-                        probe = better_probe(probe, op);
-                        events.extend(NewEvent::of_op(op));
-                    }
+                    changed = run(&mut conn, DELETE_PLACE, &[c, s, Text(kind)]).await? == 1;
                     SeatResult::Applied
                 }
                 SeatOp::DropPromote { next, at, .. } => {
                     // The seat passes from one student to the next in this transaction: the
                     // counter does not move, and no instant sees it free.
-                    let deleted = sqlx::query("DELETE FROM enrollments WHERE course_id = ? AND student_id = ?")
-                        .bind(course.as_str())
-                        .bind(student.as_str())
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?
-                        .rows_affected();
-                    let unplaced = sqlx::query(DELETE_PLACE)
-                        .bind(course.as_str())
-                        .bind(next.as_str())
-                        .bind(PLACE_WAIT)
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?
-                        .rows_affected();
+                    let n = Text(next.as_str());
+                    let deleted = run(&mut conn, DELETE_SEAT, &[c, s]).await?;
+                    let unplaced = run(&mut conn, DELETE_PLACE, &[c, n, Text(PLACE_WAIT)]).await?;
                     if deleted != 1 || unplaced != 1 {
                         return Err(CommitError::NotCommitted(anyhow::anyhow!(
                             "{course}: drop of {student} promoting {next}: seat rows {deleted}, place rows {unplaced}; \
                              the store and memory disagree"
                         )));
                     }
-                    sqlx::query(&insert)
-                        .bind(course.as_str())
-                        .bind(next.as_str())
-                        .bind(*at)
-                        .execute(conn.get())
-                        .await
-                        .map_err(not_committed)?;
-                    probe = better_probe(probe, op);
-                    events.extend(NewEvent::of_op(op));
+                    run(&mut conn, &insert, &[c, n, Int(*at)]).await?;
                     SeatResult::Applied
                 }
                 SeatOp::Promote { at, .. } => {
-                    let counted = sqlx::query(
-                        "UPDATE courses SET enrolled = enrolled + 1 WHERE id = ? AND enrolled + 1 <= capacity",
-                    )
-                    .bind(course.as_str())
-                    .execute(conn.get())
-                    .await
-                    .map_err(not_committed)?
-                    .rows_affected();
-                    if counted == 1 {
-                        let unplaced = sqlx::query(DELETE_PLACE)
-                            .bind(course.as_str())
-                            .bind(student.as_str())
-                            .bind(PLACE_WAIT)
-                            .execute(conn.get())
-                            .await
-                            .map_err(not_committed)?
-                            .rows_affected();
-                        if unplaced != 1 {
+                    if run(&mut conn, COUNT_SEAT, &[c]).await? == 1 {
+                        if run(&mut conn, DELETE_PLACE, &[c, s, Text(PLACE_WAIT)]).await? != 1 {
                             return Err(CommitError::NotCommitted(anyhow::anyhow!(
                                 "{course}: promoting {student}, who is not on the stored waitlist"
                             )));
                         }
-                        sqlx::query(&insert)
-                            .bind(course.as_str())
-                            .bind(student.as_str())
-                            .bind(*at)
-                            .execute(conn.get())
-                            .await
-                            .map_err(not_committed)?;
-                        probe = better_probe(probe, op);
-                        events.extend(NewEvent::of_op(op));
+                        run(&mut conn, &insert, &[c, s, Int(*at)]).await?;
                         SeatResult::Applied
                     } else {
+                        changed = false;
                         SeatResult::Full
                     }
                 }
             };
+            if changed {
+                probe = better_probe(probe, op);
+                events.extend(NewEvent::of_op(op));
+            }
             results.push(result);
         }
         if let Some(rows) = self.event_rows(&events) {
@@ -1796,6 +1702,25 @@ fn push_statement<T>(
         sql.push_str(tail);
         expects.push(Expect::Changed(n));
     }
+}
+
+/// A value bound to a row-by-row statement.
+#[derive(Clone, Copy)]
+enum Bind<'a> {
+    Text(&'a str),
+    Int(i64),
+}
+
+/// Runs one bound statement in the open transaction; the rows it changed.
+async fn run(conn: &mut OpenTransaction, sql: &str, binds: &[Bind<'_>]) -> Result<u64, CommitError> {
+    let mut query = sqlx::query(sql);
+    for b in binds {
+        query = match *b {
+            Bind::Text(t) => query.bind(t),
+            Bind::Int(i) => query.bind(i),
+        };
+    }
+    Ok(query.execute(conn.get()).await.map_err(not_committed)?.rows_affected())
 }
 
 /// Removes one place of a kind: (course, student, kind).
