@@ -790,32 +790,28 @@ impl Sim {
 
     /// A pending entry or waitlist place committed (or not).
     fn end_place(&mut self, committed: bool) {
-        let what = if committed { "confirm_place" } else { "release_place" };
-        let candidates = self.model.placed_in(Pending::Adding);
-        if candidates.is_empty() {
-            self.note(format!("{what}: none pending, skipped"));
-            return;
-        }
-        let s = candidates[self.rng.gen_range(0..candidates.len())];
-        self.note(format!("{what} s{s:02}"));
-        let rank = self.model.places[&s].0;
-        if committed {
-            self.model.places.get_mut(&s).expect("pending").2 = Pending::Settled;
-            self.course.confirm_place(&self.students[s]);
+        let (what, to) = if committed {
+            ("confirm_place", Some(Pending::Settled))
         } else {
-            self.model.places.remove(&s);
-            self.course.release_place(&self.students[s]);
-        }
-        if rank.is_some() {
-            self.model.lane = false;
-        }
-        self.coverage.hit(what);
+            ("release_place", None)
+        };
+        self.end_place_change(what, Pending::Adding, to);
     }
 
     /// A pending withdrawal or leave committed (or not).
     fn end_unplace(&mut self, committed: bool) {
-        let what = if committed { "confirm_unplace" } else { "cancel_unplace" };
-        let candidates = self.model.placed_in(Pending::Removing);
+        let (what, to) = if committed {
+            ("confirm_unplace", None)
+        } else {
+            ("cancel_unplace", Some(Pending::Settled))
+        };
+        self.end_place_change(what, Pending::Removing, to);
+    }
+
+    /// A random place `from` (in flight) becomes `to` (None: gone), in the model and the
+    /// course (`what` is the course's method); a waitlist place's change hands the lane back.
+    fn end_place_change(&mut self, what: &'static str, from: Pending, to: Option<Pending>) {
+        let candidates = self.model.placed_in(from);
         if candidates.is_empty() {
             self.note(format!("{what}: none pending, skipped"));
             return;
@@ -823,12 +819,18 @@ impl Sim {
         let s = candidates[self.rng.gen_range(0..candidates.len())];
         self.note(format!("{what} s{s:02}"));
         let rank = self.model.places[&s].0;
-        if committed {
-            self.model.places.remove(&s);
-            self.course.confirm_unplace(&self.students[s]);
-        } else {
-            self.model.places.get_mut(&s).expect("removing").2 = Pending::Settled;
-            self.course.cancel_unplace(&self.students[s]);
+        match to {
+            Some(state) => self.model.places.get_mut(&s).expect("in flight").2 = state,
+            None => {
+                self.model.places.remove(&s);
+            }
+        }
+        let student = &self.students[s];
+        match what {
+            "confirm_place" => self.course.confirm_place(student),
+            "release_place" => self.course.release_place(student),
+            "confirm_unplace" => self.course.confirm_unplace(student),
+            _ => self.course.cancel_unplace(student),
         }
         if rank.is_some() {
             self.model.lane = false;
