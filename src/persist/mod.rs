@@ -162,6 +162,11 @@ pub enum Outcome {
     /// Certainly not recorded.
     Failed,
     CoursePut(PutResult),
+    /// Not known: an unanswered COMMIT whose read-back cannot tell this node's commit from
+    /// a successor's change, because a lease it was decided under was taken meanwhile.
+    /// The caller answers "outcome unknown" (the client retries) and forgets the change:
+    /// the course is no longer this node's to answer for.
+    Unknown,
 }
 
 pub struct Job {
@@ -747,31 +752,61 @@ pub async fn bounded<F: std::future::Future>(cfg: &PersistConfig, call: F) -> Re
 /// Longest wait between two read-backs of an unknown commit.
 const READBACK_BACKOFF_MS_MAX: u64 = 1_000;
 
-/// What a transaction cut off or unanswered at COMMIT came to: `Some(if_committed)` when
-/// it applied, `None` when it did not. Nobody is answered before this returns. Each
-/// read-back is bounded; they are retried with capped backoff until the store answers
-/// (the requests waiting on it have their own bound and are cut off with an unknown
-/// outcome; the breaker, open meanwhile, refuses new changes).
-async fn settle<B: Backend>(store: &B, session: &Session, cfg: &PersistConfig) -> Option<Settled> {
-    let (probe, if_committed) = session.committing.borrow_mut().take()?; // COMMIT never sent
+/// What an unanswered COMMIT came to, once settled.
+#[derive(Debug)]
+enum Settle {
+    /// It applied: this is what its callers are told.
+    Applied(Settled),
+    NotApplied,
+    /// The read-back cannot tell: see [`Outcome::Unknown`].
+    Ambiguous,
+}
+
+/// What a transaction cut off or unanswered at COMMIT came to. Nobody is answered before
+/// this returns. Each read-back is bounded; they are retried with capped backoff until the
+/// store answers (the requests waiting on it have their own bound and are cut off with an
+/// unknown outcome; the breaker, open meanwhile, refuses new changes).
+///
+/// A read-back looks at one row the transaction changed. That row proves the commit only
+/// while no other node may write it: after the fence and the read-back, the leases are
+/// read again, and if one that `proof` names was taken meanwhile, a successor may have
+/// made the same change, and the outcome is [`Settle::Ambiguous`]. (The simulation found a
+/// deposed node's batch read back as applied because its successor had enrolled the same
+/// student, and the batch's other seats answered 201 though they never committed.)
+async fn settle<B: Backend>(store: &B, session: &Session, proof: &Proof, cfg: &PersistConfig) -> Settle {
+    let Some((probe, if_committed)) = session.committing.borrow_mut().take() else {
+        return Settle::NotApplied; // COMMIT never sent
+    };
     let Some(probe) = probe else {
-        return Some(if_committed); // nothing changed: either outcome is the same
+        return Settle::Applied(if_committed); // nothing changed: either outcome is the same
     };
     tracing::warn!(?probe, "COMMIT went unanswered; fencing its session and reading back");
     let mut backoff_ms = 20;
     loop {
         let started = tokio::time::Instant::now();
         // Fence first: a read-back that runs while the old session's COMMIT is still on its
-        // way would see nothing, and the commit would land after "nothing recorded".
+        // way would see nothing, and the commit would land after "nothing recorded". The
+        // leases last: still held after the read-back, nobody else wrote the row before it.
         let fenced_then_read = async {
             store.fence(session).await?;
-            store.read_back(&probe).await
+            let applied = store.read_back(&probe).await?;
+            let still_held = if proof.leases.is_empty() {
+                true
+            } else {
+                let (_, owned) = store.fence_state().await?;
+                proof.leases.iter().all(|l| owned.contains(l))
+            };
+            Ok::<_, anyhow::Error>((applied, still_held))
         };
         match bounded(cfg, fenced_then_read).await {
-            Ok(Ok(applied)) => {
+            Ok(Ok((applied, still_held))) => {
                 cfg.breaker.record(Call::Ok, started.elapsed());
-                tracing::warn!(applied, "unanswered COMMIT settled");
-                return applied.then_some(if_committed);
+                tracing::warn!(applied, still_held, "unanswered COMMIT settled");
+                return match (applied, still_held) {
+                    (_, false) => Settle::Ambiguous,
+                    (true, true) => Settle::Applied(if_committed),
+                    (false, true) => Settle::NotApplied,
+                };
             }
             Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), backoff_ms, "read-back failed; retrying"),
             Err(e) => tracing::warn!(error = %e, backoff_ms, "read-back timed out; retrying"),
@@ -882,9 +917,10 @@ async fn draw<B: Backend>(
             fenced_out(store, cfg).await;
             Outcome::Failed
         }
-        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
-            Some(_) => Outcome::Committed,
-            None => Outcome::Failed,
+        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, &proof, cfg).await {
+            Settle::Applied(_) => Outcome::Committed,
+            Settle::NotApplied => Outcome::Failed,
+            Settle::Ambiguous => Outcome::Unknown,
         },
     }
 }
@@ -947,10 +983,11 @@ async fn put_course<B: Backend>(
             fenced_out(store, cfg).await;
             Outcome::Failed
         }
-        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
-            Some(Settled::Put(r)) => Outcome::CoursePut(r),
-            Some(Settled::Seats(_) | Settled::Draw) => unreachable!("an admin change settles as a put"),
-            None => Outcome::Failed,
+        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, &proof, cfg).await {
+            Settle::Applied(Settled::Put(r)) => Outcome::CoursePut(r),
+            Settle::Applied(Settled::Seats(_) | Settled::Draw) => unreachable!("an admin change settles as a put"),
+            Settle::NotApplied => Outcome::Failed,
+            Settle::Ambiguous => Outcome::Unknown,
         },
     }
 }
@@ -1032,26 +1069,33 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &Persis
     metrics.batch_rows.observe(ops.len() as f64);
     metrics.commit_seconds.observe(elapsed.as_secs_f64());
     let results = match result {
-        Ok(Ok(results)) => Some(results),
+        Ok(Ok(results)) => Ok(results),
         Ok(Err(CommitError::NotCommitted(e))) => {
             tracing::error!(error = %format!("{e:#}"), rows = ops.len(), "seat batch not committed; seats released");
-            None
+            Err(Outcome::Failed)
         }
         Ok(Err(CommitError::Fenced)) => {
             fenced_out(store, cfg).await;
-            None
+            Err(Outcome::Failed)
         }
-        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, cfg).await {
-            Some(Settled::Seats(results)) => Some(results),
-            Some(Settled::Put(_) | Settled::Draw) => unreachable!("a seat batch settles as seats"),
-            None => {
+        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, &proof, cfg).await {
+            Settle::Applied(Settled::Seats(results)) => Ok(results),
+            Settle::Applied(Settled::Put(_) | Settled::Draw) => unreachable!("a seat batch settles as seats"),
+            Settle::NotApplied => {
                 tracing::error!(rows = ops.len(), "seat batch not committed; seats released");
-                None
+                Err(Outcome::Failed)
+            }
+            Settle::Ambiguous => {
+                tracing::error!(
+                    rows = ops.len(),
+                    "seat batch's outcome unknown: a lease it was decided under was taken meanwhile"
+                );
+                Err(Outcome::Unknown)
             }
         },
     };
     let outcomes: Vec<Outcome> = match results {
-        Some(results) => {
+        Ok(results) => {
             assert_eq!(results.len(), ops.len(), "one result per op");
             results
                 .into_iter()
@@ -1061,7 +1105,7 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &Persis
                 })
                 .collect()
         }
-        None => vec![Outcome::Failed; ops.len()],
+        Err(outcome) => vec![outcome; ops.len()],
     };
     for ((op, _, reply), outcome) in seats.drain(..).zip(outcomes) {
         if outcome == Outcome::Committed {

@@ -462,9 +462,9 @@ impl Shard {
                         c.release_enroll(&student);
                         Reply::Full
                     }
-                    (SeatOp::Enroll { .. }, _) => {
+                    (SeatOp::Enroll { .. }, other) => {
                         c.release_enroll(&student);
-                        Reply::Unavailable
+                        not_recorded(other)
                     }
                     (_, Outcome::Committed) => {
                         c.confirm_place(&student);
@@ -474,9 +474,9 @@ impl Shard {
                         drop(table);
                         self.standing(&course, &student).expect("just placed")
                     }
-                    (_, _) => {
+                    (_, other) => {
                         c.release_place(&student);
-                        Reply::Unavailable
+                        not_recorded(other)
                     }
                 }
             };
@@ -651,7 +651,7 @@ impl Shard {
                     self.note_changed(&course);
                     Reply::Dropped(word)
                 } else {
-                    Reply::Unavailable
+                    not_recorded(outcome)
                 }
             };
             self.after_change(&course);
@@ -810,7 +810,7 @@ impl Shard {
                     if other == Outcome::CoursePut(PutResult::BelowEnrolled) {
                         Reply::BelowEnrolled
                     } else {
-                        Reply::Unavailable
+                        not_recorded(other)
                     }
                 }
             }
@@ -935,6 +935,15 @@ fn enrolled(course: CourseId, student: StudentId, at: UnixMs, created: bool) -> 
             status: Status::Enrolled { at },
         },
         created,
+    }
+}
+
+/// The answer to a change that did not commit as asked: nothing recorded (503), or, when the
+/// store cannot tell (a lease was taken while its COMMIT went unanswered), unknown.
+fn not_recorded(outcome: Outcome) -> Reply {
+    match outcome {
+        Outcome::Unknown => Reply::OutcomeUnknown,
+        _ => Reply::Unavailable,
     }
 }
 
