@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,62 +18,6 @@ const CATCHUP_MS: u64 = 1_500;
 const POLL_MS: u64 = 10;
 
 /// A throwaway `redis-server` on a loopback port, killed on drop.
-struct PrivateRedis {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> PrivateRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server (is it installed?)");
-        let r = PrivateRedis {
-            child: Some(child),
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let pong = Command::new("redis-cli")
-                .args(["-p", &port.to_string(), "PING"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
-                .unwrap_or(false);
-            if pong {
-                return r;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server did not answer on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn node(id: &str, port: u16, db: &TestDb, redis: u16) -> Server {
     Server::start_args(

@@ -17,7 +17,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -492,66 +492,6 @@ async fn two_nodes_share_one_student_limit_through_redis() {
 // 4. Redis dies and comes back.
 
 /// A throwaway `redis-server` on a loopback port, killed on drop.
-struct PrivateRedis {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> PrivateRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server (is it installed?)");
-        let r = PrivateRedis {
-            child: Some(child),
-            port,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while r.cli(&["PING"]) != "PONG" {
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server did not answer on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        r
-    }
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output();
-        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    }
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Enrolls a fresh student (`<prefix>-<n>`) in `course`; returns the student and answer.
 async fn enroll_fresh(c: &mut Conn, course: &str, prefix: &str, n: &mut usize) -> (String, Resp) {

@@ -6,9 +6,11 @@
 //! use only keys under `enrolld:test:<random>:` and delete them when done. They never flush
 //! it. The NOSCRIPT test runs its own private `redis-server`, because it needs SCRIPT FLUSH.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::{free_port, PrivateRedis};
 
 use redis::aio::MultiplexedConnection;
 use redis::{ErrorKind, RedisResult, Script};
@@ -618,53 +620,11 @@ async fn evalsha(con: &mut MultiplexedConnection, sha: &str, key: &str, now: i64
 }
 
 /// A throwaway `redis-server` on a free loopback port, killed on drop.
-struct PrivateRedis {
-    child: Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    fn start() -> PrivateRedis {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server (is it installed?)");
-        let server = PrivateRedis {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-        };
-        let client = redis::Client::open(server.url.as_str()).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut con) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut con).is_ok() {
-                    return server;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "private redis-server did not answer on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn noscript_after_script_flush_is_recovered() {
-    let server = PrivateRedis::start();
-    let mut lab = Lab::connect(&server.url).await;
+    let server = PrivateRedis::start(free_port());
+    let mut lab = Lab::connect(&server.url()).await;
     let key = "enrolld:test:private:tb:{user:noscript}"; // a private server: no cleanup
 
     let sha: String = redis::cmd("SCRIPT")

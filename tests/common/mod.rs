@@ -786,3 +786,63 @@ impl TestStore {
         }
     }
 }
+
+/// A redis-server of a test's own, on its own loopback port with nothing saved, for tests
+/// that stop or flush it (never the shared Redis). Killed when dropped.
+pub struct PrivateRedis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl PrivateRedis {
+    /// Starts one on `port` and waits until it answers PING.
+    pub fn start(port: u16) -> PrivateRedis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start redis-server (is it installed?)");
+        let r = PrivateRedis {
+            child: Some(child),
+            port,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while r.cli(&["PING"]) != "PONG" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "private redis-server did not answer on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli` against it; its trimmed output (empty when it could not run).
+    pub fn cli(&self, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
