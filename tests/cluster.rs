@@ -1521,14 +1521,7 @@ async fn a_draw_entered_through_every_node_and_its_waitlist_survive_the_owners_k
     let draw_at = enrolld::ids::rfc3339((now_ms / 1000 + 5) * 1000);
     let body = format!(r#"{{"title":"Round","capacity":2,"draw_at":"{draw_at}","waitlist_max":3}}"#);
     let mut conn = Conn::open(cluster.addr(1)).await;
-    let r = conn
-        .request(
-            "PUT",
-            &format!("/v1/admin/courses/{course}"),
-            Some(&admin_token()),
-            Some(&body),
-        )
-        .await;
+    let r = put_course_body(&mut conn, &course, &body).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let entrants: Vec<String> = (0..8).map(|i| format!("e{i}")).collect();
     for (i, s) in entrants.iter().enumerate() {

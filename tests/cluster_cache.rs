@@ -94,14 +94,7 @@ async fn a_change_reaches_the_other_nodes_cache_within_a_second_and_within_the_c
         let mut on_b = None;
         for i in 0..40 {
             let id = format!("CACHE-{i}");
-            let r = ca
-                .request(
-                    "GET",
-                    &format!("/v1/admin/courses/{id}/roster"),
-                    Some(&admin_token()),
-                    None,
-                )
-                .await;
+            let r = roster_resp(&mut ca, &id).await;
             match r.header("x-enrolld-node") {
                 Some("ca") => on_a = Some(id),
                 Some("cb") => on_b = Some(id),

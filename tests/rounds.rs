@@ -98,13 +98,7 @@ fn course_body(capacity: u32, waitlist_max: u32, draw_at: Option<i64>) -> String
 }
 
 async fn put(c: &mut Conn, id: &str, body: &str) -> Resp {
-    c.request(
-        "PUT",
-        &format!("/v1/admin/courses/{id}"),
-        Some(&admin_token()),
-        Some(body),
-    )
-    .await
+    put_course_body(c, id, body).await
 }
 
 /// Creates a course (201) and returns its JSON.
@@ -199,15 +193,7 @@ fn strings(v: &Value) -> Vec<String> {
 
 /// (students as answered, waitlist in order) of a course.
 async fn full_roster(c: &mut Conn, id: &str) -> (Vec<String>, Vec<String>) {
-    let r = c
-        .request(
-            "GET",
-            &format!("/v1/admin/courses/{id}/roster"),
-            Some(&admin_token()),
-            None,
-        )
-        .await;
-    let j = expect(&r, 200, &format!("roster of {id}"));
+    let j = expect(&roster_resp(c, id).await, 200, &format!("roster of {id}"));
     assert_eq!(j["course_id"], id, "{j}");
     (strings(&j["students"]), strings(&j["waitlist"]))
 }

@@ -907,20 +907,44 @@ async fn draw<B: Backend>(
         Ok(Ok(())) => {
             cfg.metrics.draw_seconds.observe(started.elapsed().as_secs_f64());
             cfg.metrics.waitlisted.add(i64::from(record.waitlisted));
-            Outcome::Committed
+            Ok(Settled::Draw)
         }
-        Ok(Err(CommitError::NotCommitted(e))) => {
-            tracing::error!(error = %format!("{e:#}"), course = %course, "draw not committed; it runs again");
-            Outcome::Failed
+        Ok(Err(e)) => ended(store, cfg, Some(e), &session, &proof, "draw").await,
+        Err(TimedOut(_)) => ended(store, cfg, None, &session, &proof, "draw").await,
+    }
+    .map_or_else(|outcome| outcome, |_| Outcome::Committed)
+}
+
+/// What a transaction that did not end well came to (`error`; None: it timed out):
+/// `Ok` with what its callers are told when an unanswered COMMIT turns out to have
+/// applied, else the outcome to answer (logged here, as `what`).
+async fn ended<B: Backend>(
+    store: &B,
+    cfg: &PersistConfig,
+    error: Option<CommitError>,
+    session: &Session,
+    proof: &Proof,
+    what: &str,
+) -> Result<Settled, Outcome> {
+    match error {
+        Some(CommitError::NotCommitted(e)) => {
+            tracing::error!(error = %format!("{e:#}"), "{what} not committed");
+            Err(Outcome::Failed)
         }
-        Ok(Err(CommitError::Fenced)) => {
+        Some(CommitError::Fenced) => {
             fenced_out(store, cfg).await;
-            Outcome::Failed
+            Err(Outcome::Failed)
         }
-        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, &proof, cfg).await {
-            Settle::Applied(_) => Outcome::Committed,
-            Settle::NotApplied => Outcome::Failed,
-            Settle::Ambiguous => Outcome::Unknown,
+        Some(CommitError::Unknown(_)) | None => match settle(store, session, proof, cfg).await {
+            Settle::Applied(settled) => Ok(settled),
+            Settle::NotApplied => {
+                tracing::error!("{what} not committed (read back after its COMMIT went unanswered)");
+                Err(Outcome::Failed)
+            }
+            Settle::Ambiguous => {
+                tracing::error!("{what}: outcome unknown, a lease it was decided under was taken meanwhile");
+                Err(Outcome::Unknown)
+            }
         },
     }
 }
@@ -973,22 +997,15 @@ async fn put_course<B: Backend>(
         cfg.metrics.waitlisted.sub(promote.len() as i64);
         cfg.metrics.promotions.inc_by(promote.len() as u64);
     }
-    match result {
-        Ok(Ok(r)) => Outcome::CoursePut(r),
-        Ok(Err(CommitError::NotCommitted(e))) => {
-            tracing::error!(error = %format!("{e:#}"), course = %course, "admin change not committed");
-            Outcome::Failed
-        }
-        Ok(Err(CommitError::Fenced)) => {
-            fenced_out(store, cfg).await;
-            Outcome::Failed
-        }
-        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, &proof, cfg).await {
-            Settle::Applied(Settled::Put(r)) => Outcome::CoursePut(r),
-            Settle::Applied(Settled::Seats(_) | Settled::Draw) => unreachable!("an admin change settles as a put"),
-            Settle::NotApplied => Outcome::Failed,
-            Settle::Ambiguous => Outcome::Unknown,
-        },
+    let error = match result {
+        Ok(Ok(r)) => return Outcome::CoursePut(r),
+        Ok(Err(e)) => Some(e),
+        Err(TimedOut(_)) => None,
+    };
+    match ended(store, cfg, error, &session, &proof, "admin change").await {
+        Ok(Settled::Put(r)) => Outcome::CoursePut(r),
+        Ok(Settled::Seats(_) | Settled::Draw) => unreachable!("an admin change settles as a put"),
+        Err(outcome) => outcome,
     }
 }
 
@@ -1069,31 +1086,14 @@ async fn commit_seats<B: Backend>(store: &B, seats: &mut Vec<Seat>, cfg: &Persis
     metrics.batch_rows.observe(ops.len() as f64);
     metrics.commit_seconds.observe(elapsed.as_secs_f64());
     let results = match result {
-        Ok(Ok(results)) => Ok(results),
-        Ok(Err(CommitError::NotCommitted(e))) => {
-            tracing::error!(error = %format!("{e:#}"), rows = ops.len(), "seat batch not committed; seats released");
-            Err(Outcome::Failed)
-        }
-        Ok(Err(CommitError::Fenced)) => {
-            fenced_out(store, cfg).await;
-            Err(Outcome::Failed)
-        }
-        Ok(Err(CommitError::Unknown(_))) | Err(TimedOut(_)) => match settle(store, &session, &proof, cfg).await {
-            Settle::Applied(Settled::Seats(results)) => Ok(results),
-            Settle::Applied(Settled::Put(_) | Settled::Draw) => unreachable!("a seat batch settles as seats"),
-            Settle::NotApplied => {
-                tracing::error!(rows = ops.len(), "seat batch not committed; seats released");
-                Err(Outcome::Failed)
-            }
-            Settle::Ambiguous => {
-                tracing::error!(
-                    rows = ops.len(),
-                    "seat batch's outcome unknown: a lease it was decided under was taken meanwhile"
-                );
-                Err(Outcome::Unknown)
-            }
-        },
-    };
+        Ok(Ok(results)) => Ok(Settled::Seats(results)),
+        Ok(Err(e)) => ended(store, cfg, Some(e), &session, &proof, "seat batch").await,
+        Err(TimedOut(_)) => ended(store, cfg, None, &session, &proof, "seat batch").await,
+    }
+    .map(|settled| match settled {
+        Settled::Seats(results) => results,
+        Settled::Put(_) | Settled::Draw => unreachable!("a seat batch settles as seats"),
+    });
     let outcomes: Vec<Outcome> = match results {
         Ok(results) => {
             assert_eq!(results.len(), ops.len(), "one result per op");

@@ -466,17 +466,32 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// `PUT /v1/admin/courses/{id}` with `body`, as admin: the answer, whatever it is.
+pub async fn put_course_body(conn: &mut Conn, id: &str, body: &str) -> Resp {
+    conn.request(
+        "PUT",
+        &format!("/v1/admin/courses/{id}"),
+        Some(&admin_token()),
+        Some(body),
+    )
+    .await
+}
+
+/// `GET /v1/admin/courses/{id}/roster`, as admin: the answer, whatever it is.
+pub async fn roster_resp(conn: &mut Conn, id: &str) -> Resp {
+    conn.request(
+        "GET",
+        &format!("/v1/admin/courses/{id}/roster"),
+        Some(&admin_token()),
+        None,
+    )
+    .await
+}
+
 /// Creates (or updates) a course as admin; panics unless 200/201.
 pub async fn put_course(conn: &mut Conn, id: &str, capacity: u32) {
     let body = format!(r#"{{"title":"Course {id}","capacity":{capacity}}}"#);
-    let r = conn
-        .request(
-            "PUT",
-            &format!("/v1/admin/courses/{id}"),
-            Some(&admin_token()),
-            Some(&body),
-        )
-        .await;
+    let r = put_course_body(conn, id, &body).await;
     assert!(
         r.status == 201 || r.status == 200,
         "put {id}: {} {:?}",
@@ -487,14 +502,7 @@ pub async fn put_course(conn: &mut Conn, id: &str, capacity: u32) {
 
 /// The roster of a course through the admin API, sorted.
 pub async fn roster(conn: &mut Conn, id: &str) -> Vec<String> {
-    let r = conn
-        .request(
-            "GET",
-            &format!("/v1/admin/courses/{id}/roster"),
-            Some(&admin_token()),
-            None,
-        )
-        .await;
+    let r = roster_resp(conn, id).await;
     assert_eq!(r.status, 200, "roster {id}");
     let mut v: Vec<String> = r.json()["students"]
         .as_array()
