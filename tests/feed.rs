@@ -962,7 +962,11 @@ async fn disabled_feed_stays_empty(kind: Kind) {
     let (events, _) = try_page(&mut c, Some(&next), 1_000, 200).await.expect("answered");
     assert!(events.is_empty(), "the feed is off: {events:?}");
     if let Db::Mariadb(db) = &db {
-        assert_eq!(db.query("SELECT COUNT(*) FROM events")[0][0], "0", "no event rows");
+        assert_eq!(
+            db.query("SELECT COUNT(*) FROM event_batches")[0][0],
+            "0",
+            "no event rows"
+        );
     }
 }
 
@@ -974,4 +978,116 @@ async fn disabled_feed_stays_empty_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_feed_stays_empty_on_mariadb() {
     disabled_feed_stays_empty(Kind::Mariadb).await;
+}
+
+// ---- 7. an upgrade keeps the feed ----
+
+/// A store written before the feed was packed into one row per transaction (every
+/// migration before `event_batches`, run by sqlx from a copy of the migrations, with
+/// events one row each) keeps every event, its number and its cursor when a new enrolld
+/// migrates it; the feed goes on after them, and a cursor saved before the upgrade reads
+/// on exactly.
+async fn upgrade_keeps_the_feed(kind: Kind) {
+    let db = Db::new(kind);
+    let (dir, url) = match &db {
+        Db::Sqlite(_) => ("migrations/sqlite", format!("{}?mode=rwc", db.url())),
+        Db::Mariadb(_) => ("migrations/mysql", db.url()),
+    };
+    let old = TempDir::new("old-migrations");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("migrations")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let packed = names
+        .iter()
+        .position(|n| n.contains("event_batches"))
+        .expect("the migration that packs the feed");
+    for name in &names[..packed] {
+        std::fs::copy(format!("{dir}/{name}"), old.path(name)).expect("copy");
+    }
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.expect("connect");
+    sqlx::migrate::Migrator::new(old.0.clone())
+        .await
+        .expect("old migrations")
+        .run(&pool)
+        .await
+        .expect("the schema as it was");
+    // Written now: older ones would be trimmed by the retention as soon as enrolld starts.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    for sql in [
+        "UPDATE feed SET seq = 3 WHERE id = 1".to_string(),
+        format!(
+            "INSERT INTO events (seq, type, course_id, student_id, at_ms, version, capacity) VALUES \
+             (1, 'course_changed', 'UP-1', NULL, {now}, 1, 10), \
+             (2, 'enrolled', 'UP-1', 's1', {now}, NULL, NULL), \
+             (3, 'dropped', 'UP-1', 's1', {now}, NULL, NULL)"
+        ),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.expect(&sql);
+    }
+    pool.close().await;
+
+    let server = start(&db, &[]);
+    let mut c = server.conn().await;
+    let kept = read_all(&mut c, None).await;
+    let seen = |events: &[Event]| -> Vec<(String, String, Option<String>)> {
+        events
+            .iter()
+            .map(|e| (e.kind.clone(), e.course.clone(), e.student.clone()))
+            .collect()
+    };
+    let s1 = Some("s1".to_string());
+    assert_eq!(
+        seen(&kept),
+        [
+            ("course_changed".into(), "UP-1".into(), None),
+            ("enrolled".into(), "UP-1".into(), s1.clone()),
+            ("dropped".into(), "UP-1".into(), s1),
+        ],
+        "the events written before the upgrade"
+    );
+    let r = c
+        .request("GET", &events_path(None, 1, 0), Some(&admin_token()), None)
+        .await;
+    assert_eq!(
+        r.json()["events"][0]["version"],
+        1,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.json()["events"][0]["capacity"], 10);
+    // A cursor saved before the upgrade reads on from the same place.
+    let (rest, _) = try_page(&mut c, Some(&kept[0].cursor), 1_000, 0)
+        .await
+        .expect("answered");
+    assert_eq!(rest, kept[1..], "after the first event");
+
+    put_course(&mut c, "UP-2", 5).await;
+    enroll_all(&mut c, "UP-2", &["s2", "s3"]).await;
+    let (events, next) = try_page(&mut c, Some(&kept[2].cursor), 1, 0).await.expect("answered");
+    assert_eq!(seen(&events), [("course_changed".into(), "UP-2".into(), None)]);
+    let after = read_all(&mut c, Some(next)).await;
+    assert_eq!(
+        seen(&after),
+        [
+            ("enrolled".into(), "UP-2".into(), Some("s2".into())),
+            ("enrolled".into(), "UP-2".into(), Some("s3".into())),
+        ],
+        "the feed goes on after the old events"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_the_feed_on_sqlite() {
+    upgrade_keeps_the_feed(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_keeps_the_feed_on_mariadb() {
+    upgrade_keeps_the_feed(Kind::Mariadb).await;
 }

@@ -269,7 +269,7 @@ pub struct FeedRead {
 
 /// Feed reads waiting for the reader at most (beyond, the read answers 503).
 pub const FEED_READS_QUEUED_MAX: usize = 256;
-/// How often the retention trim runs (each run removes at most `feed::TRIM_ROWS_MAX`).
+/// How often the retention trim runs (each run removes at most `feed::TRIM_BATCHES_MAX`).
 const TRIM_INTERVAL_MS: u64 = 1_000;
 
 /// The persist side of the queues: what [`serve`] consumes.

@@ -1151,9 +1151,7 @@ impl Store {
         Ok(all)
     }
 
-    /// A course's draw record, if its draw ran. (sqlx's `Any` driver reports a MySQL
-    /// LONGTEXT as a BLOB, which does not decode as a String: `order_list` is read as bytes
-    /// there.)
+    /// A course's draw record, if its draw ran.
     pub async fn read_draw(&self, course: &CourseId) -> anyhow::Result<Option<DrawRecord>> {
         let row = sqlx::query(
             "SELECT drawn_at_ms, seed, seats, waitlisted, first_rank, order_list FROM draws WHERE course_id = ?",
@@ -1162,10 +1160,7 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let order: String = match row.try_get::<String, _>(5) {
-            Ok(text) => text,
-            Err(_) => String::from_utf8(row.try_get::<Vec<u8>, _>(5)?).context("a draw's order is not UTF-8")?,
-        };
+        let order = super::feed::text_column(&row, 5).context("a draw's order")?;
         let order = order
             .split('\n')
             .filter(|s| !s.is_empty())
