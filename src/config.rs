@@ -16,8 +16,7 @@ use crate::limit::LimitsConfig;
 use crate::net::HEAD_BYTES_MIN;
 use crate::persist::store::{Dialect, BATCH_ROWS_LIMIT};
 
-/// Most shards one process runs.
-pub const SHARDS_MAX: usize = 256;
+pub use crate::ids::SHARDS_MAX;
 
 /// Keys settable by flag and environment (and, but for `config`, by file).
 #[derive(Args, Debug, Default, Clone)]

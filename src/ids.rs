@@ -85,6 +85,9 @@ id_fmt!(StudentId);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ShardId(pub usize);
 
+/// Most shards one process runs.
+pub const SHARDS_MAX: usize = 256;
+
 /// Milliseconds since the unix epoch (UTC). The one time unit stored and compared.
 pub type UnixMs = i64;
 

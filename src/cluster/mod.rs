@@ -21,14 +21,7 @@ use parking_lot::RwLock;
 
 use crate::partition::{partition_of, Held, Partition, PARTITIONS};
 
-/// A node as the lease table describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Node {
-    pub id: String,
-    pub advertise: String,
-    /// Its heartbeat has not lapsed (on the store's clock).
-    pub alive: bool,
-}
+pub use crate::persist::lease::Node;
 
 /// Where a request for a course goes.
 #[derive(Clone, Debug, PartialEq, Eq)]

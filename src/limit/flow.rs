@@ -56,7 +56,7 @@ pub const FLOW_QPS_MIN: f64 = 0.001;
 /// the arithmetic finite for a rule that never went through validation.
 const FLOW_INTERVAL_MAX: Duration = Duration::from_secs(30 * 86_400);
 const _: () =
-    assert!(crate::config::SHARDS_MAX as f64 * WARMUP_COLD_FACTOR / FLOW_QPS_MIN <= FLOW_INTERVAL_MAX.as_secs() as f64);
+    assert!(crate::ids::SHARDS_MAX as f64 * WARMUP_COLD_FACTOR / FLOW_QPS_MIN <= FLOW_INTERVAL_MAX.as_secs() as f64);
 
 /// The gap between two requests at `qps_per_shard`, for any value at all: no rate is so
 /// small (or NaN) that it panics, none so large that it is negative.
@@ -214,7 +214,7 @@ mod tests {
                     warmup_ms,
                 };
                 for i in 0..3 {
-                    p.admit(&rule, crate::config::SHARDS_MAX, t + Duration::from_millis(i));
+                    p.admit(&rule, crate::ids::SHARDS_MAX, t + Duration::from_millis(i));
                 }
             }
         }

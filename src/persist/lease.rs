@@ -52,6 +52,15 @@ impl NodeInfo {
     }
 }
 
+/// A cluster node as the lease table describes it (what cluster/ routes by).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub id: String,
+    pub advertise: String,
+    /// Its heartbeat has not lapsed (on the store's clock).
+    pub alive: bool,
+}
+
 /// Another node that holds leases, as the store describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
@@ -272,7 +281,7 @@ impl Store {
     /// Rows of processes outside cluster mode (`solo-…`) are left out: such a process is
     /// never a member (one that starts beside a cluster refuses, and must not be handed
     /// partitions while it does).
-    pub async fn nodes(&self) -> anyhow::Result<Vec<crate::cluster::Node>> {
+    pub async fn nodes(&self) -> anyhow::Result<Vec<Node>> {
         let rows = sqlx::query(&format!(
             "SELECT id, advertise, expires_at_ms >= {NOW_MS} FROM nodes WHERE id NOT LIKE 'solo-%' ORDER BY id"
         ))
@@ -280,7 +289,7 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                Ok(crate::cluster::Node {
+                Ok(Node {
                     id: r.try_get(0)?,
                     advertise: r.try_get(1)?,
                     alive: r.try_get::<i64, _>(2)? != 0,
