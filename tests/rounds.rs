@@ -1338,11 +1338,12 @@ async fn feed_of_a_round_on_mariadb() {
     feed_of_a_round(Kind::Mariadb).await;
 }
 
-/// A burst of students joining one waitlist at once: the joins take the course's lane one
-/// after another, so each waits for those ahead of it and none is refused; the waitlist
-/// holds each of them once, with distinct positions 1..n matching the order it shows.
+/// A burst of students joining one waitlist at once, more than `LANE_WAITERS_MAX` (64)
+/// could wait on a lane held by one change at a time: joins share the lane (they only
+/// append), so none is refused; the waitlist holds each of them once, with distinct
+/// positions 1..n matching the order it shows.
 async fn burst_joining_a_waitlist(kind: Kind) {
-    const JOINERS: usize = 48;
+    const JOINERS: usize = 200;
     let db = Db::new(kind);
     let server = start(&db);
     let mut c = server.conn().await;
@@ -1352,7 +1353,7 @@ async fn burst_joining_a_waitlist(kind: Kind) {
     let joins = (0..JOINERS).map(|i| {
         let addr = server.addr;
         tokio::spawn(async move {
-            let student = format!("b{i:02}");
+            let student = format!("b{i:03}");
             let mut c = Conn::open(addr).await;
             let r = post(&mut c, id, &student).await;
             (student, r.status, r.json())
@@ -1377,6 +1378,82 @@ async fn burst_joining_a_waitlist(kind: Kind) {
         positions.values().cloned().collect::<Vec<_>>(),
         "the waitlist is in the order of the positions told"
     );
+}
+
+/// Drops while a burst joins: each seat a holder gives up goes to a joiner (the head of
+/// the waitlist in the drop's own commit, or a joiner who came while nobody waited), no
+/// drop is starved by the stream of joins, and nobody is lost or listed twice.
+async fn drops_during_a_burst_of_joins(kind: Kind) {
+    const JOINERS: usize = 150;
+    const SEATS: usize = 6;
+    let db = Db::new(kind);
+    let server = start(&db);
+    let mut c = server.conn().await;
+    let id = "BURST-2";
+    create(&mut c, id, SEATS as u32, JOINERS as u32, None).await;
+    for h in 0..SEATS {
+        expect(&post(&mut c, id, &format!("h{h}")).await, 201, "a holder's seat");
+    }
+    let addr = server.addr;
+    let joins = (0..JOINERS).map(|i| {
+        tokio::spawn(async move {
+            let student = format!("j{i:03}");
+            let mut c = Conn::open(addr).await;
+            let r = post(&mut c, id, &student).await;
+            (student, r.status, r.json())
+        })
+    });
+    let drops = (0..SEATS).map(|h| {
+        tokio::spawn(async move {
+            let mut c = Conn::open(addr).await;
+            tokio::time::sleep(Duration::from_millis(5 * h as u64)).await;
+            let r = delete(&mut c, id, &format!("h{h}")).await;
+            (r.status, r.json())
+        })
+    });
+    let (joined, dropped) = futures_util::future::join(
+        futures_util::future::join_all(joins),
+        futures_util::future::join_all(drops),
+    )
+    .await;
+    for d in dropped {
+        let (status, body) = d.expect("the drop task");
+        assert_eq!((status, body["status"].as_str()), (200, Some("dropped")), "{body}");
+    }
+    let mut seated_directly = BTreeSet::new();
+    for j in joined {
+        let (student, status, body) = j.expect("the join task");
+        match status {
+            201 => assert!(seated_directly.insert(student)),
+            202 => assert_eq!(body["status"], "waitlisted", "{student}: {body}"),
+            _ => panic!("{student}: {status} {body}"),
+        }
+    }
+    let (students, waitlist) = full_roster(&mut c, id).await;
+    assert_eq!(
+        students.len(),
+        SEATS,
+        "every seat given up went to a joiner: {students:?}"
+    );
+    assert!(students.iter().all(|s| s.starts_with('j')), "{students:?}");
+    assert!(
+        seated_directly.iter().all(|s| students.contains(s)),
+        "{seated_directly:?}"
+    );
+    let mut everyone: Vec<String> = students.iter().chain(&waitlist).cloned().collect();
+    everyone.sort();
+    let all: Vec<String> = (0..JOINERS).map(|i| format!("j{i:03}")).collect();
+    assert_eq!(everyone, all, "each joiner seated or waiting, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_during_a_burst_of_joins_on_sqlite() {
+    drops_during_a_burst_of_joins(Kind::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_during_a_burst_of_joins_on_mariadb() {
+    drops_during_a_burst_of_joins(Kind::Mariadb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

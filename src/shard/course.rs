@@ -19,15 +19,32 @@
 //! a binary search (exact, O(log n)); a place left in the middle costs a memmove of the
 //! places behind it (a waitlist of 5,000 moves at most 5,000 pairs of 16 bytes). Every
 //! change to the waitlist (joining, leaving, a drop that promotes, an admin change that
-//! promotes, the draw) holds the course's *lane*: one at a time per course, so a seat a
-//! change frees always goes to the head that was waiting when it was decided, and the
-//! head is never a place still in flight.
+//! promotes, the draw) holds the course's *lane*, so a seat a change frees always goes to
+//! the head that was waiting when it was decided, and the head is never a place still in
+//! flight. Joins only append to the tail, so they share the lane with each other (up to
+//! `JOINS_IN_FLIGHT_MAX`, and one group commit takes a burst of them together); every
+//! other change holds it alone. A change that waits for the lane alone (`want_lane`) keeps
+//! new joins out until it had its turn, so a stream of joiners cannot starve a drop.
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::ids::{CourseId, StudentId, UnixMs};
 use crate::model::DRAW_ENTRIES_MAX;
 pub use crate::model::{CourseSpec, DrawRecord};
+
+/// Joins of one course in flight together at most (they share its lane).
+pub const JOINS_IN_FLIGHT_MAX: u32 = 512;
+
+/// Who holds a course's lane (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lane {
+    Free,
+    /// One change that may touch the head: a leave, a drop or an admin change (which may
+    /// promote), a repair promotion, the draw.
+    Held,
+    /// This many joins in flight, which only append to the tail.
+    Joins(u32),
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seat {
@@ -115,7 +132,9 @@ pub struct Course {
     entries: u32,
     entries_in_flight: u32,
     /// A waitlist change or the draw is in flight (see the module docs).
-    lane: bool,
+    lane: Lane,
+    /// Changes waiting for the lane alone: while any does, no join starts.
+    lane_wanted: u32,
     /// The draw is in flight.
     drawing: bool,
     /// When the draw ran (None: not yet, or the course has none).
@@ -212,7 +231,8 @@ impl Course {
             next_rank: 1,
             entries: 0,
             entries_in_flight: 0,
-            lane: false,
+            lane: Lane::Free,
+            lane_wanted: 0,
             drawing: false,
             drawn_at: None,
             waitlist_over: 0,
@@ -279,7 +299,7 @@ impl Course {
     /// Nothing in flight: every seat and place committed, no admin change or draw begun.
     pub fn settled(&self) -> bool {
         self.capacity_in_flight.is_none()
-            && !self.lane
+            && self.lane == Lane::Free
             && self.entries_in_flight == 0
             && self.seats.values().all(|s| matches!(s, Seat::Enrolled { .. }))
             && self.places.values().all(|p| p.state() == Pending::Settled)
@@ -330,8 +350,29 @@ impl Course {
     /// someone waits and nothing holds the lane (only after a failed enrollment commit,
     /// or a state loaded so).
     pub fn needs_promotion(&self) -> bool {
-        !self.lane && !self.waitlist.is_empty() && self.held < self.sellable_capacity()
+        self.lane == Lane::Free && !self.waitlist.is_empty() && self.held < self.sellable_capacity()
     }
+    /// Hands back the lane a change held alone.
+    fn release_lane(&mut self) {
+        assert_eq!(self.lane, Lane::Held, "{:?}: releasing a lane not held alone", self.id);
+        self.lane = Lane::Free;
+    }
+
+    /// A change is about to wait for the lane alone: no join starts until it had its turn
+    /// ([`Course::unwant_lane`] when it stops waiting).
+    pub fn want_lane(&mut self) {
+        self.lane_wanted += 1;
+    }
+
+    /// The change that called [`Course::want_lane`] stopped waiting. True when that lets
+    /// joins held back for it start now (nobody else wants the lane and it is free), so
+    /// they must be woken; otherwise whoever holds or wants the lane wakes them when done.
+    /// (Saturating: the course may have been loaded anew meanwhile, with nobody waiting.)
+    pub fn unwant_lane(&mut self) -> bool {
+        self.lane_wanted = self.lane_wanted.saturating_sub(1);
+        self.lane_wanted == 0 && self.lane == Lane::Free
+    }
+
     /// Whether waitlist changes go through the lane (a drop may have to promote).
     fn uses_lane(&self) -> bool {
         self.spec.waitlist_max > 0 || !self.waitlist.is_empty()
@@ -456,7 +497,13 @@ impl Course {
         if self.spec.waitlist_max == 0 || self.waitlist.len() as u32 >= self.spec.waitlist_max {
             return EnrollDecision::Full;
         }
-        if self.lane {
+        let may_join = match self.lane {
+            // Not while a seat is free for the head (the repair promotion goes first).
+            Lane::Free => self.held >= self.sellable_capacity() || self.waitlist.is_empty(),
+            Lane::Joins(n) => n < JOINS_IN_FLIGHT_MAX,
+            Lane::Held => false,
+        };
+        if !may_join || self.lane_wanted > 0 {
             return EnrollDecision::LaneBusy;
         }
         EnrollDecision::Join {
@@ -497,7 +544,11 @@ impl Course {
                 );
                 self.waitlist.push_back((rank, student.clone()));
                 self.next_rank = rank + 1;
-                self.lane = true;
+                self.lane = match self.lane {
+                    Lane::Free => Lane::Joins(1),
+                    Lane::Joins(n) => Lane::Joins(n + 1),
+                    Lane::Held => unreachable!("peek_enroll refuses a join while the lane is held"),
+                };
             }
             _ => return decision,
         }
@@ -529,9 +580,19 @@ impl Course {
             }
             Some(state) => self.places.get_mut(student).expect("found above").set_state(state),
         }
-        match place {
-            Place::Entry { .. } => self.entries_in_flight -= 1,
-            Place::Wait { .. } => self.lane = false,
+        match (place, from) {
+            (Place::Entry { .. }, _) => self.entries_in_flight -= 1,
+            (Place::Wait { .. }, Pending::Adding) => {
+                self.lane = match self.lane {
+                    Lane::Joins(1) => Lane::Free,
+                    Lane::Joins(n) => Lane::Joins(n - 1),
+                    other => panic!(
+                        "{what} of {:?} {student:?}: a join ended, the lane is {other:?}",
+                        self.id
+                    ),
+                }
+            }
+            (Place::Wait { .. }, _) => self.release_lane(),
         }
         self.check();
     }
@@ -592,10 +653,10 @@ impl Course {
         let mut promote = None;
         let lane = self.uses_lane();
         if lane {
-            if self.lane {
+            if self.lane != Lane::Free {
                 return DropDecision::LaneBusy;
             }
-            self.lane = true;
+            self.lane = Lane::Held;
             if let Some((_, head)) = self.waitlist.front() {
                 let head = head.clone();
                 let place = self.places.get_mut(&head).expect("waitlisted students have places");
@@ -632,8 +693,8 @@ impl Course {
         match place {
             Place::Entry { .. } if self.drawing => return DropDecision::DrawPending,
             Place::Entry { .. } => self.entries_in_flight += 1,
-            Place::Wait { .. } if self.lane => return DropDecision::LaneBusy,
-            Place::Wait { .. } => self.lane = true,
+            Place::Wait { .. } if self.lane != Lane::Free => return DropDecision::LaneBusy,
+            Place::Wait { .. } => self.lane = Lane::Held,
         }
         self.places
             .get_mut(student)
@@ -671,7 +732,7 @@ impl Course {
             self.promoted(p);
         }
         if lane {
-            self.lane = false;
+            self.release_lane();
         }
         self.loaded_over = self.loaded_over.min(self.held.saturating_sub(self.sellable_capacity()));
         self.check();
@@ -710,7 +771,7 @@ impl Course {
                 .set_state(Pending::Settled);
         }
         if lane {
-            self.lane = false;
+            self.release_lane();
         }
         self.check();
     }
@@ -723,7 +784,7 @@ impl Course {
             return None;
         }
         let head = self.take_heads(1).pop()?;
-        self.lane = true;
+        self.lane = Lane::Held;
         Some(head)
     }
 
@@ -759,7 +820,7 @@ impl Course {
                 .expect("a promoting place")
                 .set_state(Pending::Settled);
         }
-        self.lane = false;
+        self.release_lane();
         self.check();
     }
 
@@ -793,7 +854,7 @@ impl Course {
             return SpecDecision::Refused("waitlist_max cannot go below the students waiting");
         }
         let lane = self.uses_lane() || spec.waitlist_max > 0;
-        if lane && self.lane {
+        if lane && self.lane != Lane::Free {
             return SpecDecision::LaneBusy;
         }
         // A waitlist switched on while a drop that took no lane is in flight: that drop
@@ -806,7 +867,9 @@ impl Course {
         } else {
             Vec::new()
         };
-        self.lane |= lane;
+        if lane {
+            self.lane = Lane::Held;
+        }
         self.capacity_in_flight = Some(spec.capacity.min(self.spec.capacity));
         self.rendered.take();
         SpecDecision::Begun { promote, lane }
@@ -829,7 +892,7 @@ impl Course {
             self.promoted(s);
         }
         if lane {
-            self.lane = false;
+            self.release_lane();
         }
         self.loaded_over = self.loaded_over.min(self.held.saturating_sub(self.sellable_capacity()));
         self.check();
@@ -845,7 +908,7 @@ impl Course {
                 .set_state(Pending::Settled);
         }
         if lane {
-            self.lane = false;
+            self.release_lane();
         }
         self.rendered.take();
     }
@@ -854,10 +917,14 @@ impl Course {
     /// change in flight): takes the lane and returns the entrants in id order (arrival
     /// order must not matter, and is not kept).
     pub fn begin_draw(&mut self, now: UnixMs) -> Option<Vec<StudentId>> {
-        if !self.draw_due(now) || self.lane || self.entries_in_flight > 0 || self.capacity_in_flight.is_some() {
+        if !self.draw_due(now)
+            || self.lane != Lane::Free
+            || self.entries_in_flight > 0
+            || self.capacity_in_flight.is_some()
+        {
             return None;
         }
-        self.lane = true;
+        self.lane = Lane::Held;
         self.drawing = true;
         let mut entrants: Vec<StudentId> = self
             .places
@@ -909,7 +976,7 @@ impl Course {
         }
         self.drawn_at = Some(record.drawn_at);
         self.drawing = false;
-        self.lane = false;
+        self.release_lane();
         self.check();
     }
 
@@ -917,7 +984,7 @@ impl Course {
     pub fn abort_draw(&mut self) {
         assert!(self.drawing, "{:?}: abort_draw without begin_draw", self.id);
         self.drawing = false;
-        self.lane = false;
+        self.release_lane();
         self.rendered.take();
     }
 

@@ -531,6 +531,37 @@ impl Shard {
         tokio::time::timeout_at(deadline, notify.notified()).await.is_ok()
     }
 
+    /// [`Shard::wait_lane`] for a change that needs the lane alone (a drop, an admin
+    /// change): no join starts while it waits, so a stream of joiners cannot starve it.
+    async fn wait_lane_alone(&self, course: &CourseId, deadline: tokio::time::Instant) -> bool {
+        /// Stops wanting the lane however the wait ends (a request's future may be
+        /// dropped mid-wait when its client goes), and wakes the joins it held back if
+        /// they may start now: the change may not take the lane after all (it decides
+        /// again), and nothing else would wake them. Only then: waking the other changes
+        /// that wait for the lane alone would have them wake each other, round after round,
+        /// while the lane stays busy.
+        struct Wanting<'a>(&'a Shard, &'a CourseId);
+        impl Drop for Wanting<'_> {
+            fn drop(&mut self) {
+                let joins_may_go = self
+                    .0
+                    .table
+                    .borrow_mut()
+                    .get_mut(self.1)
+                    .is_some_and(|c| c.unwant_lane());
+                if joins_may_go {
+                    self.0.after_change(self.1);
+                }
+            }
+        }
+        match self.table.borrow_mut().get_mut(course) {
+            Some(c) => c.want_lane(),
+            None => return false,
+        }
+        let _wanting = Wanting(self, course);
+        self.wait_lane(course, deadline).await
+    }
+
     /// The answer to a POST that stopped waiting on another request's change to the same
     /// seat (too many waiters, or too many rounds): what memory holds now. A seat that
     /// committed meanwhile is the student's (200); one still in flight may go either way.
@@ -570,7 +601,7 @@ impl Shard {
                     continue;
                 }
                 DropDecision::LaneBusy | DropDecision::DrawPending => {
-                    if !self.wait_lane(&course, lane_deadline).await {
+                    if !self.wait_lane_alone(&course, lane_deadline).await {
                         break;
                     }
                     rounds -= 1;
@@ -763,7 +794,7 @@ impl Shard {
                 SpecDecision::InFlight => return Reply::Unavailable,
                 SpecDecision::Refused(why) => return Reply::Refused(why),
                 SpecDecision::LaneBusy => {
-                    if !self.wait_lane(&course, lane_deadline).await {
+                    if !self.wait_lane_alone(&course, lane_deadline).await {
                         return Reply::Unavailable;
                     }
                 }

@@ -21,7 +21,10 @@ use std::panic::{self, AssertUnwindSafe};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::course::{Course, CourseSpec, DrawRecord, DropDecision, EnrollDecision, Pending, Place, Seat, SpecDecision};
+use super::course::{
+    Course, CourseSpec, DrawRecord, DropDecision, EnrollDecision, Pending, Place, Seat, SpecDecision,
+    JOINS_IN_FLIGHT_MAX,
+};
 use crate::ids::{CourseId, StudentId, UnixMs};
 
 /// Fixed seeds, run on every `cargo test`.
@@ -94,7 +97,10 @@ struct Model {
     /// Entries and waitlist places: (rank None for an entry, when asked, state).
     places: BTreeMap<usize, (Option<u64>, UnixMs, Pending)>,
     next_rank: u64,
+    /// The lane is held alone (joins in flight share it: `joins_in_flight`).
     lane: bool,
+    /// Changes waiting for the lane alone.
+    wanted: u32,
     /// The draw begun: its entrants.
     drawing: Option<Vec<usize>>,
     drawn: bool,
@@ -157,8 +163,21 @@ impl Model {
         self.spec.waitlist_max > 0 || !self.waitlist().is_empty()
     }
 
+    /// Waitlist places being added (joins share the lane).
+    fn joins_in_flight(&self) -> usize {
+        self.places
+            .values()
+            .filter(|p| p.0.is_some() && p.2 == Pending::Adding)
+            .count()
+    }
+
+    /// Held alone or by joins: no other waitlist change may start.
+    fn lane_busy(&self) -> bool {
+        self.lane || self.joins_in_flight() > 0
+    }
+
     fn needs_promotion(&self) -> bool {
-        !self.lane && !self.waitlist().is_empty() && self.held() < self.sellable()
+        !self.lane_busy() && !self.waitlist().is_empty() && self.held() < self.sellable()
     }
 
     /// The enroll decision without taking the seat (what `peek_enroll` must answer).
@@ -194,7 +213,15 @@ impl Model {
         if self.spec.waitlist_max == 0 || waiting >= self.spec.waitlist_max {
             return EnrollDecision::Full;
         }
-        if self.lane {
+        let joins = self.joins_in_flight();
+        let may_join = if self.lane {
+            false
+        } else if joins > 0 {
+            joins < JOINS_IN_FLIGHT_MAX as usize
+        } else {
+            self.held() >= self.sellable() || waiting == 0
+        };
+        if !may_join || self.wanted > 0 {
             return EnrollDecision::LaneBusy;
         }
         EnrollDecision::Join {
@@ -215,7 +242,6 @@ impl Model {
             EnrollDecision::Join { rank, at } => {
                 self.places.insert(s, (Some(rank), at, Pending::Adding));
                 self.next_rank = rank + 1;
-                self.lane = true;
             }
             _ => {}
         }
@@ -245,7 +271,7 @@ impl Model {
                 let lane = self.uses_lane();
                 let mut promote = None;
                 if lane {
-                    if self.lane {
+                    if self.lane_busy() {
                         return (DropDecision::LaneBusy, None);
                     }
                     self.lane = true;
@@ -267,7 +293,7 @@ impl Model {
         let decision = match rank {
             None if self.drawing.is_some() => return (DropDecision::DrawPending, None),
             None => DropDecision::Withdrawing,
-            Some(_) if self.lane => return (DropDecision::LaneBusy, None),
+            Some(_) if self.lane_busy() => return (DropDecision::LaneBusy, None),
             Some(_) => {
                 self.lane = true;
                 DropDecision::Leaving
@@ -316,7 +342,7 @@ impl Model {
             );
         }
         let lane = self.uses_lane() || spec.waitlist_max > 0;
-        if lane && self.lane {
+        if lane && self.lane_busy() {
             return (SpecDecision::LaneBusy, none);
         }
         if lane && !self.uses_lane() && self.seats.values().any(|s| matches!(s, ModelSeat::DropPending(_))) {
@@ -420,10 +446,12 @@ enum Op {
     EndPromote,
     LoadPlace,
     NewCourse,
+    WantLane,
+    UnwantLane,
 }
 
 impl Op {
-    const ALL: [Op; 20] = [
+    const ALL: [Op; 22] = [
         Op::Enroll,
         Op::ConfirmEnroll,
         Op::ReleaseEnroll,
@@ -444,6 +472,8 @@ impl Op {
         Op::EndPromote,
         Op::LoadPlace,
         Op::NewCourse,
+        Op::WantLane,
+        Op::UnwantLane,
     ];
 
     /// Relative frequency before the per-seed swarm factor (1-4x) is applied.
@@ -469,6 +499,8 @@ impl Op {
             Op::EndPromote => 4,
             Op::LoadPlace => 3,
             Op::NewCourse => 1,
+            Op::WantLane => 2,
+            Op::UnwantLane => 3,
         }
     }
 }
@@ -542,6 +574,7 @@ impl Model {
             places: BTreeMap::new(),
             next_rank: 1,
             lane: false,
+            wanted: 0,
             drawing: None,
             drawn: false,
             promoting: None,
@@ -612,6 +645,19 @@ impl Sim {
             Op::EndPromote => self.end_promote(),
             Op::LoadPlace => self.load_place(),
             Op::NewCourse => self.new_course(),
+            Op::WantLane => {
+                self.note("want_lane".into());
+                self.model.wanted += 1;
+                self.course.want_lane();
+                self.coverage.hit("want_lane");
+            }
+            Op::UnwantLane => {
+                self.note("unwant_lane".into());
+                self.model.wanted = self.model.wanted.saturating_sub(1);
+                let joins_may_go = self.model.wanted == 0 && !self.model.lane_busy();
+                assert_eq!(self.course.unwant_lane(), joins_may_go, "unwant_lane; {}", self.ctx());
+                self.coverage.hit("unwant_lane");
+            }
         }
         // No decision frees a seat while anyone waits: a drop, a raise and a draw give
         // their seats to the heads. Only a failed commit (the seat held for it comes
@@ -656,6 +702,7 @@ impl Sim {
         let now = self.pick_now();
         self.note(format!("enroll s{s:02} now={now}"));
         let peeked = self.course.peek_enroll(&self.students[s], now);
+        let sharing = self.model.joins_in_flight() > 0;
         let want = self.model.enroll(s, now);
         assert_eq!(peeked, want, "peek_enroll differs from the model; {}", self.ctx());
         let got = self.course.enroll(&self.students[s], now);
@@ -672,6 +719,7 @@ impl Sim {
             EnrollDecision::Entered { .. } => "enroll Entered",
             EnrollDecision::Waiting { .. } => "enroll Waiting",
             EnrollDecision::Enter { .. } => "enroll Enter",
+            EnrollDecision::Join { .. } if sharing => "enroll Join sharing the lane",
             EnrollDecision::Join { .. } => "enroll Join",
             EnrollDecision::LaneBusy => "enroll LaneBusy",
             EnrollDecision::DrawPending => "enroll DrawPending",
@@ -832,7 +880,8 @@ impl Sim {
             "confirm_unplace" => self.course.confirm_unplace(student),
             _ => self.course.cancel_unplace(student),
         }
-        if rank.is_some() {
+        // A leave held the lane alone; a join shared it (counted from the places).
+        if rank.is_some() && from == Pending::Removing {
             self.model.lane = false;
         }
         self.coverage.hit(what);
@@ -842,7 +891,7 @@ impl Sim {
         let now = self.pick_now();
         let m = &self.model;
         let due = m.spec.draw_at.is_some_and(|t| now >= t) && !m.drawn && m.drawing.is_none();
-        let may = due && !m.lane && m.entries_in_flight() == 0 && m.spec_in_flight.is_none();
+        let may = due && !m.lane_busy() && m.entries_in_flight() == 0 && m.spec_in_flight.is_none();
         self.note(format!("begin_draw now={now} (may: {may})"));
         assert_eq!(
             self.course.draw_due(now),
@@ -1312,6 +1361,8 @@ fn course_matches_model() {
         "end_promote",
         "load_place added",
         "load_place refused",
+        "want_lane",
+        "enroll Join sharing the lane",
     ];
     for what in expected {
         let n = coverage.0.get(what).copied().unwrap_or(0);

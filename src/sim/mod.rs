@@ -45,6 +45,10 @@ use store::{SimStore, Weather};
 
 /// Seeds one test run tries unless `ENROLLD_SIM_SEEDS` says otherwise.
 pub const SEEDS_DEFAULT: u64 = 200;
+/// Wall-clock seconds one seed may take before the run is failed as a livelock (a seed
+/// takes milliseconds; on the paused clock a livelock never lets time pass, so only the
+/// wall clock can tell it from work).
+pub const SEED_WALL_SECS_MAX: u64 = 60;
 /// Requests per seed unless `ENROLLD_SIM_OPS` says otherwise.
 pub const OPS_DEFAULT: usize = 1_000;
 const SHARDS: usize = 2;
@@ -523,6 +527,50 @@ fn seeds() -> Vec<u64> {
     (base..base + count).collect()
 }
 
+/// Fails the whole run, naming the seed, when one seed runs past [`SEED_WALL_SECS_MAX`]:
+/// a livelock would otherwise hang the test (and CI) instead of failing it. Exiting is the
+/// only way out of a seed spinning on this thread.
+#[cfg(test)]
+struct Watchdog {
+    /// The seed running (its number + 1; 0: none) and when it started.
+    running: std::sync::Arc<(std::sync::atomic::AtomicU64, parking_lot::Mutex<std::time::Instant>)>,
+}
+
+#[cfg(test)]
+impl Watchdog {
+    fn start() -> Watchdog {
+        use std::sync::atomic::Ordering;
+        let running = std::sync::Arc::new((
+            std::sync::atomic::AtomicU64::new(0),
+            parking_lot::Mutex::new(std::time::Instant::now()),
+        ));
+        let watched = std::sync::Arc::downgrade(&running);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let Some(running) = watched.upgrade() else { return };
+            let seed = running.0.load(Ordering::Relaxed);
+            if seed > 0 && running.1.lock().elapsed().as_secs() > SEED_WALL_SECS_MAX {
+                let seed = seed - 1;
+                // Straight to the stream: the test harness captures `eprintln!`, and would
+                // drop it at the exit.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "simulation seed {seed} ran over {SEED_WALL_SECS_MAX} s of wall time: a livelock?\n\
+                     replay: ENROLLD_SIM_SEED={seed} cargo test --release --lib sim::"
+                );
+                std::process::exit(101);
+            }
+        });
+        Watchdog { running }
+    }
+
+    fn seed(&self, seed: u64) {
+        *self.running.1.lock() = std::time::Instant::now();
+        self.running.0.store(seed + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[test]
 fn simulation_holds_every_promise_under_faults() {
     let ops = std::env::var("ENROLLD_SIM_OPS")
@@ -531,7 +579,9 @@ fn simulation_holds_every_promise_under_faults() {
         .unwrap_or(OPS_DEFAULT);
     let seeds = seeds();
     let mut total = Report::default();
+    let watchdog = Watchdog::start();
     for &seed in &seeds {
+        watchdog.seed(seed);
         // A panic outside a task (the world itself, a start) fails the seed too, with its seed.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(seed, ops)))
             .unwrap_or_else(|_| Err(format!("panicked: {}", panics::take().unwrap_or_default())));
