@@ -23,7 +23,7 @@ run() { # events: one round with the feed on (true) or off (false)
   ENROLLD_EVENTS_ENABLED=$events start_enrolld "$out/enrolld-feed.log"
   for i in $(seq 0 $((courses - 1))); do put_course "BIG-$i" '{"title":"bench","capacity":100000}'; done
   figures=$(drive "feed-$events" enrollments BIG)
-  rows+=("$events|$figures|$(sql $db -e "SELECT seq FROM feed")")
+  rows+=("$([ "$events" = true ] && echo on || echo off)|$figures|$(sql $db -e "SELECT seq FROM feed")")
   stop_enrolld
 }
 
@@ -31,16 +31,5 @@ rounds=${ROUNDS:-2}
 for r in $(seq 1 "$rounds"); do
   if [ $((r % 2)) = 1 ]; then run false; run true; else run true; run false; fi
 done
-{
-  echo "| feed | durable rows/s | CPU µs/row (enrolld + mariadbd) | enrolld | mariadbd | p99 | events written |"
-  echo "|---|---|---|---|---|---|---|"
-  for row in "${rows[@]}"; do
-    IFS='|' read -r ev rate cpu ecpu mcpu p99 n <<< "$row"
-    echo "| $([ "$ev" = true ] && echo on || echo off) | $rate | $cpu | $ecpu | $mcpu | $p99 | $n |"
-  done
-  echo
-  printf '%s\n' "${rows[@]}" | awk -F'|' '{ r[$1] += $2; c[$1] += $3; k[$1]++ }
-    END { printf "on ÷ off over %d rounds each: rows/s %.2f, CPU per row %.2f\n", k["true"], (r["true"]/k["true"]) / (r["false"]/k["false"]), (c["true"]/k["true"]) / (c["false"]/k["false"]) }'
-  machine_line
-} | tee "$out/feed_cost.md"
+report_rounds feed row "events written" on off | tee "$out/feed_cost.md"
 sql -e "DROP DATABASE IF EXISTS $db"

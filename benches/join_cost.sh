@@ -36,16 +36,5 @@ rounds=${ROUNDS:-2}
 for r in $(seq 1 "$rounds"); do
   if [ $((r % 2)) = 1 ]; then run base "$BASE_BIN"; run this "$this"; else run this "$this"; run base "$BASE_BIN"; fi
 done
-{
-  echo "| build | places/s | CPU µs/place (enrolld + mariadbd) | enrolld | mariadbd | p99 | refused |"
-  echo "|---|---|---|---|---|---|---|"
-  for row in "${rows[@]}"; do
-    IFS='|' read -r name rate cpu ecpu mcpu p99 refused <<< "$row"
-    echo "| $name | $rate | $cpu | $ecpu | $mcpu | $p99 | ${refused:-0} |"
-  done
-  echo
-  printf '%s\n' "${rows[@]}" | awk -F'|' '{ r[$1] += $2; c[$1] += $3; k[$1]++ }
-    END { printf "this ÷ base over %d rounds each: places/s %.2f, CPU per place %.2f\n", k["this"], (r["this"]/k["this"]) / (r["base"]/k["base"]), (c["this"]/k["this"]) / (c["base"]/k["base"]) }'
-  machine_line
-} | tee "$out/join_cost.md"
+report_rounds build place refused this base | tee "$out/join_cost.md"
 sql -e "DROP DATABASE IF EXISTS $db"

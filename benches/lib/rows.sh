@@ -1,8 +1,8 @@
 # Shared by the scripts that measure durable rows per second against MariaDB
-# (benches/rounds_cost.sh, benches/feed_cost.sh); sourced, not run. Before sourcing, set
+# (benches/rounds_cost.sh, feed_cost.sh, join_cost.sh); sourced, not run. Before sourcing, set
 # `port`, `db`, `courses`, `students`, `secs`, `conns`; it sets `bin`, `secret`, `admin`,
 # `threads`, `shards`, `out` and gives `sql`, `ticks`, `start_enrolld`, `stop_enrolld`,
-# `put_course` and `drive`. Load goes to loopback only.
+# `put_course`, `drive` and `report_rounds`. Load goes to loopback only.
 threads=2
 shards=${SHARDS:-$(nproc)}
 out=target/bench
@@ -58,4 +58,21 @@ drive() {
 # The last line of every report: the machine and the run.
 machine_line() {
   echo "$(date -u +%F) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), wrk -t$threads -c$conns -d${secs}s, enrolld --shards $shards, MariaDB $(sql -e 'SELECT VERSION()'), load generator on the same cores."
+}
+
+# report_rounds title unit extra a b: the table of `rows` (each
+# "name|rate|cpu|enrolld|mariadbd|p99|extra", as a round appends it after `drive`), then
+# a ÷ b (names in the first field) averaged over their rounds, in rate and in CPU per unit.
+report_rounds() {
+  local title=$1 unit=$2 extra=$3 a=$4 b=$5 row name rate cpu ecpu mcpu p99 more
+  echo "| $title | ${unit}s/s | CPU µs/$unit (enrolld + mariadbd) | enrolld | mariadbd | p99 | $extra |"
+  echo "|---|---|---|---|---|---|---|"
+  for row in "${rows[@]}"; do
+    IFS='|' read -r name rate cpu ecpu mcpu p99 more <<< "$row"
+    echo "| $name | $rate | $cpu | $ecpu | $mcpu | $p99 | ${more:-0} |"
+  done
+  echo
+  printf '%s\n' "${rows[@]}" | awk -F'|' -v a="$a" -v b="$b" -v unit="$unit" '{ r[$1] += $2; c[$1] += $3; k[$1]++ }
+    END { printf "%s ÷ %s over %d rounds each: %ss/s %.2f, CPU per %s %.2f\n", a, b, k[a], unit, (r[a]/k[a]) / (r[b]/k[b]), unit, (c[a]/k[a]) / (c[b]/k[b]) }'
+  machine_line
 }

@@ -176,7 +176,8 @@ fn decode_batch(last: u64, n: u64, at: UnixMs, body: &str) -> anyhow::Result<Vec
         .and_then(|end| end.checked_sub(n))
         .filter(|&first| first >= 1 && n > 0)
         .with_context(|| format!("event batch {last} holds {n} events"))?;
-    let mut events = Vec::with_capacity(n as usize);
+    // Sized by the body, not by `n` as read: a damaged row must not ask for any memory.
+    let mut events = Vec::with_capacity(body.len() / 8 + 1);
     for (i, line) in body.split('\n').enumerate() {
         let bad = || format!("event batch {last}: bad event {line:?}");
         let mut fields = line.split(',');
@@ -345,6 +346,9 @@ impl Store {
             .await
             .context("reading events")?;
             for row in &rows {
+                if events.len() == limit {
+                    break;
+                }
                 let last = row.try_get::<i64, _>(0).context("event_batches.last_seq")? as u64;
                 let n = row.try_get::<i64, _>(1).context("event_batches.n_events")? as u64;
                 let at = row.try_get(2).context("event_batches.at_ms")?;
