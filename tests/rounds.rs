@@ -1338,8 +1338,8 @@ async fn feed_of_a_round_on_mariadb() {
     feed_of_a_round(Kind::Mariadb).await;
 }
 
-/// A burst of students joining one waitlist at once, more than `LANE_WAITERS_MAX` (64)
-/// could wait on a lane held by one change at a time: joins share the lane (they only
+/// A burst of students joining one waitlist at once, more than `LANE_ALONE_WAITERS_MAX`
+/// (64) changes may wait for a lane held by one change at a time: joins share the lane (they only
 /// append), so none is refused; the waitlist holds each of them once, with distinct
 /// positions 1..n matching the order it shows.
 async fn burst_joining_a_waitlist(kind: Kind) {

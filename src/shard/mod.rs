@@ -33,9 +33,16 @@ use table::{CourseTable, CourseView, EnrollmentView, Status};
 pub const INBOX_MESSAGES_MAX: usize = 8_192;
 /// Requests waiting at most on one seat's in-flight change before they are told to retry.
 pub const SEAT_WAITERS_MAX: usize = 16;
-/// Requests waiting at most on one course's lane (a waitlist change or the draw in
-/// flight) before they are told to retry.
-pub const LANE_WAITERS_MAX: usize = 64;
+/// Requests waiting at most on one course's lane to share it (joins, and enrollments
+/// behind a draw or a waitlist change) before they are told to retry. Waiting joins all
+/// start together when the lane is handed back and ride one group commit, so as many may
+/// wait as may be in flight at once.
+pub const LANE_WAITERS_MAX: usize = course::JOINS_IN_FLIGHT_MAX as usize;
+/// Changes waiting at most on one course's lane to hold it alone (drops, leaves, admin
+/// changes) before they are told to retry: each takes a commit of its own, in turn. Counted
+/// apart from [`LANE_WAITERS_MAX`], so a crowd of joiners held back by a drop cannot take
+/// the room the next drop needs to wait.
+pub const LANE_ALONE_WAITERS_MAX: usize = 64;
 /// How often a shard looks for draws that are due and seats to promote.
 pub const ROUNDS_TICK_MS: u64 = 100;
 /// How often an adoption looks whether a course's old copy has settled.
@@ -171,10 +178,27 @@ pub struct Shard {
     /// nodes' catalog caches follow them); None on a single node.
     changed: Option<RefCell<HashSet<CourseId>>>,
     /// Courses whose lane requests wait on, and how many wait on each.
-    lanes: RefCell<HashMap<CourseId, (Rc<Notify>, usize)>>,
+    lanes: RefCell<HashMap<CourseId, LaneWaiters>>,
     /// Where draws get their seeds: the operating system's random source (the
     /// simulation hands in its seeded one).
     draw_seeds: Rc<dyn Fn() -> [u8; 32]>,
+}
+
+/// The requests waiting on one course's lane: all are woken when it is handed back.
+#[derive(Default)]
+struct LaneWaiters {
+    notify: Rc<Notify>,
+    /// Waiting to share the lane (at most [`LANE_WAITERS_MAX`]).
+    sharing: usize,
+    /// Waiting to hold it alone (at most [`LANE_ALONE_WAITERS_MAX`]).
+    alone: usize,
+}
+
+/// How a request will use the lane it waits for: the two are bounded apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaneUse {
+    Share,
+    Alone,
 }
 
 /// How net/ renders a course; the shard caches the bytes until the course changes.
@@ -415,7 +439,7 @@ impl Shard {
                     continue;
                 }
                 EnrollDecision::LaneBusy | EnrollDecision::DrawPending => {
-                    if !self.wait_lane(&course, lane_deadline).await {
+                    if !self.wait_lane(&course, LaneUse::Share, lane_deadline).await {
                         break;
                     }
                     rounds -= 1;
@@ -507,25 +531,27 @@ impl Shard {
     /// head by [`run_rounds`].)
     fn after_change(&self, course: &CourseId) {
         let waiting = self.lanes.borrow_mut().remove(course);
-        if let Some((notify, _)) = waiting {
-            notify.notify_waiters();
+        if let Some(waiting) = waiting {
+            waiting.notify.notify_waiters();
         }
     }
 
     /// Waits until the course's lane (a waitlist change or the draw) is handed back. False
-    /// when too many already wait, or `deadline` passed (the request's bound on its lane
-    /// waits: half the answer wait).
-    async fn wait_lane(&self, course: &CourseId, deadline: tokio::time::Instant) -> bool {
+    /// when too many already wait to use it as `how` would, or `deadline` passed (the
+    /// request's bound on its lane waits: half the answer wait).
+    async fn wait_lane(&self, course: &CourseId, how: LaneUse, deadline: tokio::time::Instant) -> bool {
         let notify = {
             let mut lanes = self.lanes.borrow_mut();
-            let (notify, waiters) = lanes
-                .entry(course.clone())
-                .or_insert_with(|| (Rc::new(Notify::new()), 0));
-            if *waiters >= LANE_WAITERS_MAX {
+            let waiting = lanes.entry(course.clone()).or_default();
+            let (waiters, max) = match how {
+                LaneUse::Share => (&mut waiting.sharing, LANE_WAITERS_MAX),
+                LaneUse::Alone => (&mut waiting.alone, LANE_ALONE_WAITERS_MAX),
+            };
+            if *waiters >= max {
                 return false;
             }
             *waiters += 1;
-            notify.clone()
+            waiting.notify.clone()
         };
         // A draw or a queue of joins that outlives the bound leaves the request to retry.
         tokio::time::timeout_at(deadline, notify.notified()).await.is_ok()
@@ -559,7 +585,7 @@ impl Shard {
             None => return false,
         }
         let _wanting = Wanting(self, course);
-        self.wait_lane(course, deadline).await
+        self.wait_lane(course, LaneUse::Alone, deadline).await
     }
 
     /// The answer to a POST that stopped waiting on another request's change to the same

@@ -62,6 +62,8 @@ const FEED_PAGE_MAX: u32 = 9;
 const FLOOD_COPIES: usize = crate::shard::SEAT_WAITERS_MAX + 4;
 /// Lives (start, load, serve, crash) per seed, at most.
 const LIVES_MAX: u32 = 3;
+/// Changes queued for commit at most: small, so a full queue is a fault seeds reach.
+const QUEUE_ROWS_MAX: usize = 64;
 /// The store's statement timeout in the simulation.
 const STATEMENT_TIMEOUT_MS: u64 = 400;
 /// Simulated time the healed system gets to settle before the checker looks.
@@ -171,6 +173,7 @@ pub fn run(seed: u64, ops: usize) -> Result<Report, String> {
             students: students.clone(),
             // Each life is a new process: a new node, taking every lease over.
             node: life * 2 + 1,
+            queue_rows_max: QUEUE_ROWS_MAX,
         };
         let result = local.block_on(&runtime, world.live(StdRng::seed_from_u64(rng.gen()), life_ops, last));
         drop(local);
@@ -194,7 +197,7 @@ pub fn run(seed: u64, ops: usize) -> Result<Report, String> {
 
 /// The persist side of a simulated process: small batches and queues, two committers, the
 /// simulation's statement timeout.
-fn persist_config(breaker: Arc<Breaker>, leases: Option<persist::LeaseConfig>) -> PersistConfig {
+fn persist_config(breaker: Arc<Breaker>, leases: Option<persist::LeaseConfig>, queue_rows_max: usize) -> PersistConfig {
     PersistConfig {
         store_url: "sim://".into(),
         store: StoreOptions {
@@ -205,7 +208,7 @@ fn persist_config(breaker: Arc<Breaker>, leases: Option<persist::LeaseConfig>) -
         commits_in_flight_max: 2,
         batch_rows_max: 6,
         batch_linger_us: 300,
-        queue_rows_max: 64,
+        queue_rows_max,
         demo: false,
         statement_timeout: Duration::from_millis(STATEMENT_TIMEOUT_MS),
         events_retention: None,
@@ -249,6 +252,8 @@ struct World {
     students: Vec<StudentId>,
     /// This life's node; its successor (a takeover mid-life) is `node + 1`.
     node: store::NodeTag,
+    /// The persist queue's bound ([`QUEUE_ROWS_MAX`] but in a test that needs room).
+    queue_rows_max: usize,
 }
 
 /// One running node of the simulation: its persist committers and shards.
@@ -290,7 +295,7 @@ impl World {
             solo: true,
             metrics: Arc::default(),
         };
-        let pcfg = persist_config(breaker.clone(), Some(leases));
+        let pcfg = persist_config(breaker.clone(), Some(leases), self.queue_rows_max);
         self.store.set_breaker(node, breaker.clone());
         let (handle, queues) = persist::queues(&pcfg);
         let backend = store::SimNode {
@@ -633,9 +638,10 @@ fn a_forwarded_command_whose_reply_is_lost_is_unknown_not_unavailable() {
             courses: Vec::new(),
             students: Vec::new(),
             node: 1,
+            queue_rows_max: QUEUE_ROWS_MAX,
         };
         let breaker = Arc::new(Breaker::new("store", BreakerConfig::default()));
-        let (handle, _queues) = persist::queues(&persist_config(breaker.clone(), None));
+        let (handle, _queues) = persist::queues(&persist_config(breaker.clone(), None, QUEUE_ROWS_MAX));
         let mut routers = world.start_shards(handle, breaker).expect("shards");
         let me = routers.swap_remove(0);
         // Shard 1's inbox: takes the command, then goes down without answering.
@@ -656,5 +662,95 @@ fn a_forwarded_command_whose_reply_is_lost_is_unknown_not_unavailable() {
         let request = Request::Enroll { course, student };
         let reply = router.call(request.course(), command_of(&request)).await;
         assert_eq!(reply, crate::shard::Reply::OutcomeUnknown);
+    });
+}
+
+/// Holders drop from a full course while a burst joins its waitlist. One drop holds the
+/// lane, so every joiner waits (more than [`LANE_ALONE_WAITERS_MAX`]), and then the other
+/// drops come: each must still find room to wait for the lane alone. Every drop is
+/// answered "dropped", every joiner is placed (seated or waiting), and the seats given up
+/// go to joiners.
+///
+/// [`LANE_ALONE_WAITERS_MAX`]: crate::shard::LANE_ALONE_WAITERS_MAX
+#[test]
+fn drops_find_room_to_wait_behind_a_burst_of_joins() {
+    use crate::shard::{Reply, LANE_ALONE_WAITERS_MAX};
+    const SEATS: u32 = 6;
+    const JOINERS: usize = LANE_ALONE_WAITERS_MAX * 3;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async {
+        let store = SimStore::new(1);
+        let course = CourseId::parse("BURST").expect("valid");
+        store.create_course(
+            &course,
+            CourseSpec {
+                waitlist_max: JOINERS as u32,
+                ..CourseSpec::plain("burst", SEATS, None, None)
+            },
+        );
+        let world = World {
+            store: store.clone(),
+            clock: Arc::new(SimClock::new(1, 0.0)),
+            checker: Rc::new(std::cell::RefCell::new(Checker::new(store.clone()))),
+            courses: vec![course.clone()],
+            students: Vec::new(),
+            node: 1,
+            // Room for the whole burst: a full queue is not what this test is about.
+            queue_rows_max: JOINERS * 2,
+        };
+        let node = world.start_node(1).expect("the node");
+        let router = node.routers[0].clone();
+        let student = |name: String| StudentId::parse(&name).expect("valid");
+        let call = |request: Request| {
+            let router = router.clone();
+            tokio::task::spawn_local(async move { router.call(request.course(), command_of(&request)).await })
+        };
+        for h in 0..SEATS {
+            let enroll = Request::Enroll {
+                course: course.clone(),
+                student: student(format!("h{h}")),
+            };
+            let reply = call(enroll).await.expect("the task");
+            assert!(matches!(reply, Reply::Enrolled { created: true, .. }), "{reply:?}");
+        }
+        let drop_of = |h: u32| {
+            call(Request::Drop {
+                course: course.clone(),
+                student: student(format!("h{h}")),
+            })
+        };
+        let mut drops = vec![drop_of(0)];
+        let joins: Vec<_> = (0..JOINERS)
+            .map(|j| {
+                call(Request::Enroll {
+                    course: course.clone(),
+                    student: student(format!("j{j:03}")),
+                })
+            })
+            .collect();
+        drops.extend((1..SEATS).map(drop_of));
+        for d in drops {
+            assert_eq!(d.await.expect("the task"), Reply::Dropped("dropped"));
+        }
+        for j in joins {
+            match j.await.expect("the task") {
+                Reply::Enrolled { created: true, .. } | Reply::Placed(_) => {}
+                other => panic!("a joiner was answered {other:?}"),
+            }
+        }
+        let rows = store.rows();
+        let seats = rows.seats_of(&course);
+        assert_eq!(seats.len(), SEATS as usize, "{seats:?}");
+        assert!(seats.iter().all(|s| s.as_str().starts_with('j')), "{seats:?}");
+        assert_eq!(
+            rows.waitlist_of(&course).len(),
+            JOINERS - SEATS as usize,
+            "each joiner once"
+        );
     });
 }
