@@ -1003,13 +1003,16 @@ async fn in_flight_bound_sheds_with_503() {
 }
 
 /// Latency shedding: once a shard's moving average of request time passes
-/// `latency_max_ms`, new requests get 503 (here the time comes from a queueing flow rule
-/// that holds the second request ~200 ms), and the shard admits again later.
+/// `latency_max_ms`, new requests get 503, and the shard admits again later. The time
+/// comes from a queueing flow rule that holds the second request ~1 s: that lifts the
+/// average (the newest request weighs 0.05) to ~50 ms, past the 20 ms bound. The PUT and
+/// the first POST would each have to take 400 ms to lift it that far on their own, so a
+/// busy machine (a slow commit) does not change what this test sees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_requests_turn_on_latency_shedding() {
     let dir = TempDir::new("lim_lat");
-    let tables = "[limits.adaptive]\nlatency_max_ms = 1\n\n\
-                  [limits.flow.enroll]\nqps = 5.0\nbehaviour = \"queue\"\nmax_queue_ms = 2000\n";
+    let tables = "[limits.adaptive]\nlatency_max_ms = 20\n\n\
+                  [limits.flow.enroll]\nqps = 1.0\nbehaviour = \"queue\"\nmax_queue_ms = 3000\n";
     let server = start_node(
         &dir,
         "n",
@@ -1035,9 +1038,9 @@ async fn slow_requests_turn_on_latency_shedding() {
     assert_eq!(
         statuses[..2],
         [201, 201],
-        "the first two pass (the second after ~200 ms in the queue)"
+        "the first two pass (the second after ~1 s in the queue)"
     );
-    assert_eq!(statuses[2], 503, "the slow second request pushed the average past 1 ms");
+    assert_eq!(statuses[2], 503, "the slow second request pushed the average past 20 ms");
     // Shedding decays: the shard admits again after a while of shed requests.
     let mut admitted_again = false;
     for i in 0..500 {
