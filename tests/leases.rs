@@ -51,8 +51,9 @@ async fn exit_code_within(server: &mut Server, wait_ms_max: u64) -> Option<i32> 
         }
         assert!(
             Instant::now() < deadline,
-            "enrolld pid {} did not exit within {wait_ms_max} ms",
-            server.child.id()
+            "enrolld pid {} did not exit within {wait_ms_max} ms; its log:\n{}",
+            server.child.id(),
+            server.drain_log().join("\n")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -1040,7 +1040,10 @@ async fn slow_requests_turn_on_latency_shedding() {
         [201, 201],
         "the first two pass (the second after ~1 s in the queue)"
     );
-    assert_eq!(statuses[2], 503, "the slow second request pushed the average past 20 ms");
+    assert_eq!(
+        statuses[2], 503,
+        "the slow second request pushed the average past 20 ms"
+    );
     // Shedding decays: the shard admits again after a while of shed requests.
     let mut admitted_again = false;
     for i in 0..500 {

@@ -421,9 +421,11 @@ pub fn spawn(cfg: PersistConfig, sink: impl FnMut(LoadRow) + Send + 'static) -> 
                 // call dropped halfway through reading its answer can leave its connection
                 // for sqlx to drain, and the pool's close would wait on it.
                 let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                // Counted now, before any commit can meet a fence and forget leases.
+                let granted = cfg.leases.as_ref().map_or(0, |l| l.held.count());
                 let keep = async {
                     if let Some(leases) = cfg.leases.as_ref().filter(|l| l.solo) {
-                        keep_leases(&store, &cfg, leases, stop_rx).await;
+                        keep_leases(&store, &cfg, leases, granted, stop_rx).await;
                     }
                 };
                 let serving = async {
@@ -577,8 +579,13 @@ async fn keep_leases(
     store: &Store,
     cfg: &PersistConfig,
     leases: &LeaseConfig,
+    granted: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // A solo node never gives a partition up, so owning or holding fewer than the
+    // `granted` it took at start means another process took them. The count at start is
+    // the measure, not the count now: a committer that met the fence first has already
+    // forgotten the leases it lost (`fenced_out`), and would leave nothing to compare.
     let mut tick = tokio::time::interval(lease::heartbeat_interval(leases.node.lease));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -591,13 +598,12 @@ async fn keep_leases(
                 return Ok::<_, anyhow::Error>(Err("this node's row belongs to another process".to_string()));
             }
             let owned = store.owned_count(&leases.node).await?;
-            let held = leases.held.count();
-            if owned < held {
+            if owned < granted || leases.held.count() < granted {
                 let holders = store.holders(&leases.node).await?;
                 let names: Vec<String> = holders.iter().map(ToString::to_string).collect();
                 return Ok(Err(format!(
-                    "{} of {held} partitions taken by {}",
-                    held - owned,
+                    "{} of {granted} partitions taken by {}",
+                    granted.saturating_sub(owned),
                     names.join("; ")
                 )));
             }

@@ -320,6 +320,9 @@ impl Store {
         let pool = pool_options()
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
+                    if dialect == Dialect::Mysql {
+                        bound_idle_transactions(conn).await?;
+                    }
                     if dialect == Dialect::Sqlite {
                         // WAL with synchronous=FULL: a commit is on disk before we answer.
                         sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
@@ -339,6 +342,7 @@ impl Store {
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             sqlx::query("SET autocommit = 0").execute(&mut *conn).await?;
+                            bound_idle_transactions(conn).await?;
                             Ok(())
                         })
                     })
@@ -1348,6 +1352,30 @@ pub fn probe_of(op: &SeatOp) -> Probe {
     }
 }
 
+/// Seconds one of our MariaDB sessions may sit idle inside a transaction before the server
+/// ends the session and rolls the transaction back (`idle_transaction_timeout`).
+///
+/// Why: enrolld never waits between two statements of a transaction beyond its own few
+/// microseconds of work, so only a process that is paused (SIGSTOP, a frozen VM) or starved
+/// leaves one open. Its locks would stay with it: the fence row's share lock, taken by every
+/// commit until its COMMIT, would block the process taking its leases over (which bumps
+/// that row) until MariaDB's lock wait timeout (50 s) failed the takeover. A live process
+/// that is cut off this way loses one batch, answered like any failed commit. Kept below a
+/// lease's usual length, so a successor's wait is the lease, not this.
+pub const IDLE_IN_TRANSACTION_SECS_MAX: u32 = 5;
+
+/// Sets [`IDLE_IN_TRANSACTION_SECS_MAX`] on a new session. MySQL has no such variable
+/// (ER_UNKNOWN_SYSTEM_VARIABLE): there a paused process's locks last until its session
+/// ends, and the takeover waits or fails as described above.
+async fn bound_idle_transactions(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    let set = format!("SET SESSION idle_transaction_timeout = {IDLE_IN_TRANSACTION_SECS_MAX}");
+    match sqlx::query(&set).execute(&mut *conn).await {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.message().contains("Unknown system variable") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// This connection's MySQL session id.
 async fn connection_id(conn: &mut sqlx::AnyConnection) -> Result<u64, sqlx::Error> {
     let row = sqlx::query("SELECT CONNECTION_ID()").fetch_one(conn).await?;
@@ -2014,6 +2042,68 @@ mod tests {
         let (gen_after, left) = store.fence_state(&node.id).await.unwrap();
         assert_eq!(gen_after, gen + 1);
         assert!(!left.contains(&lease) && left.len() + 1 == leases.len());
+        store.close().await;
+        sqlx::raw_sql(&format!("DROP DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+
+    /// A session of ours left idle inside a transaction (its process paused between two
+    /// statements, holding locks) is ended by MariaDB after
+    /// [`IDLE_IN_TRANSACTION_SECS_MAX`], and its locks are freed: another session that
+    /// needs them (a node taking the leases over) gets them, rather than waiting until its
+    /// own lock wait fails. Both pools' sessions carry the bound.
+    #[tokio::test]
+    async fn mysql_ends_a_transaction_left_idle() {
+        let base =
+            std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
+        let db = format!("enrolld_unit_idle_{}", std::process::id());
+        sqlx::any::install_default_drivers();
+        let admin = AnyPool::connect(&format!("{base}/enrolld"))
+            .await
+            .expect("MariaDB for tests");
+        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let (store, c, _) = store_with_a_course(&format!("{base}/{db}")).await;
+        let commit_pool = store.commit_pool.as_ref().expect("MariaDB has a commit pool");
+        for pool in [&store.pool, commit_pool] {
+            let row = sqlx::query("SELECT CAST(@@SESSION.idle_transaction_timeout AS SIGNED)")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(
+                row.try_get::<i64, _>(0).unwrap(),
+                i64::from(IDLE_IN_TRANSACTION_SECS_MAX)
+            );
+        }
+        let mut paused = store.pool.acquire().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut *paused).await.unwrap();
+        sqlx::query("SELECT version FROM courses WHERE id = ? FOR UPDATE")
+            .bind(c.as_str())
+            .fetch_one(&mut *paused)
+            .await
+            .unwrap();
+        // The taker would wait far longer than the bound for the row.
+        let mut taker = <sqlx::AnyConnection as sqlx::Connection>::connect(&format!("{base}/{db}"))
+            .await
+            .unwrap();
+        sqlx::query("SET SESSION innodb_lock_wait_timeout = 60")
+            .execute(&mut taker)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE courses SET version = version + 1 WHERE id = ?")
+            .bind(c.as_str())
+            .execute(&mut taker)
+            .await
+            .expect("the idle transaction was ended and its lock freed");
+        assert!(
+            sqlx::query("SELECT 1").execute(&mut *paused).await.is_err(),
+            "the idle session was ended"
+        );
+        paused.close().await.ok();
         store.close().await;
         sqlx::raw_sql(&format!("DROP DATABASE {db}"))
             .execute(&admin)
