@@ -213,7 +213,11 @@ async fn await_draw(c: &mut Conn, id: &str, deadline_ms: i64) -> Value {
     loop {
         let r = draw_resp(c, id).await;
         match r.status {
-            200 => return r.json(),
+            200 => {
+                let record = r.json();
+                await_drawn_in_memory(c, id, &record, deadline_ms).await;
+                return record;
+            }
             404 => {}
             other => panic!("draw record of {id}: {other} {}", text(&r)),
         }
@@ -224,6 +228,28 @@ async fn await_draw(c: &mut Conn, id: &str, deadline_ms: i64) -> Value {
             enrolld::ids::rfc3339(now_ms())
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the course (memory, on the owner shard) shows the draw's outcome. The record
+/// is read from the store, where the draw's transaction wrote it, and can be seen a moment
+/// before the shard has applied that commit's answer to its memory.
+async fn await_drawn_in_memory(c: &mut Conn, id: &str, record: &Value, deadline_ms: i64) {
+    let want = (
+        record["seats"].as_u64().unwrap(),
+        record["waitlisted"].as_u64().unwrap(),
+    );
+    loop {
+        let (enrolled, _, waitlisted) = counts(c, id).await;
+        if (enrolled, waitlisted) == want {
+            return;
+        }
+        assert!(
+            now_ms() < deadline_ms,
+            "{id}: drawn {want:?} (seated, waiting) in the store, memory still shows {:?}",
+            (enrolled, waitlisted)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
