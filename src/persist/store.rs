@@ -1806,6 +1806,38 @@ mod tests {
     }
 
     /// A store at `url` holding course `F-1` (capacity 5), and a student for it.
+    /// A database of its own on the test MariaDB (`ENROLLD_TEST_MYSQL`), made anew.
+    struct Scratch {
+        admin: AnyPool,
+        name: String,
+        url: String,
+    }
+
+    impl Scratch {
+        async fn new(tag: &str) -> Scratch {
+            let base =
+                std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
+            let name = format!("enrolld_unit_{tag}_{}", std::process::id());
+            sqlx::any::install_default_drivers();
+            let admin = AnyPool::connect(&format!("{base}/enrolld"))
+                .await
+                .expect("MariaDB for tests");
+            sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"))
+                .execute(&admin)
+                .await
+                .unwrap();
+            let url = format!("{base}/{name}");
+            Scratch { admin, name, url }
+        }
+
+        async fn drop(self) {
+            sqlx::raw_sql(&format!("DROP DATABASE {}", self.name))
+                .execute(&self.admin)
+                .await
+                .unwrap();
+        }
+    }
+
     async fn store_with_a_course(url: &str) -> (Store, CourseId, StudentId) {
         let opts = StoreOptions {
             pool_connections_max: 2,
@@ -1858,18 +1890,8 @@ mod tests {
     /// must not be mistaken for a change count), and the session id is captured.
     #[tokio::test]
     async fn mysql_takes_the_fast_path_and_knows_its_session() {
-        let base =
-            std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
-        let db = format!("enrolld_unit_fast_{}", std::process::id());
-        sqlx::any::install_default_drivers();
-        let admin = AnyPool::connect(&format!("{base}/enrolld"))
-            .await
-            .expect("MariaDB for tests");
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let (store, c, s) = store_with_a_course(&format!("{base}/{db}")).await;
+        let scratch = Scratch::new("fast").await;
+        let (store, c, s) = store_with_a_course(&scratch.url).await;
         store
             .check_guarantees()
             .await
@@ -1893,10 +1915,7 @@ mod tests {
         store.fence(&session).await.unwrap();
         assert!(store.read_back(&probe_of(&op)).await.unwrap());
         store.close().await;
-        sqlx::raw_sql(&format!("DROP DATABASE {db}"))
-            .execute(&admin)
-            .await
-            .unwrap();
+        scratch.drop().await;
     }
 
     #[test]
@@ -1968,18 +1987,8 @@ mod tests {
     #[tokio::test]
     async fn mysql_commits_only_under_the_leases_it_proves() {
         use crate::persist::lease::NodeInfo;
-        let base =
-            std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
-        let db = format!("enrolld_unit_fence_{}", std::process::id());
-        sqlx::any::install_default_drivers();
-        let admin = AnyPool::connect(&format!("{base}/enrolld"))
-            .await
-            .expect("MariaDB for tests");
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let (mut store, c, _) = store_with_a_course(&format!("{base}/{db}")).await;
+        let scratch = Scratch::new("fence").await;
+        let (mut store, c, _) = store_with_a_course(&scratch.url).await;
         let node = NodeInfo::solo("127.0.0.1:1", Duration::from_millis(300));
         crate::persist::lease::take_all(&store, &node).await.unwrap();
         let (gen, leases) = store.fence_state(&node.id).await.unwrap();
@@ -2043,10 +2052,7 @@ mod tests {
         assert_eq!(gen_after, gen + 1);
         assert!(!left.contains(&lease) && left.len() + 1 == leases.len());
         store.close().await;
-        sqlx::raw_sql(&format!("DROP DATABASE {db}"))
-            .execute(&admin)
-            .await
-            .unwrap();
+        scratch.drop().await;
     }
 
     /// A session of ours left idle inside a transaction (its process paused between two
@@ -2056,18 +2062,8 @@ mod tests {
     /// own lock wait fails. Both pools' sessions carry the bound.
     #[tokio::test]
     async fn mysql_ends_a_transaction_left_idle() {
-        let base =
-            std::env::var("ENROLLD_TEST_MYSQL").unwrap_or_else(|_| "mysql://enrolld:enrolld@127.0.0.1:3306".into());
-        let db = format!("enrolld_unit_idle_{}", std::process::id());
-        sqlx::any::install_default_drivers();
-        let admin = AnyPool::connect(&format!("{base}/enrolld"))
-            .await
-            .expect("MariaDB for tests");
-        sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db}; CREATE DATABASE {db}"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        let (store, c, _) = store_with_a_course(&format!("{base}/{db}")).await;
+        let scratch = Scratch::new("idle").await;
+        let (store, c, _) = store_with_a_course(&scratch.url).await;
         let commit_pool = store.commit_pool.as_ref().expect("MariaDB has a commit pool");
         for pool in [&store.pool, commit_pool] {
             let row = sqlx::query("SELECT CAST(@@SESSION.idle_transaction_timeout AS SIGNED)")
@@ -2087,7 +2083,7 @@ mod tests {
             .await
             .unwrap();
         // The taker would wait far longer than the bound for the row.
-        let mut taker = <sqlx::AnyConnection as sqlx::Connection>::connect(&format!("{base}/{db}"))
+        let mut taker = <sqlx::AnyConnection as sqlx::Connection>::connect(&scratch.url)
             .await
             .unwrap();
         sqlx::query("SET SESSION innodb_lock_wait_timeout = 60")
@@ -2105,9 +2101,6 @@ mod tests {
         );
         paused.close().await.ok();
         store.close().await;
-        sqlx::raw_sql(&format!("DROP DATABASE {db}"))
-            .execute(&admin)
-            .await
-            .unwrap();
+        scratch.drop().await;
     }
 }

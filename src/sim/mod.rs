@@ -158,11 +158,7 @@ pub fn run(seed: u64, ops: usize) -> Result<Report, String> {
                 *report.counts.entry("hand edit: overfull").or_default() += 1;
             }
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let runtime = paused_runtime().map_err(|e| e.to_string())?;
         let local = tokio::task::LocalSet::new();
         let life_ops = ops / lives as usize;
         let world = World {
@@ -241,6 +237,14 @@ fn random_spec(rng: &mut StdRng) -> CourseSpec {
             0
         },
     }
+}
+
+/// A one-thread runtime on a paused clock: time moves only when every task waits.
+fn paused_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
 }
 
 /// One process's worth of the simulation.
@@ -623,11 +627,7 @@ fn simulation_holds_every_promise_under_faults() {
 /// answers "unknown" (the connection is closed), never 503 "nothing recorded".
 #[test]
 fn a_forwarded_command_whose_reply_is_lost_is_unknown_not_unavailable() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let runtime = paused_runtime().expect("runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
         let store = SimStore::new(1);
@@ -677,11 +677,7 @@ fn drops_find_room_to_wait_behind_a_burst_of_joins() {
     use crate::shard::{Reply, LANE_ALONE_WAITERS_MAX};
     const SEATS: u32 = 6;
     const JOINERS: usize = LANE_ALONE_WAITERS_MAX * 3;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let runtime = paused_runtime().expect("runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
         let store = SimStore::new(1);
